@@ -1,0 +1,165 @@
+"""Self-attention with per-tower projections and the per-batch attention mask.
+
+Q/K/V and O are :class:`TowerLinear` layers applied in plan-sorted order; the attention itself
+runs over the whole interleaved sequence in original order (one softmax over all modalities).
+The mask is built once per batch and shared by all layers: attention stays inside a document,
+is causal, and is bidirectional inside a span (Transfusion image spans, arXiv 2408.11039).
+
+Shape legend: B = batch rows, T = sequence length (queries and keys), N = B*T flattened
+positions, D = model width, H = query heads, J = key/value heads, K = head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsefusion.nn.norms import TowerRMSNorm
+from sparsefusion.nn.rope import RopeAngles, apply_rope
+from sparsefusion.nn.routing import RoutingPlan
+from sparsefusion.nn.tower_linear import LinearImpl, TowerLinear
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may attend to, for one batch.
+
+    Attributes:
+        allowed_B1TT: boolean mask (True = may attend), or None with ``is_causal``.
+        is_causal: plain causal attention over the whole row (SDPA's flash fast path).
+    """
+
+    allowed_B1TT: torch.Tensor | None = None
+    is_causal: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.allowed_B1TT is None) != self.is_causal:
+            raise ValueError("AttentionMask needs exactly one of allowed_B1TT or is_causal=True")
+
+    @classmethod
+    def causal(cls) -> AttentionMask:
+        """Causal attention over each full row (one document per row, no spans)."""
+        return cls(is_causal=True)
+
+
+def build_attention_mask(
+    document_BT: torch.Tensor, span_BT: torch.Tensor | None = None
+) -> AttentionMask:
+    """Build the document-causal mask with optional bidirectional spans.
+
+    Allowed(q, k) = same document AND (k <= q OR span[q] == span[k] >= 0).
+
+    Args:
+        document_BT: document index of each position inside its row.
+        span_BT: span id of each position (-1 = not in a span); positions of one span see each
+            other in both directions. Span ids only need to be distinct within a document.
+
+    Returns:
+        The dense boolean mask, (B, 1, T, T).
+    """
+    if span_BT is not None and span_BT.shape != document_BT.shape:
+        raise ValueError(
+            f"span_BT {tuple(span_BT.shape)} != document_BT {tuple(document_BT.shape)}"
+        )
+    T = document_BT.shape[1]
+    idx_T = torch.arange(T, device=document_BT.device)
+    causal_TT = idx_T[None, :] <= idx_T[:, None]  # [q, k]: k <= q
+    same_doc_BTT = document_BT[:, :, None] == document_BT[:, None, :]
+    visible_BTT = causal_TT[None]
+    if span_BT is not None:
+        same_span_BTT = (span_BT[:, :, None] == span_BT[:, None, :]) & (span_BT >= 0)[:, :, None]
+        visible_BTT = visible_BTT | same_span_BTT
+    return AttentionMask(allowed_B1TT=(same_doc_BTT & visible_BTT).unsqueeze(1))
+
+
+def sdpa(
+    q_BHTK: torch.Tensor, k_BJTK: torch.Tensor, v_BJTK: torch.Tensor, mask: AttentionMask
+) -> torch.Tensor:
+    """Scaled dot-product attention under an :class:`AttentionMask` (GQA when J < H)."""
+    return F.scaled_dot_product_attention(
+        q_BHTK,
+        k_BJTK,
+        v_BJTK,
+        attn_mask=mask.allowed_B1TT,
+        is_causal=mask.is_causal,
+        enable_gqa=k_BJTK.shape[1] != q_BHTK.shape[1],
+    )
+
+
+class TowerAttention(nn.Module):
+    """Multi-head (grouped-query) self-attention with per-tower Q/K/V/O and QK-norm.
+
+    Args:
+        dim: model width D.
+        num_heads: query heads H.
+        num_kv_heads: key/value heads J (divides H).
+        num_towers: towers of the Q/K/V/O projections (1 = shared).
+        qk_norm: apply RMSNorm over the head dim to queries and keys, before RoPE.
+        qk_norm_towers: towers of the QK-norm weights (1 = shared).
+        norm_eps: epsilon of the QK-norm.
+        impl: TowerLinear implementation.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        num_towers: int = 1,
+        qk_norm: bool = True,
+        qk_norm_towers: int = 1,
+        norm_eps: float = 1e-5,
+        impl: LinearImpl = "grouped",
+    ):
+        super().__init__()
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(f"bad heads: dim={dim}, heads={num_heads}, kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        qkv_dim = (num_heads + 2 * num_kv_heads) * self.head_dim
+        self.wqkv = TowerLinear(dim, qkv_dim, num_towers, impl)
+        self.wo = TowerLinear(num_heads * self.head_dim, dim, num_towers, impl)
+        self.q_norm = TowerRMSNorm(self.head_dim, qk_norm_towers, norm_eps) if qk_norm else None
+        self.k_norm = TowerRMSNorm(self.head_dim, qk_norm_towers, norm_eps) if qk_norm else None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Normal init for Q/K/V (``std``) and O (``out_std``); ones for the QK-norms."""
+        self.wqkv.init_weights(std)
+        self.wo.init_weights(out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.init_weights()
+
+    def forward(
+        self, x_ND: torch.Tensor, *, plan: RoutingPlan, mask: AttentionMask, rope: RopeAngles
+    ) -> torch.Tensor:
+        """Attend over the whole row; inputs and outputs are in plan-sorted order.
+
+        Args:
+            x_ND: hidden states, plan-sorted.
+            plan: the tower routing plan of the batch.
+            mask: the batch's attention mask.
+            rope: the batch's RoPE angles (their shape gives B and T).
+
+        Returns:
+            The attention output after the O projection, plan-sorted, (N, D).
+        """
+        B, T = rope.cos_BTF.shape[:2]
+        H, J, K = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv_NX = self.wqkv(x_ND, plan)
+        q_NHK = qkv_NX[:, : H * K].view(-1, H, K)
+        k_NJK = qkv_NX[:, H * K : (H + J) * K].view(-1, J, K)
+        v_NJK = qkv_NX[:, (H + J) * K :].view(-1, J, K)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_NHK, k_NJK = self.q_norm(q_NHK, plan), self.k_norm(k_NJK, plan)
+        # Back to original order for RoPE and attention (one gather per tensor).
+        q_BTHK = apply_rope(plan.unsort(q_NHK).view(B, T, H, K), rope)
+        k_BTJK = apply_rope(plan.unsort(k_NJK).view(B, T, J, K), rope)
+        v_BTJK = plan.unsort(v_NJK).view(B, T, J, K)
+        o_BHTK = sdpa(q_BTHK.transpose(1, 2), k_BTJK.transpose(1, 2), v_BTJK.transpose(1, 2), mask)
+        o_NX = plan.sort(o_BHTK.transpose(1, 2).reshape(B * T, H * K))
+        return self.wo(o_NX, plan)

@@ -1,0 +1,118 @@
+"""The routing plan: which group (tower or expert group) every flattened position belongs to.
+
+One plan is built per batch, on the host, from the modality ids and a modality-to-group map. It
+holds a stable sort permutation of the flattened positions by group, its inverse, the per-group
+counts as Python ints and int32 cumulative offsets for grouped matmuls. Every layer reads the plan;
+nothing in the layer loop recomputes it or asks the device for a count.
+
+Shape legend: N = flattened positions (B*T), G = groups, D = feature width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Sorted layout of N positions into G contiguous groups.
+
+    Attributes:
+        perm_N: sorted slot -> original position (``x_sorted = x.index_select(0, perm_N)``).
+        inv_perm_N: original position -> sorted slot (``x = x_sorted.index_select(0, inv_perm_N)``).
+        group_N: the group of every original position.
+        counts: number of positions per group (host ints, length G).
+        offsets_G: int32 cumulative ends of the groups in sorted order (for grouped matmuls).
+        is_identity: True when sorting changes nothing (one group, or already sorted input).
+    """
+
+    perm_N: torch.Tensor
+    inv_perm_N: torch.Tensor
+    group_N: torch.Tensor
+    counts: tuple[int, ...]
+    offsets_G: torch.Tensor
+    is_identity: bool
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.counts)
+
+    @property
+    def num_positions(self) -> int:
+        return sum(self.counts)
+
+    def slices(self) -> list[tuple[int, int]]:
+        """(start, end) of each group in sorted order, as host ints."""
+        out, start = [], 0
+        for c in self.counts:
+            out.append((start, start + c))
+            start += c
+        return out
+
+    def sort(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Original order -> group-sorted order (along dim 0)."""
+        return x_ND if self.is_identity else x_ND.index_select(0, self.perm_N)
+
+    def unsort(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Group-sorted order -> original order (along dim 0)."""
+        return x_ND if self.is_identity else x_ND.index_select(0, self.inv_perm_N)
+
+    def to(self, device: torch.device | str) -> RoutingPlan:
+        """Copy the index tensors to ``device`` (host counts stay on the host)."""
+        return RoutingPlan(
+            perm_N=self.perm_N.to(device, non_blocking=True),
+            inv_perm_N=self.inv_perm_N.to(device, non_blocking=True),
+            group_N=self.group_N.to(device, non_blocking=True),
+            counts=self.counts,
+            offsets_G=self.offsets_G.to(device, non_blocking=True),
+            is_identity=self.is_identity,
+        )
+
+    def subset(self, index_K: torch.Tensor, counts: tuple[int, ...] | None = None) -> RoutingPlan:
+        """The plan of a subset of positions (Mixture-of-Depths), given original-order indices.
+
+        ``index_K`` must be on the host unless ``counts`` (per-group sizes of the subset) is given,
+        so that building the sub-plan never forces a device-to-host sync.
+        """
+        group_K = self.group_N.index_select(0, index_K)
+        if counts is None:
+            if group_K.is_cuda:
+                raise ValueError("subset() of a device tensor needs host counts")
+            return build_plan(group_K, self.num_groups)
+        return _plan_from_counts(group_K, counts)
+
+
+def build_plan(group_N: torch.Tensor, num_groups: int) -> RoutingPlan:
+    """Build a plan on the host from per-position group ids (any shape, flattened).
+
+    Args:
+        group_N: integer group id of every position, values in ``[0, num_groups)``.
+        num_groups: number of groups G (groups may be empty).
+
+    Returns:
+        The routing plan. Call ``.to(device)`` before use on an accelerator.
+    """
+    if group_N.is_cuda:
+        raise ValueError("build_plan runs on the host: pass CPU group ids")
+    group_N = group_N.reshape(-1).long()
+    if group_N.numel() and (int(group_N.min()) < 0 or int(group_N.max()) >= num_groups):
+        raise ValueError(
+            f"group ids must lie in [0, {num_groups}), got {group_N.unique().tolist()}"
+        )
+    counts = tuple(int(c) for c in torch.bincount(group_N, minlength=num_groups).tolist())
+    return _plan_from_counts(group_N, counts)
+
+
+def _plan_from_counts(group_N: torch.Tensor, counts: tuple[int, ...]) -> RoutingPlan:
+    perm_N = torch.sort(group_N, stable=True).indices
+    inv_perm_N = torch.empty_like(perm_N)
+    inv_perm_N[perm_N] = torch.arange(perm_N.numel(), device=perm_N.device)
+    offsets_G = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    nonempty = sum(1 for c in counts if c > 0)
+    # Only inspect the order on the host: on a device this would be a sync.
+    identity = nonempty <= 1 or (
+        not group_N.is_cuda and bool(torch.all(group_N[1:] >= group_N[:-1]))
+    )
+    return RoutingPlan(perm_N, inv_perm_N, group_N, counts, offsets_G.to(group_N.device), identity)

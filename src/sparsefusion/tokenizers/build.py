@@ -1,0 +1,196 @@
+"""Train the multimodal tokenizer from a document source, or reuse a verified cached copy.
+
+The cache directory is ``<cache_dir>/<source.name>-<key>`` where ``key`` hashes every
+:class:`TokenizerConfig` field except ``cache_dir`` together with ``source.fingerprint()``. A
+cached copy that fails verification is reported (``warnings.warn`` and ``log``) and retrained;
+new copies are written to a temporary directory and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from sparsefusion.data.documents import IMAGE, TEXT, Document
+from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer, train_vq
+from sparsefusion.tokenizers.multimodal import (
+    FORMAT_VERSION,
+    MultimodalTokenizer,
+    TokenizerCacheError,
+)
+from sparsefusion.tokenizers.text_bpe import NUM_BYTES, BPETextTokenizer
+from sparsefusion.tokenizers.vocab import UnifiedVocab
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """How the tokenizers are trained and where they are cached.
+
+    Attributes:
+        text_vocab_size: BPE vocabulary size (>= 256, byte symbols included).
+        text_train_docs: documents 0..N-1 whose text segments train the BPE.
+        image: the VQ image tokenizer settings.
+        image_train_images: images collected (from document 0 on) to train the VQ.
+        cache_dir: root of the tokenizer cache (not part of the cache key).
+    """
+
+    text_vocab_size: int = 2048
+    text_train_docs: int = 4000
+    image: ImageVQConfig = field(default_factory=ImageVQConfig)
+    image_train_images: int = 8000
+    cache_dir: str = ".cache/sparsefusion/tokenizers"
+
+    def __post_init__(self) -> None:
+        if self.text_vocab_size < NUM_BYTES:
+            raise ValueError(
+                f"TokenizerConfig.text_vocab_size must be >= {NUM_BYTES}, "
+                f"got {self.text_vocab_size}"
+            )
+        if self.text_train_docs <= 0:
+            raise ValueError(
+                f"TokenizerConfig.text_train_docs must be positive, got {self.text_train_docs}"
+            )
+        if self.image_train_images <= 0:
+            raise ValueError(
+                "TokenizerConfig.image_train_images must be positive, "
+                f"got {self.image_train_images}"
+            )
+        if not self.cache_dir:
+            raise ValueError("TokenizerConfig.cache_dir must not be empty")
+
+
+class DocumentSource(Protocol):
+    """What :func:`load_or_train_tokenizer` needs from a corpus."""
+
+    name: str
+
+    def fingerprint(self) -> str: ...
+
+    def document(self, index: int) -> Document: ...
+
+
+def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
+    """Hash of the config (without ``cache_dir``), the source fingerprint and the file format."""
+    settings = asdict(cfg)
+    settings.pop("cache_dir")
+    blob = json.dumps(
+        {"cfg": settings, "source": source.fingerprint(), "format": FORMAT_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def load_or_train_tokenizer(
+    cfg: TokenizerConfig,
+    source: DocumentSource,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> MultimodalTokenizer:
+    """Return the tokenizer for ``source``, from the cache when a verified copy exists.
+
+    Args:
+        cfg: tokenizer settings.
+        source: the corpus (``name``, ``fingerprint()``, ``document(i)``).
+        progress: show tqdm progress bars while training.
+        log: sink for one-line status messages.
+
+    Returns:
+        The multimodal tokenizer (text BPE, image VQ, unified vocabulary).
+    """
+    root = Path(cfg.cache_dir)
+    final = root / f"{source.name}-{cache_key(cfg, source)}"
+    if final.exists():
+        try:
+            tok = MultimodalTokenizer.load(final)
+            log(f"tokenizer: loaded {final}")
+            return tok
+        except TokenizerCacheError as e:
+            msg = f"tokenizer cache {final} is corrupt ({e}); retraining"
+            warnings.warn(msg, stacklevel=2)
+            log(msg)
+    tok = train_tokenizer(cfg, source, progress=progress, log=log)
+    _write_atomically(tok, root, final)
+    log(f"tokenizer: saved {final}")
+    return tok
+
+
+def train_tokenizer(
+    cfg: TokenizerConfig,
+    source: DocumentSource,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> MultimodalTokenizer:
+    """Train the BPE and the VQ from ``source`` (no caching)."""
+    texts, images = collect_training_data(cfg, source)
+    log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
+    text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
+    if images:
+        log(f"tokenizer: training image VQ on {len(images)} images ({cfg.image.train_steps} steps)")
+        image, report = train_vq(cfg.image, images, progress=progress)
+        log(
+            f"tokenizer: image VQ recon_mse={report['recon_mse']:.5f} "
+            f"codebook_usage={report['codebook_usage']:.3f} perplexity={report['perplexity']:.1f} "
+            f"({report['train_seconds']:.0f}s)"
+        )
+    else:
+        msg = f"source {source.name!r} has no images; the image VQ is left untrained"
+        warnings.warn(msg, stacklevel=2)
+        log(f"tokenizer: {msg}")
+        image = VQImageTokenizer(cfg.image).eval()
+    vocab = UnifiedVocab({TEXT: text.vocab_size, IMAGE: image.codebook_size})
+    return MultimodalTokenizer(text, image, vocab)
+
+
+def collect_training_data(
+    cfg: TokenizerConfig, source: DocumentSource
+) -> tuple[list[str], list[Image.Image]]:
+    """Text segments of documents ``0..text_train_docs-1``; images from document 0 on until
+    ``image_train_images`` are found, the source ends (``IndexError``), or no image has been seen
+    after ``text_train_docs`` documents (a text-only source)."""
+    texts: list[str] = []
+    images: list[Image.Image] = []
+    index = 0
+    while True:
+        need_text = index < cfg.text_train_docs
+        need_images = len(images) < cfg.image_train_images and (bool(images) or need_text)
+        if not (need_text or need_images):
+            break
+        try:
+            doc = source.document(index)
+        except IndexError:
+            break
+        for seg in doc.segments:
+            if seg.modality == TEXT and need_text:
+                texts.append(seg.payload)
+            elif seg.modality == IMAGE and need_images:
+                images.append(seg.payload)
+        index += 1
+    return texts, images[: cfg.image_train_images]
+
+
+def _write_atomically(tok: MultimodalTokenizer, root: Path, final: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        tok.save(tmp)
+        if final.exists():  # a corrupt copy: move it aside first (os.replace needs an empty target)
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=root))
+            final.replace(trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp.replace(final)
+    except OSError:
+        if not final.exists():  # lost a race only if another process won it
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,226 @@
+"""Documents <-> unified-vocabulary id streams (text BPE + image VQ + sentinels).
+
+A document becomes ``[BOS] seg_1 seg_2 ... [EOS]`` where a text segment is its BPE ids and an
+image segment is ``[BOI] code_1 .. code_L [EOI]``. Sentinels are text-modality positions (see
+``vocab.py`` for the sentinel and loss rule). Saved tokenizers carry a manifest of SHA-256 hashes;
+loading verifies it and raises :class:`TokenizerCacheError` on any mismatch or corruption.
+
+Shape legend: N = images, L = codes per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
+from sparsefusion.tokenizers.image_vq import VQImageTokenizer
+from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
+from sparsefusion.tokenizers.vocab import UnifiedVocab
+
+MANIFEST = "manifest.json"
+FILES = ("text.json", "image_vq.safetensors", "image_vq.json", "vocab.json")
+FORMAT_VERSION = 1
+
+
+class TokenizerCacheError(RuntimeError):
+    """A saved tokenizer directory is missing files, corrupt, or inconsistent."""
+
+
+class MultimodalTokenizer:
+    """Encode documents into one id stream and decode id streams back into segments.
+
+    Args:
+        text: the text BPE.
+        image: the image VQ tokenizer.
+        vocab: the unified vocabulary; its ``text`` and ``image`` sizes must match the tokenizers.
+    """
+
+    def __init__(
+        self, text: BPETextTokenizer, image: VQImageTokenizer, vocab: UnifiedVocab
+    ) -> None:
+        expected = {TEXT: text.vocab_size, IMAGE: image.codebook_size}
+        for name, n in expected.items():
+            if vocab.modality_sizes.get(name) != n:
+                raise ValueError(
+                    f"vocab size of {name!r} is {vocab.modality_sizes.get(name)}, tokenizer has {n}"
+                )
+        self.text = text
+        self.image = image
+        self.vocab = vocab
+        self._text_off = vocab.offset(TEXT)
+        self._image_off = vocab.offset(IMAGE)
+        self._image_idx = vocab.modality_index(IMAGE)
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modality names in index order (0 = text)."""
+        return list(self.vocab.modalities)
+
+    # ---- encoding -----------------------------------------------------------------------------
+
+    def encode_document(self, doc: Document) -> tuple[list[int], list[int]]:
+        """One document -> (global ids, modality index per id).
+
+        Raises:
+            ValueError: on a segment modality other than text or image.
+        """
+        return self.encode_documents([doc])[0]
+
+    def encode_documents(self, docs: list[Document]) -> list[tuple[list[int], list[int]]]:
+        """Many documents; all images of all documents go through one batched VQ call."""
+        images: list[Image.Image] = []
+        texts: list[str] = []
+        for doc in docs:
+            for seg in doc.segments:
+                if seg.modality == IMAGE:
+                    images.append(seg.payload)
+                elif seg.modality == TEXT:
+                    texts.append(seg.payload)
+                else:
+                    raise ValueError(
+                        f"cannot tokenize segment modality {seg.modality!r}; "
+                        f"supported: {[TEXT, IMAGE]}"
+                    )
+        codes_NL = self.image.encode(images) + self._image_off
+        code_rows = codes_NL.tolist()
+        text_rows = [[i + self._text_off for i in t] for t in self.text.encode_batch(texts)]
+        out, next_image, next_text = [], 0, 0
+        for doc in docs:
+            ids, mods = [self.vocab.bos_id], [0]
+            for seg in doc.segments:
+                if seg.modality == TEXT:
+                    t = text_rows[next_text]
+                    next_text += 1
+                    ids += t
+                    mods += [0] * len(t)
+                else:
+                    codes = code_rows[next_image]
+                    next_image += 1
+                    ids += [self.vocab.boi_id, *codes, self.vocab.eoi_id]
+                    mods += [0, *([self._image_idx] * len(codes)), 0]
+            ids.append(self.vocab.eos_id)
+            mods.append(0)
+            out.append((ids, mods))
+        return out
+
+    # ---- decoding -----------------------------------------------------------------------------
+
+    def decode(self, ids: list[int]) -> list[Segment]:
+        """Global ids -> text and image segments, split at BOI/EOI.
+
+        Special tokens other than BOI/EOI end the current text segment and are dropped. An image
+        span ends at EOI, at any non-image id (missing EOI) or at the end of ``ids``; a span with
+        too few codes is padded by repeating its last code, one with too many is truncated, an
+        empty span is dropped. Image ids outside a span are dropped. Never raises on bad spans.
+        """
+        vocab, L = self.vocab, self.image.tokens_per_image
+        text_lo, text_hi = self._text_off, self._text_off + self.text.vocab_size
+        img_lo, img_hi = self._image_off, self._image_off + self.image.codebook_size
+        parts: list[tuple[str, list[int]]] = []  # (modality, local ids) in reading order
+        text_buf: list[int] = []
+        span: list[int] | None = None
+
+        def flush_text() -> None:
+            if text_buf:
+                parts.append((TEXT, text_buf.copy()))
+                text_buf.clear()
+
+        def close_span() -> None:
+            if span:
+                parts.append((IMAGE, (span + [span[-1]] * L)[:L]))
+
+        for i in ids:
+            if span is not None:
+                if img_lo <= i < img_hi:
+                    span.append(i - img_lo)
+                    continue
+                close_span()
+                span = None
+                if i == vocab.eoi_id:
+                    continue
+            if i == vocab.boi_id:
+                flush_text()
+                span = []
+            elif text_lo <= i < text_hi:
+                text_buf.append(i - text_lo)
+            elif i < text_lo:
+                flush_text()
+        if span is not None:
+            close_span()
+        flush_text()
+        return self._render(parts)
+
+    def _render(self, parts: list[tuple[str, list[int]]]) -> list[Segment]:
+        codes = [p for m, p in parts if m == IMAGE]
+        images = self.image.decode(torch.tensor(codes, dtype=torch.long)) if codes else []
+        segments, next_image = [], 0
+        for modality, local in parts:
+            if modality == TEXT:
+                segments.append(Segment(TEXT, self.text.decode(local)))
+            else:
+                segments.append(Segment(IMAGE, images[next_image]))
+                next_image += 1
+        return segments
+
+    # ---- persistence --------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write text.json, image_vq.safetensors/.json, vocab.json and manifest.json (hashes)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.text.save(d / "text.json")
+        self.image.save(d / "image_vq.safetensors")
+        (d / "vocab.json").write_text(json.dumps(self.vocab.to_dict(), indent=2), encoding="utf-8")
+        manifest = {"format_version": FORMAT_VERSION, "files": {f: _sha256(d / f) for f in FILES}}
+        (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> MultimodalTokenizer:
+        """Load a directory written by :meth:`save`, verifying every file hash.
+
+        Raises:
+            TokenizerCacheError: when the manifest or a file is missing, a hash differs, or a file
+                does not parse.
+        """
+        d = Path(directory)
+        _verify_manifest(d)
+        try:
+            text = BPETextTokenizer.load(d / "text.json")
+            image = VQImageTokenizer.load(d / "image_vq.safetensors")
+            vocab = UnifiedVocab.from_dict(json.loads((d / "vocab.json").read_text("utf-8")))
+            return cls(text, image, vocab)
+        except Exception as e:  # any parse / shape error means the cache cannot be trusted
+            raise TokenizerCacheError(f"{d}: cannot load tokenizer ({e})") from e
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_manifest(d: Path) -> None:
+    try:
+        manifest = json.loads((d / MANIFEST).read_text("utf-8"))
+        files = manifest["files"]
+        version = manifest["format_version"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TokenizerCacheError(f"{d}: missing or unreadable {MANIFEST} ({e})") from e
+    if version != FORMAT_VERSION:
+        raise TokenizerCacheError(f"{d}: format_version {version}, expected {FORMAT_VERSION}")
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        raise TokenizerCacheError(f"{d}: manifest lists {files}, expected {list(FILES)}")
+    for name in FILES:
+        path = d / name
+        if not path.is_file():
+            raise TokenizerCacheError(f"{d}: missing {name}")
+        if _sha256(path) != files[name]:
+            raise TokenizerCacheError(f"{d}: {name} does not match its manifest hash")

@@ -1,0 +1,175 @@
+"""Single-process checkpoints: safetensors weights and optimizer state, JSON train state.
+
+Layout of one checkpoint (``<run_dir>/checkpoints/step_00000100/``)::
+
+    model.safetensors      model weights
+    optim.safetensors      optimizer tensors (moments, step counts) and RNG states
+    state.json             step, tokens, FLOPs, data-loader state, optimizer param groups
+
+A checkpoint is written into a temporary folder and renamed into place, so a crash during a save
+leaves the previous checkpoint intact; nothing is ever unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the model."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name[5:])) if done else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    keep: int = 2,
+) -> Path:
+    """Atomically write a checkpoint for ``step`` and prune all but the newest ``keep``."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+        tensors, groups = _flatten_optimizer(optimizer)
+        tensors.update(_rng_tensors())
+        save_file(tensors, str(tmp / "optim.safetensors"))
+        payload = dict(state, step=step, param_groups=groups)
+        (tmp / "state.json").write_text(json.dumps(payload))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_entries(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e}") from e
+    _prune(root, keep)
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """Restore model (and optimizer, RNG) from ``path``; returns the train state mapping."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / "model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (was it trained with another model config?)"
+        )
+    extra = load_file(str(path / "optim.safetensors"))
+    if optimizer is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(extra, state["param_groups"]))
+    _restore_rng(extra)
+    return state
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{idx}.{name}"] = t.detach().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's files and its entry list to disk (best effort)."""
+    for child in path.iterdir() if path.is_dir() else []:
+        if child.is_file():
+            with open(child, "rb+") as f:
+                os.fsync(f.fileno())
+    _fsync_entries(path)
+
+
+def _fsync_entries(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(
+        (p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])
+    )
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):
+        if str(os.getpid()) not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
