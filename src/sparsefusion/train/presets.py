@@ -13,10 +13,10 @@ from sparsefusion.models.presets import MODEL_SIZES, model_size
 
 _DEMO: dict[str, Any] = {
     "model": {"size": "tiny"},
-    "data": {"seq_len": 256, "batch_size": 8},
-    "optim": {"lr": 3e-3, "warmup_steps": 50},
-    "train": {"steps": 600},
-    "run": {"log_every": 10, "eval_every": 100, "save_every": 100},
+    "data": {"seq_len": 512, "batch_size": 8},
+    "optim": {"lr": 3e-3, "warmup_steps": 100},
+    "train": {"steps": 1200},
+    "run": {"log_every": 10, "eval_every": 200, "save_every": 200},
 }
 
 _DEBUG: dict[str, Any] = {
