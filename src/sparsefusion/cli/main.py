@@ -93,6 +93,39 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sparsefusion.bench.step import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        archs=[a for a in args.archs.split(",") if a],
+        size=args.size,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+    )
+    run_bench(settings, out=Path(args.out) if args.out else None)
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time a training step of several architectures side by side")
+    p.add_argument("--archs", default="dense,mot,naive-mot", help="comma-separated presets")
+    p.add_argument("--size", default="tiny", help="model size (models/presets.py)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--out", default="", help="write the rows as JSON here")
+    p.set_defaults(fn=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsefusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(fn=cmd_presets)
+    _add_bench_parser(sub)
     return parser
 
 

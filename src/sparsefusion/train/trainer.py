@@ -82,7 +82,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     source = build_source(cfg.data, seed=cfg.seed, split="train")
     val_source = build_source(cfg.data, seed=cfg.seed, split="val")
-    tokenizer = load_or_train_tokenizer(cfg.tokenizer, source, progress=_use_bar(cfg), log=log.info)
+    # Tokenizers always learn from the seed-0 training stream, so every run of a corpus shares
+    # them (the cache key ignores the seed) whatever order the runs happen in.
+    tokenizer_source = build_source(cfg.data, seed=0, split="train")
+    tokenizer = load_or_train_tokenizer(
+        cfg.tokenizer, tokenizer_source, progress=_use_bar(cfg), log=log.info
+    )
     cfg = finalize_config(cfg, tokenizer.modalities, tokenizer.vocab.padded_size())
     _check_resume_config(run_dir, cfg)
     dump_yaml(cfg, run_dir / "config.yaml")

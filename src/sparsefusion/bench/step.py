@@ -1,0 +1,218 @@
+"""Steady-state training-step benchmark: every architecture side by side in one process.
+
+Each row builds a model from a training preset's model config (or ``naive-mot``: the MoT weights
+run the boolean-mask way), feeds the same synthetic packed batch (documents of mixed text and
+image spans), runs ``warmup`` steps, then times ``steps`` steps of forward + backward + AdamW and
+reports the median. Ratios are to the first row (dense by default), measured in the same run.
+
+MFU (GPU only) = training FLOPs per step (``models.flops.train_flops``: 6 x active matmul
+parameters x tokens + 12 x layers x heads x head_dim x attended pairs) / step time / peak dense
+bf16 FLOP/s of the device (H100/H200 SXM: 989 TFLOP/s).
+
+Shape legend: B = rows, T = sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparsefusion.bench.naive_mot import NaiveMoT
+from sparsefusion.models.flops import train_flops
+from sparsefusion.models.presets import model_size
+from sparsefusion.models.transformer import ModelConfig, Transformer
+from sparsefusion.nn.routing import build_plan
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass(kw_only=True)
+class BenchSettings:
+    """What to measure.
+
+    Attributes:
+        archs: row names: training presets (``dense``, ``mot``, ...) or ``naive-mot``.
+        size: model size name (models/presets.py).
+        seq_len: tokens per row.
+        batch_size: rows per step.
+        image_frac: fraction of positions inside image spans.
+        steps: timed steps (the median is reported).
+        warmup: untimed steps first (compilation happens here).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        compile: ``torch.compile`` each block.
+        vocab_size: vocabulary of the synthetic batch.
+    """
+
+    archs: list[str]
+    size: str = "tiny"
+    seq_len: int = 512
+    batch_size: int = 8
+    image_frac: float = 0.5
+    steps: int = 10
+    warmup: int = 3
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    vocab_size: int = 4096
+
+
+def synthetic_batch(s: BenchSettings, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Packed rows of documents (about 4 per row) mixing text runs and 64-token image spans."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = s.batch_size, s.seq_len
+    tokens_BT = torch.randint(0, s.vocab_size, (B, T), generator=g)
+    modality_BT = torch.zeros(B, T, dtype=torch.long)
+    span = 64
+    for b in range(B):
+        t = 0
+        while t < T:
+            text_len = int(span * (1 - s.image_frac) / max(s.image_frac, 1e-6)) + 1
+            t += int(torch.randint(text_len // 2 + 1, 2 * text_len + 1, (1,), generator=g))
+            modality_BT[b, t : t + span] = 1
+            t += span
+    doc_len = max(1, T // 4)
+    document_BT = (torch.arange(T) // doc_len).expand(B, T).contiguous()
+    position_BT = (torch.arange(T) % doc_len).expand(B, T).contiguous()
+    return {
+        "tokens_BT": tokens_BT,
+        "targets_BT": torch.roll(tokens_BT, -1, dims=1),
+        "modality_BT": modality_BT,
+        "document_BT": document_BT,
+        "position_BT": position_BT,
+    }
+
+
+def model_config(arch: str, s: BenchSettings) -> ModelConfig:
+    """The model config of a bench row: a training preset's model at the bench size."""
+    from sparsefusion.cli.main import resolve_config
+
+    preset = "mot" if arch == "naive-mot" else arch
+    cfg = resolve_config(preset, []).model
+    size = model_size(s.size)
+    # Presets that restore compute with extra layers (MoD) keep their ratio to the dense depth.
+    dense_layers = resolve_config("dense", []).model.num_layers
+    size["num_layers"] = max(1, round(cfg.num_layers * size["num_layers"] / dense_layers))
+    return replace(cfg, **size, vocab_size=s.vocab_size, max_seq_len=s.seq_len)
+
+
+def bench_row(arch: str, s: BenchSettings, device: torch.device) -> dict[str, Any]:
+    """Time one architecture; returns its row (without ratios)."""
+    torch.manual_seed(0)
+    cfg = model_config(arch, s)
+    model = Transformer(cfg)
+    model.init_weights()
+    model.to(device)
+    if s.compile:
+        for layer in model.layers:
+            layer.compile()
+    runner = NaiveMoT(model) if arch == "naive-mot" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data = {k: v.to(device) for k, v in synthetic_batch(s).items()}
+    step = _step_fn(arch, runner, cfg, data, device)
+    bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
+    times = []
+    for i in range(s.warmup + s.steps):
+        t0 = _now(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = step()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= s.warmup:
+            times.append(_now(device) - t0)
+    step_s = statistics.median(times)
+    flops = train_flops(cfg, data["document_BT"].cpu())
+    tokens = s.batch_size * s.seq_len
+    row = {"arch": arch, "step_s": step_s, "tokens_per_s": tokens / step_s, "train_flops": flops}
+    row["params"] = sum(p.numel() for p in model.parameters())
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        peak = _peak_flops(device)
+        row["mfu"] = flops / step_s / peak if peak else None
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+def _step_fn(arch, runner, cfg: ModelConfig, data, device):
+    lut = torch.tensor(cfg.tower_of_modality, dtype=torch.long)
+    tower_BT = lut[data["modality_BT"].cpu()]
+    plan = build_plan(tower_BT.reshape(-1), cfg.num_towers).to(device)
+    tower_BT = tower_BT.to(device)
+
+    def step() -> torch.Tensor:
+        kwargs = {"position_BT": data["position_BT"], "document_BT": data["document_BT"]}
+        if arch == "naive-mot":
+            out = runner(data["tokens_BT"], tower_BT=tower_BT, **kwargs)
+        else:
+            out = runner(data["tokens_BT"], plan=plan, **kwargs)
+        logits = out.logits_BTV.float()
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), data["targets_BT"].view(-1))
+        for aux in out.aux_losses.values():
+            loss = loss + aux
+        return loss
+
+    return step
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def run_bench(s: BenchSettings, *, out: Path | None = None) -> list[dict[str, Any]]:
+    """Benchmark every row, add ratios to the first row, print a table, write JSON."""
+    device = torch.device(
+        "cuda"
+        if s.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if s.device == "auto" else s.device)
+    )
+    rows = [bench_row(arch, s, device) for arch in s.archs]
+    base = rows[0]
+    for row in rows:
+        row["throughput_vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["step_time_vs_first"] = row["step_s"] / base["step_s"]
+    print(format_table(rows, s, device))
+    if out is not None:
+        meta = {"settings": asdict(s), "device": _device_name(device), "torch": torch.__version__}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_table(rows: list[dict[str, Any]], s: BenchSettings, device: torch.device) -> str:
+    """A Markdown table of the rows."""
+    head = (
+        f"size={s.size} seq={s.seq_len} batch={s.batch_size} device={_device_name(device)} "
+        f"compile={s.compile}\n"
+    )
+    lines = [
+        "| arch | step (ms) | tokens/s | vs first (throughput) | MFU |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        lines.append(
+            f"| {r['arch']} | {1000 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['throughput_vs_first']:.3f}x | {mfu} |"
+        )
+    return head + "\n".join(lines)
