@@ -289,11 +289,17 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def _setup_file_logging(run_dir: Path) -> None:
-    path = str(run_dir / "train.log")
+    """Send the package's log to ``<run_dir>/train.log`` (and only this run's file)."""
+    path = str((run_dir / "train.log").resolve())
     root = logging.getLogger("sparsefusion")
-    if any(getattr(h, "baseFilename", None) == str(Path(path).resolve()) for h in root.handlers):
+    for h in list(root.handlers):
+        if getattr(h, "_sparsefusion_run_log", False) and h.baseFilename != path:
+            root.removeHandler(h)  # an earlier run in this process
+            h.close()
+    if any(getattr(h, "baseFilename", None) == path for h in root.handlers):
         return
     handler = logging.FileHandler(path)
+    handler._sparsefusion_run_log = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
