@@ -50,6 +50,7 @@ def test_sweep_end_to_end_skips_finished_and_reports_unknown(tmp_path, tokenizer
     assert (out / "compare" / "step_matching_train.png").is_file()
     for name in ("dense-debug", "mot"):  # same seed and data for every run
         assert yaml.safe_load((out / name / "config.yaml").read_text())["seed"] == 0
+    assert "mot" not in (out / "dense-debug" / "train.log").read_text()  # one log per run
     # a second invocation trains nothing
     before = (out / "mot" / "metrics.jsonl").read_text()
     assert main(["sweep", str(recipe), "--out", str(tmp_path / "again")]) == 0

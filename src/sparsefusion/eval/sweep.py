@@ -146,12 +146,18 @@ def _train(train_cfg, name: str, outcome: SweepOutcome) -> None:
     from sparsefusion.train.trainer import train
 
     log.info("sweep: training %s in %s", name, train_cfg.run.dir)
+    pkg_log = logging.getLogger("sparsefusion")
+    handlers = list(pkg_log.handlers)
     try:
         train(train_cfg)
     except Exception as e:  # noqa: BLE001 - one failing run must not end the sweep
         log.exception("sweep: run %s failed", name)
         _record(outcome, name, "failed", f"{type(e).__name__}: {e}")
         return
+    finally:  # the trainer's train.log handler must not catch the next run's log
+        for handler in [h for h in pkg_log.handlers if h not in handlers]:
+            pkg_log.removeHandler(handler)
+            handler.close()
     _record(outcome, name, "finished", f"trained in {train_cfg.run.dir}")
 
 
