@@ -1,4 +1,4 @@
-"""The ``sparsefusion`` command: ``train``, ``config`` and ``presets``.
+"""The ``sparsefusion`` command: ``train``, ``config``, ``presets``, ``compare`` and ``sweep``.
 
 The command line is the config: a preset name or a YAML file, then dotted ``key=value`` overrides
 (precedence: dataclass defaults < preset < YAML file < overrides).
@@ -126,6 +126,38 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(fn=cmd_bench)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sparsefusion.config import merge
+    from sparsefusion.eval.compare import CompareConfig
+    from sparsefusion.eval.report import markdown, run_compare
+
+    runs = [a for a in args.runs if "=" not in a]
+    if len(runs) < 2:
+        raise ConfigError("compare needs a baseline run and at least one run to compare")
+    cfg = merge(
+        CompareConfig(), parse_overrides([a for a in args.runs if "=" in a]), where="compare"
+    )
+    out = Path(args.out) if args.out else Path(runs[0]).resolve().parent / "compare"
+    comp, files = run_compare(runs[0], runs[1:], out, cfg)
+    print(markdown(comp))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sparsefusion.eval.sweep import load_sweep, run_sweep
+
+    cfg = load_sweep(args.recipe)
+    outcome = run_sweep(cfg, out=Path(args.out) if args.out else None, recipe=args.recipe)
+    if outcome.report is not None:  # the report ends with the status of every run
+        print(outcome.report.read_text())
+        print(f"report: {outcome.report.parent}")
+    else:
+        for name, status in outcome.status.items():
+            print(f"{name:20s} {status:10s} {outcome.reason[name]}")
+    return 1 if "failed" in outcome.status.values() else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsefusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,12 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(fn=cmd_presets)
     _add_bench_parser(sub)
+    p = sub.add_parser(
+        "compare",
+        help="FLOPs savings factor, step-matching slope and x%% checkpoint against a baseline",
+        usage="sparsefusion compare BASELINE RUN [RUN ...] [--out DIR] [key=value ...]",
+    )
+    p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files), baseline first")
+    p.add_argument("--out", help="report folder (default: compare/ next to the baseline)")
+    p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("sweep", help="train the runs of a recipe, then compare them")
+    p.add_argument("recipe", help="a sweep recipe YAML (see configs/sweeps/)")
+    p.add_argument("--out", help="report folder (default: <sweep out>/compare)")
+    p.set_defaults(fn=cmd_sweep)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "compare":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # positionals after --out DIR
+        args.runs += extra
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -1,0 +1,109 @@
+"""PNG plots of a comparison (matplotlib, Agg backend: no display needed).
+
+- loss against cumulative FLOPs, one panel per loss key, every run (smoothed; raw points faint),
+  with the baseline's final loss as a dashed line;
+- step matching, one panel per loss key: for each baseline step, the run step reaching the same
+  loss, the fitted line ``t_s = s * t_d`` and the diagonal (the baseline itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from sparsefusion.eval.report import Comparison
+
+_TITLES = {"train": "training", "val": "validation"}
+
+
+def _panels(num: int):
+    fig, axes = plt.subplots(1, num, figsize=(4.2 * num, 3.4), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _label(key: str) -> str:
+    return "overall" if key == "loss" else key.removeprefix("loss/")
+
+
+def plot_loss_vs_flops(comp: Comparison, split: str, path: Path) -> Path:
+    """Loss against FLOPs per loss key for the baseline and every run."""
+    base_keys = comp.smoothed[comp.baseline.name][split]
+    fig, axes = _panels(len(base_keys))
+    names = [comp.baseline.name] + [r.run.name for r in comp.runs]
+    runs = [comp.baseline] + [r.run for r in comp.runs]
+    for ax, key in zip(axes, base_keys, strict=True):
+        for i, (name, run) in enumerate(zip(names, runs, strict=True)):
+            curve = comp.smoothed[name].get(split, {}).get(key)
+            if curve is None:
+                continue
+            color = f"C{i}"
+            _, raw_flops_M, raw_y_M = run.splits[split].curve(key)
+            ax.plot(raw_flops_M, raw_y_M, color=color, alpha=0.2, linewidth=0.8)
+            style = "--" if i == 0 else "-"
+            ax.plot(curve[1], curve[2], style, color=color, label=name, linewidth=1.4)
+        ax.axhline(float(base_keys[key][2][-1]), color="gray", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(f"{_label(key)} loss")
+        ax.set_title(f"{_label(key)} ({_TITLES[split]})")
+        _zoom_y(ax, base_keys[key][2])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _zoom_y(ax, base_y_N: np.ndarray) -> None:
+    """Keep the interesting range: from below the best loss to the baseline's loss at 10%."""
+    lo, hi = ax.get_ylim()
+    top = float(base_y_N[min(len(base_y_N) - 1, max(1, len(base_y_N) // 10))])
+    if top > lo:
+        ax.set_ylim(lo, min(hi, top + 0.1 * (top - lo)))
+
+
+def _relation(kind: str) -> str:
+    return "= " if kind == "exact" else ""  # bounds already print "<" or ">"
+
+
+def plot_step_matching(comp: Comparison, split: str, path: Path) -> Path:
+    """Matched run steps against baseline steps per loss key, with the fitted slopes."""
+    base_keys = comp.smoothed[comp.baseline.name][split]
+    fig, axes = _panels(len(base_keys))
+    for ax, key in zip(axes, base_keys, strict=True):
+        last = float(base_keys[key][0][-1])
+        ax.plot([0, last], [0, last], ":", color="gray", linewidth=0.8, label=comp.baseline.name)
+        for i, r in enumerate(comp.runs, start=1):
+            kr = r.keys.get(split, {}).get(key)
+            if kr is None or kr.match is None:
+                continue
+            m = kr.match
+            ok_N = np.isfinite(m.run_step)
+            ax.plot(m.base_step[ok_N], m.run_step[ok_N], ".", color=f"C{i}", markersize=3)
+            if m.slope.value is not None:
+                ax.plot(
+                    [0, last],
+                    [0, m.slope.value * last],
+                    color=f"C{i}",
+                    linewidth=1.2,
+                    linestyle="-" if m.slope.kind == "exact" else "--",
+                    label=f"{r.run.name} s {_relation(m.slope.kind)}{m.slope.text(2)}",
+                )
+        ax.axvline(comp.cfg.fit_from * last, color="gray", linewidth=0.5, alpha=0.5)
+        ax.set_xlabel(f"{comp.baseline.name} step")
+        ax.set_ylabel("run step reaching the same loss")
+        ax.set_title(f"{_label(key)} ({_TITLES[split]})")
+        ax.set_xlim(0, last)
+        ax.set_ylim(0, last * 1.05)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

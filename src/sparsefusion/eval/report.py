@@ -1,0 +1,325 @@
+"""``sparsefusion compare``: every run against a baseline, as a Markdown table, JSON and PNG plots.
+
+For each run, each split (training, validation) and each loss key the baseline logs (``loss``,
+``loss/<modality>``): the FLOPs savings factor, the step-matching slope, and per split the "x%
+checkpoint". The math and its documented choices are in :mod:`sparsefusion.eval.compare`.
+
+Legend: N = logged points of the baseline curve, M = logged points of a run curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsefusion.config import to_dict
+from sparsefusion.eval.compare import (
+    CompareConfig,
+    Estimate,
+    StepMatch,
+    checkpoint_point,
+    ema,
+    flops_per_step,
+    match_steps,
+    savings_factor,
+)
+from sparsefusion.eval.curves import SPLITS, RunCurves, SplitCurves, load_run
+
+log = logging.getLogger(__name__)
+
+SPLIT_TITLES = {"train": "Training loss", "val": "Validation loss"}
+
+
+@dataclass
+class KeyResult:
+    """One loss key of one split of one run: savings factor and step matching."""
+
+    baseline_final: float
+    savings: Estimate
+    match: StepMatch | None = None
+
+
+@dataclass
+class RunResult:
+    """One run against the baseline."""
+
+    run: RunCurves
+    flops_per_step: float
+    flops_ratio: float
+    warnings: list[str] = field(default_factory=list)
+    keys: dict[str, dict[str, KeyResult]] = field(default_factory=dict)
+    checkpoint: dict[str, Estimate] = field(default_factory=dict)
+    checkpoint_step: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    """All runs against the baseline, plus the smoothed curves the numbers were read from."""
+
+    baseline: RunCurves
+    runs: list[RunResult]
+    cfg: CompareConfig
+    smoothed: dict[str, dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]]
+
+
+def smoothed_curves(
+    run: RunCurves, cfg: CompareConfig
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """split -> key -> ``(step, flops, smoothed loss)`` over the points where the key was logged."""
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for split, curves in run.splits.items():
+        a = cfg.smoothing if split == "train" else cfg.val_smoothing
+        out[split] = {}
+        for key in curves.losses:
+            step_M, flops_M, y_M = curves.curve(key)
+            if y_M.size:  # x smoothed with y: each point is a weighted mean, no lag
+                out[split][key] = (ema(step_M, a), ema(flops_M, a), ema(y_M, a))
+    return out
+
+
+def compare_runs(baseline: RunCurves, runs: list[RunCurves], cfg: CompareConfig) -> Comparison:
+    """Compare every run with the baseline (see the module docstring)."""
+    smoothed = {r.name: smoothed_curves(r, cfg) for r in [baseline, *runs]}
+    base_curves = smoothed[baseline.name]
+    base_fps = _flops_per_step(baseline)
+    results = []
+    for run in runs:
+        fps = _flops_per_step(run)
+        result = RunResult(run=run, flops_per_step=fps, flops_ratio=fps / base_fps)
+        _check_comparable(baseline, run, result, cfg)
+        for split, base_keys in base_curves.items():
+            run_keys = smoothed[run.name].get(split)
+            if run_keys is None:
+                result.warnings.append(f"no {split} rows: {split} not compared")
+                continue
+            result.keys[split] = _compare_split(base_keys, run_keys, cfg)
+            extra = sorted(set(run_keys) - set(base_keys))
+            if extra:
+                result.warnings.append(f"{split}: {', '.join(extra)} not in the baseline")
+            est, step = _checkpoint(baseline.splits[split], base_keys, run.splits[split], run_keys)
+            result.checkpoint[split], result.checkpoint_step[split] = est, step
+        results.append(result)
+    return Comparison(baseline=baseline, runs=results, cfg=cfg, smoothed=smoothed)
+
+
+def _flops_per_step(run: RunCurves) -> float:
+    curves = run.splits.get("train") or run.splits["val"]
+    return flops_per_step(curves.step, curves.flops)
+
+
+def _check_comparable(base: RunCurves, run: RunCurves, result: RunResult, cfg: CompareConfig):
+    if abs(result.flops_ratio - 1.0) > cfg.flops_tolerance:
+        result.warnings.append(
+            f"not FLOPs-matched: {result.flops_ratio:.3f}x the baseline's FLOPs per step "
+            f"(savings factors compare FLOPs, step slopes compare steps)"
+        )
+    base_last, run_last = _last_step(base), _last_step(run)
+    if run_last < base_last:
+        result.warnings.append(
+            f"shorter than the baseline ({run_last} vs {base_last} steps): losses it does not "
+            f"reach are bounds"
+        )
+
+
+def _last_step(run: RunCurves) -> int:
+    return int(max(c.step[-1] for c in run.splits.values()))
+
+
+def _compare_split(base_keys, run_keys, cfg: CompareConfig) -> dict[str, KeyResult]:
+    out = {}
+    for key, (b_step_N, b_flops_N, b_y_N) in base_keys.items():
+        final = float(b_y_N[-1])
+        if key not in run_keys:
+            out[key] = KeyResult(final, Estimate(None, "none", f"the run logs no {key}"))
+            continue
+        r_step_M, r_flops_M, r_y_M = run_keys[key]
+        savings = savings_factor(b_flops_N, b_y_N, r_flops_M, r_y_M)
+        match = match_steps(b_step_N, b_y_N, r_step_M, r_y_M, fit_from=cfg.fit_from)
+        out[key] = KeyResult(final, savings, match)
+    return out
+
+
+def _checkpoint(
+    base: SplitCurves, base_keys, run: SplitCurves, run_keys
+) -> tuple[Estimate, int | None]:
+    """The earliest run point at or below every final baseline loss, as % of baseline steps."""
+    base_final = {k: float(v[2][-1]) for k, v in base_keys.items()}
+    aligned = {}
+    for key, (_, _, y_M) in run_keys.items():
+        full_M = np.full(run.step.shape, np.nan)
+        full_M[np.searchsorted(run.step, run.curve(key)[0])] = y_M
+        aligned[key] = full_M
+    i = checkpoint_point(run.step, aligned, base_final)
+    base_last = float(base.step[-1])
+    if i is None:
+        pct = 100.0 * float(run.step[-1]) / base_last
+        return Estimate(pct, "lower", "no logged point is at or below every final loss"), None
+    return Estimate(100.0 * float(run.step[i]) / base_last), int(run.step[i])
+
+
+def as_dict(comp: Comparison) -> dict[str, Any]:
+    """The comparison as plain JSON-ready data."""
+    base = comp.baseline
+    finals = {
+        split: {k: float(v[2][-1]) for k, v in keys.items()}
+        for split, keys in comp.smoothed[base.name].items()
+    }
+    runs = []
+    for r in comp.runs:
+        splits = {}
+        for split, keys in r.keys.items():
+            splits[split] = {
+                key: {
+                    "savings_factor": kr.savings.as_dict(),
+                    "step_slope": (
+                        kr.match.slope if kr.match else Estimate(None, "none")
+                    ).as_dict(),
+                    "matched_steps": _pairs(kr.match),
+                }
+                for key, kr in keys.items()
+            }
+        checkpoint = {
+            split: {"percent_of_baseline_steps": est.as_dict(), "step": r.checkpoint_step[split]}
+            for split, est in r.checkpoint.items()
+        }
+        runs.append(
+            {
+                "name": r.run.name,
+                "path": str(r.run.path),
+                "last_step": _last_step(r.run),
+                "flops_per_step": r.flops_per_step,
+                "flops_ratio_to_baseline": r.flops_ratio,
+                "warnings": r.warnings,
+                "splits": splits,
+                "checkpoint": checkpoint,
+            }
+        )
+    return {
+        "baseline": {
+            "name": base.name,
+            "path": str(base.path),
+            "last_step": _last_step(base),
+            "flops_per_step": _flops_per_step(base),
+            "final_loss_smoothed": finals,
+        },
+        "config": to_dict(comp.cfg),
+        "runs": runs,
+    }
+
+
+def _pairs(match: StepMatch | None) -> list[dict[str, Any]]:
+    if match is None:
+        return []
+    return [
+        {"baseline_step": float(d), "run_step": None if np.isnan(s) else float(s), "kind": k}
+        for d, s, k in zip(match.base_step, match.run_step, match.kind, strict=True)
+    ]
+
+
+def markdown(comp: Comparison) -> str:
+    """Markdown tables: per split, one row per run, savings factor and slope per loss key."""
+    base = comp.baseline
+    lines = [
+        f"# Comparison against `{base.name}`",
+        "",
+        "Savings factor: baseline total FLOPs / FLOPs at which the run first reaches the "
+        "baseline's final loss (`> x`: lower bound, `< x`: upper bound, the run never reaches it). "
+        "Slope s: least-squares slope through the origin of the run step matching each baseline "
+        f"step, fitted over baseline steps >= {comp.cfg.fit_from:g} x its last step "
+        "(s = 0.5: the run needs half the steps). x% checkpoint: the earliest logged run step at "
+        "or below every final baseline loss of the split, as % of the baseline's steps. "
+        f"Smoothing: EMA {comp.cfg.smoothing:g} (training), {comp.cfg.val_smoothing:g} "
+        "(validation).",
+        "",
+    ]
+    for split in SPLITS:
+        keys = list(comp.smoothed[base.name].get(split, {}))
+        if not keys:
+            continue
+        names = [_short(k) for k in keys]
+        head = (
+            ["run", "FLOPs/step"]
+            + [f"savings {n}" for n in names]
+            + [f"slope {n}" for n in names]
+            + ["x% checkpoint"]
+        )
+        lines += [f"## {SPLIT_TITLES[split]}", "", _row(head), _row(["---"] * len(head))]
+        finals = comp.smoothed[base.name][split]
+        lines.append(
+            _row(
+                [f"{base.name} (baseline)", "1.00x"]
+                + [f"final {finals[k][2][-1]:.4f}" for k in keys]
+                + ["1.00"] * len(keys)
+                + ["100%"]
+            )
+        )
+        for r in comp.runs:
+            res = r.keys.get(split)
+            if res is None:
+                continue
+            cells = [r.run.name, f"{r.flops_ratio:.2f}x"]
+            cells += [res[k].savings.text(2, "x") for k in keys]
+            cells += [res[k].match.slope.text(3) if res[k].match else "n/a" for k in keys]
+            cells.append(_checkpoint_text(r, split))
+            lines.append(_row(cells))
+        lines.append("")
+    notes = [f"- `{r.run.name}`: {w}" for r in comp.runs for w in r.warnings]
+    notes += [
+        f"- `{r.run.name}` {split} {k}: {kr.savings.note or kr.match.slope.note}"
+        for r in comp.runs
+        for split, keys in r.keys.items()
+        for k, kr in keys.items()
+        if kr.savings.kind != "exact" or (kr.match and kr.match.slope.kind != "exact")
+    ]
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def _checkpoint_text(r: RunResult, split: str) -> str:
+    est, step = r.checkpoint[split], r.checkpoint_step[split]
+    return f"{est.text(1, '%')} (step {step})" if step is not None else est.text(1, "%")
+
+
+def _short(key: str) -> str:
+    return "overall" if key == "loss" else key.removeprefix("loss/")
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_report(comp: Comparison, out: Path) -> list[Path]:
+    """Write ``compare.md``, ``compare.json`` and (when enabled) the PNG plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "compare.md", out / "compare.json"
+    md.write_text(markdown(comp))
+    js.write_text(json.dumps(as_dict(comp), indent=2) + "\n")
+    written = [md, js]
+    if comp.cfg.plots:
+        from sparsefusion.eval.plots import plot_loss_vs_flops, plot_step_matching
+
+        for split in SPLITS:
+            if split in comp.smoothed[comp.baseline.name]:
+                written.append(plot_loss_vs_flops(comp, split, out / f"loss_vs_flops_{split}.png"))
+                written.append(plot_step_matching(comp, split, out / f"step_matching_{split}.png"))
+    return written
+
+
+def run_compare(baseline: str | Path, runs: list[str | Path], out: Path, cfg: CompareConfig):
+    """Load the runs, compare, write the report; returns the comparison and the files written."""
+    names: set[str] = set()
+    loaded = []
+    for path in [baseline, *runs]:
+        curves = load_run(path)
+        if curves.name in names:
+            curves.name = str(path)
+        names.add(curves.name)
+        loaded.append(curves)
+    comp = compare_runs(loaded[0], loaded[1:], cfg)
+    return comp, write_report(comp, out)

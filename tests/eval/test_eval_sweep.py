@@ -1,0 +1,85 @@
+"""`sparsefusion sweep`: recipe strictness, and an end-to-end sweep of two tiny CPU runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparsefusion.cli.main import main
+from sparsefusion.config import ConfigError
+from sparsefusion.eval.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _recipe(tmp_path: Path, **fields) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def test_sweep_end_to_end_skips_finished_and_reports_unknown(tmp_path, tokenizer_cache, capsys):
+    out = tmp_path / "sweep"
+    recipe = _recipe(
+        tmp_path,
+        out=str(out),
+        baseline="dense-debug",
+        overrides=[
+            f"tokenizer.cache_dir={tokenizer_cache}",
+            "train.steps=6",
+            "run.log_every=1",
+            "run.eval_every=3",
+            "run.progress=log",
+        ],
+        runs=["dense-debug", "no-such-preset", {"name": "mot", "config": "mot-debug"}],
+        compare={"smoothing": 0.0},
+    )
+    assert main(["sweep", str(recipe)]) == 0
+    printed = capsys.readouterr().out
+    assert "no-such-preset" in printed and "unknown preset" in printed
+    report = (out / "compare" / "compare.md").read_text()
+    assert "| mot |" in report and "unresolved" in report
+    data = json.loads((out / "compare" / "compare.json").read_text())
+    assert data["baseline"]["name"] == "dense-debug"
+    assert [r["name"] for r in data["runs"]] == ["mot"]
+    assert data["runs"][0]["flops_ratio_to_baseline"] == pytest.approx(1.0, rel=0.02)
+    assert {"loss", "loss/text", "loss/image"} <= set(data["runs"][0]["splits"]["val"])
+    assert (out / "compare" / "step_matching_train.png").is_file()
+    for name in ("dense-debug", "mot"):  # same seed and data for every run
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["seed"] == 0
+    assert "mot" not in (out / "dense-debug" / "train.log").read_text()  # one log per run
+    # a second invocation trains nothing
+    before = (out / "mot" / "metrics.jsonl").read_text()
+    assert main(["sweep", str(recipe), "--out", str(tmp_path / "again")]) == 0
+    status = json.loads((out / "sweep_status.json").read_text())["status"]
+    assert status == {"dense-debug": "skipped", "no-such-preset": "unresolved", "mot": "skipped"}
+    assert (out / "mot" / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "again" / "compare.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"runs": ["dense", "dense"]}, "duplicate run names"),
+        ({"runs": ["mot"], "baseline": "dense"}, "sweep.baseline 'dense' is not one of"),
+        ({"runs": ["dense"], "overides": []}, "did you mean 'overrides'"),
+        ({"runs": ["dense"], "compare": {"fit_from": 2}}, "compare.fit_from"),
+        ({"runs": []}, "at least one run"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path: Path, fields: dict, words: str):
+    with pytest.raises(ConfigError, match=words):
+        load_sweep(_recipe(tmp_path, **fields))
+
+
+def test_shipped_sweep_recipes_load():
+    files = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert files
+    for path in files:
+        cfg = load_sweep(path)
+        assert cfg.baseline in [r.name for r in cfg.runs]
+    names = [r.name for r in load_sweep(ROOT / "configs/sweeps/replication_cpu.yaml").runs]
+    assert names == ["dense", "mot", "moe-8x", "moma-1t1i", "moma-4t4i", "moma-4t4i-mod"]
