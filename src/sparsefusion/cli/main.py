@@ -1,7 +1,8 @@
-"""The ``sparsefusion`` command: ``train``, ``config`` and ``presets``.
+"""The ``sparsefusion`` command: ``train``, ``config``, ``presets`` and ``export``.
 
 The command line is the config: a preset name or a YAML file, then dotted ``key=value`` overrides
-(precedence: dataclass defaults < preset < YAML file < overrides).
+(precedence: dataclass defaults < preset < YAML file < overrides). Under
+``torchrun --nproc_per_node N -m sparsefusion train ...`` every rank runs the same command.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sparsefusion.distributed.mesh import print0
     from sparsefusion.train.trainer import train
 
     config, overrides = _split_args(args.args)
@@ -69,8 +71,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     for split in ("train", "val"):
         if split in last:
             body = " ".join(f"{k}={v:.4f}" for k, v in last[split].items() if k.startswith("loss"))
-            print(f"final {split}: {body}")
-    print(f"run folder: {cfg.run.dir}")
+            print0(f"final {split}: {body}")
+    print0(f"run folder: {cfg.run.dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsefusion.train.export import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"exported {out / 'model.safetensors'} and {out / 'config.yaml'}")
     return 0
 
 
@@ -106,11 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(fn=cmd_presets)
+    p = sub.add_parser("export", help="newest checkpoint -> one safetensors file + config.yaml")
+    p.add_argument("run_dir", help="the run folder")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.set_defaults(fn=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from sparsefusion.train.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
@@ -120,3 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

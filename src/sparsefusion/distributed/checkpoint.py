@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -184,8 +185,12 @@ def load_dcp_checkpoint(
 
 
 def _load(dcp_load, sd: dict, reader, path: Path) -> None:
+    import torch.distributed as dist
+
     try:
-        dcp_load(sd, storage_reader=reader)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load(sd, storage_reader=reader, no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
     except Exception as e:

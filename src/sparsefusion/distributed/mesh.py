@@ -98,8 +98,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
-    """``print`` on rank 0 only."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    """``print`` on rank 0 only (torchrun's ``RANK`` when no process group is up)."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+    else:
+        rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         print(*args, **kwargs)
 
 
