@@ -84,6 +84,7 @@ def save_dcp_checkpoint(
     """
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = checkpoint_dir(run_dir)
@@ -104,7 +105,7 @@ def save_dcp_checkpoint(
             (tmp / "data" / f"shard_{int(s):05d}.json").write_text(json.dumps(shard))
         save_file(_rng_tensors(), str(tmp / "rng" / f"rank_{env.rank:05d}.safetensors"))
         faults.maybe_pause("pause_in_save", step, run_dir)
-    except Exception as e:  # DCP wraps OSErrors of any rank in CheckpointException
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
         error = disk_error_message(final, e)
     failed = _failed_anywhere(error)
     if env.is_main and not failed:
@@ -186,14 +187,15 @@ def load_dcp_checkpoint(
 
 def _load(dcp_load, sd: dict, reader, path: Path) -> None:
     import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp_load(sd, storage_reader=reader, no_dist=not dist.is_initialized())
-    except CheckpointError:
-        raise
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        if "checkpoint metadata" in str(e):
+            raise CheckpointError(f"unsafe or corrupt checkpoint {path}: {e}") from e
         raise CheckpointError(
             f"checkpoint {path} does not match the model ({type(e).__name__}: {e}); "
             "was it trained with another model config?"
