@@ -1,7 +1,9 @@
-"""The ``sparsefusion`` command: ``train``, ``config``, ``presets``, ``compare`` and ``sweep``.
+"""The ``sparsefusion`` command: ``train``, ``config``, ``presets``, ``export``, ``bench``,
+``compare`` and ``sweep``.
 
 The command line is the config: a preset name or a YAML file, then dotted ``key=value`` overrides
-(precedence: dataclass defaults < preset < YAML file < overrides).
+(precedence: dataclass defaults < preset < YAML file < overrides). Under
+``torchrun --nproc_per_node N -m sparsefusion train ...`` every rank runs the same command.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sparsefusion.distributed.mesh import print0
     from sparsefusion.train.trainer import train
 
     config, overrides = _split_args(args.args)
@@ -69,8 +72,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     for split in ("train", "val"):
         if split in last:
             body = " ".join(f"{k}={v:.4f}" for k, v in last[split].items() if k.startswith("loss"))
-            print(f"final {split}: {body}")
-    print(f"run folder: {cfg.run.dir}")
+            print0(f"final {split}: {body}")
+    print0(f"run folder: {cfg.run.dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsefusion.train.export import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"exported {out / 'model.safetensors'} and {out / 'config.yaml'}")
     return 0
 
 
@@ -184,11 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a sweep recipe YAML (see configs/sweeps/)")
     p.add_argument("--out", help="report folder (default: <sweep out>/compare)")
     p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("export", help="newest checkpoint -> one safetensors file + config.yaml")
+    p.add_argument("run_dir", help="the run folder")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.set_defaults(fn=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from sparsefusion.train.checkpoint import CheckpointError
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "compare":
@@ -203,3 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -12,6 +12,7 @@ leaves the previous checkpoint intact; nothing is ever unpickled on load.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sparsefusion.train import faults
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +67,21 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+        faults.maybe_pause("pause_in_save", step, run_dir)
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update(_rng_tensors())
         save_file(tensors, str(tmp / "optim.safetensors"))
         payload = dict(state, step=step, param_groups=groups)
         (tmp / "state.json").write_text(json.dumps(payload))
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_entries(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e}") from e
-    _prune(root, keep)
+        raise CheckpointError(disk_error_message(final, e)) from e
+    prune_checkpoints(root, keep)
     return final
 
 
@@ -99,7 +103,7 @@ def load_checkpoint(
         )
     extra = load_file(str(path / "optim.safetensors"))
     if optimizer is not None:
-        optimizer.load_state_dict(_unflatten_optimizer(extra, state["param_groups"]))
+        optimizer.load_state_dict(unflatten_optimizer(extra, state["param_groups"]))
     _restore_rng(extra)
     return state
 
@@ -118,7 +122,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, sd["param_groups"]
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith("optim."):
@@ -142,10 +146,25 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's files and its entry list to disk (best effort)."""
+def disk_error_message(final: Path, error: BaseException) -> str:
+    """A clear message for a failed checkpoint write, naming the path (and a full disk)."""
+    nospace = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        "No space left" in str(error)
+    )
+    if nospace:
+        return (
+            f"disk full: no space left on device while writing checkpoint {final}; the previous "
+            f"checkpoint is intact (free space or lower run.keep_checkpoints): {error}"
+        )
+    return f"could not write checkpoint {final}: {error}"
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a folder's files (recursively) and entry lists to disk (best effort)."""
     for child in path.iterdir() if path.is_dir() else []:
-        if child.is_file():
+        if child.is_dir():
+            fsync_tree(child)
+        elif child.is_file():
             with open(child, "rb+") as f:
                 os.fsync(f.fileno())
     _fsync_entries(path)
@@ -164,12 +183,13 @@ def _fsync_entries(path: Path) -> None:
         os.close(fd)
 
 
-def _prune(root: Path, keep: int) -> None:
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
     done = sorted(
         (p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])
     )
     for old in done[: max(0, len(done) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp_step_*"):
-        if str(os.getpid()) not in stale.name:
+        if not stale.name.endswith(f"_{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sparsefusion.data.sources import DataConfig
+from sparsefusion.distributed.parallelize import DistConfig
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.ar import ARObjectiveConfig
 from sparsefusion.tokenizers.build import TokenizerConfig
@@ -24,6 +25,8 @@ class LoopConfig:
         threads: CPU threads for torch (0 keeps torch's default).
         stop_at: end this invocation after this step (0: run to ``steps``); the schedule still
             spans ``steps``, so a job can be split into chunks that resume one another.
+        skip_nonfinite: on a NaN/inf loss or gradient, skip that step's update (counted in the
+            metric ``skipped_steps``) instead of stopping the run.
     """
 
     steps: int = 600
@@ -32,6 +35,7 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = 0
     stop_at: int = 0
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -82,3 +86,4 @@ class TrainConfig:
     objective: ARObjectiveConfig = field(default_factory=ARObjectiveConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)

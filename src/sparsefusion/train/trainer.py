@@ -2,6 +2,12 @@
 
 Running again on a run folder that holds a checkpoint resumes from it and continues exactly as if
 never stopped (model, optimizer, data position, RNG and counters are all restored).
+
+Under torchrun every rank runs this same loop on its own data streams (``data/shards.py``);
+``distributed/parallelize.py`` wraps the model from outside (FSDP2 or DDP, activation
+checkpointing, compile) and checkpoints become sharded DCP checkpoints. Rank 0 alone writes the
+config, logs and metrics. Per step, the global batch is ``data.batch_size x world_size x
+train.grad_accum`` rows.
 """
 
 from __future__ import annotations
@@ -17,13 +23,25 @@ import torch
 
 from sparsefusion.config import dump_yaml, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
-from sparsefusion.data.loader import PackedLoader, validation_batches
+from sparsefusion.data.loader import validation_batches
+from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
+from sparsefusion.distributed import checkpoint as dist_ckpt
+from sparsefusion.distributed.mesh import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    launched_by_torchrun,
+    teardown,
+)
+from sparsefusion.distributed.parallelize import parallelize_model
 from sparsefusion.eval.loss_eval import evaluate
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.ar import ar_loss
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
+from sparsefusion.train import faults
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.metrics import MetricsLogger
@@ -40,6 +58,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     flops: float = 0.0
+    skipped_steps: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,6 +70,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for (or ``auto`` on CUDA), else a no-op context."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -71,33 +91,56 @@ def finalize_config(cfg: TrainConfig, modalities: list[str], vocab_size: int) ->
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the last training and validation rows."""
+    """Run (or resume) a training run; returns the last training and validation rows.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group (and leaves it at the end).
+    """
+    import torch.distributed as dist
+
+    owns_group = launched_by_torchrun() and not dist.is_initialized()
+    env = init_distributed(resolve_device(cfg.train.device), timeout_s=cfg.dist.timeout_s)
+    try:
+        return _train(cfg, env)
+    finally:
+        if owns_group:
+            teardown()
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_file_logging(run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _setup_file_logging(run_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = env.device
     torch.manual_seed(cfg.seed)
 
     source = build_source(cfg.data, seed=cfg.seed, split="train")
     val_source = build_source(cfg.data, seed=cfg.seed, split="val")
     # Tokenizers always learn from the seed-0 training stream, so every run of a corpus shares
     # them (the cache key ignores the seed) whatever order the runs happen in.
-    tokenizer_source = build_source(cfg.data, seed=0, split="train")
-    tokenizer = load_or_train_tokenizer(
-        cfg.tokenizer, tokenizer_source, progress=_use_bar(cfg), log=log.info
-    )
+    tokenizer = _tokenizer(cfg, build_source(cfg.data, seed=0, split="train"), env)
     cfg = finalize_config(cfg, tokenizer.modalities, tokenizer.vocab.padded_size())
-    _check_resume_config(run_dir, cfg)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    if env.is_main:
+        _check_resume_config(run_dir, cfg)
+        dump_yaml(cfg, run_dir / "config.yaml")
+    barrier()
 
     model = Transformer(cfg.model)
     model.init_weights()
     model.to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
-    loader = PackedLoader(
-        source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size
+    loaders = ShardedLoaders(
+        source,
+        tokenizer,
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        grad_accum=cfg.train.grad_accum,
     )
     val = validation_batches(
         val_source,
@@ -110,50 +153,111 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state = TrainState()
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        saved = load_checkpoint(ckpt, model, optimizer)
-        loader.load_state_dict(saved["loader"])
-        state = TrainState(step=saved["step"], tokens=saved["tokens"], flops=saved["flops"])
+        saved = _load(ckpt, model, optimizer, env)
+        loaders.load_state_dict(saved["loader"])
+        state = TrainState(
+            step=saved["step"],
+            tokens=saved["tokens"],
+            flops=saved["flops"],
+            skipped_steps=saved.get("skipped_steps", 0),
+        )
         log.info("resumed from %s (step %d)", ckpt, state.step)
     log.info(
-        "model %s: %.2fM parameters, %d towers %s, device %s",
+        "model %s: %.2fM parameters, %d towers %s, device %s, %d process(es), strategy %s",
         cfg.model.arch,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        num_params / 1e6,
         cfg.model.num_towers,
         cfg.model.tower_names,
         device,
+        env.world_size,
+        cfg.dist.strategy if env.is_distributed else "none",
     )
-    metrics = MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
+    metrics = (
+        MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
+        if env.is_main
+        else _NullMetrics()
+    )
     try:
-        return _loop(cfg, model, optimizer, loader, val, state, metrics, device, run_dir)
+        return _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir)
     finally:
         metrics.close()
 
 
-def _loop(cfg, model, optimizer, loader, val, state, metrics, device, run_dir) -> dict[str, Any]:
+def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
+    """Rank 0 trains (or loads) the tokenizer first; the other ranks then load it from cache."""
+    tok = None
+    if env.is_main:
+        tok = load_or_train_tokenizer(cfg.tokenizer, source, progress=_use_bar(cfg), log=log.info)
+    barrier()
+    if not env.is_main:
+        tok = load_or_train_tokenizer(cfg.tokenizer, source, progress=False, log=log.info)
+    return tok
+
+
+def _load(ckpt: Path, model, optimizer, env: DistEnv) -> dict[str, Any]:
+    """Load a checkpoint of either format (sharded DCP, or single-process safetensors)."""
+    if dist_ckpt.is_dcp_checkpoint(ckpt):
+        return dist_ckpt.load_dcp_checkpoint(ckpt, model, optimizer, env)
+    if env.is_distributed:
+        return dist_ckpt.load_single_checkpoint(ckpt, model, optimizer)
+    return load_checkpoint(ckpt, model, optimizer)
+
+
+def _save(run_dir, step, model, optimizer, state: TrainState, loaders, cfg, env: DistEnv) -> None:
+    counters = {"tokens": state.tokens, "flops": state.flops, "skipped_steps": state.skipped_steps}
+    keep = cfg.run.keep_checkpoints
+    if env.is_distributed:
+        dist_ckpt.save_dcp_checkpoint(
+            run_dir, step, model, optimizer, counters, loaders.state_dict(), env, keep=keep
+        )
+    else:
+        counters["loader"] = loaders.state_dict()
+        save_checkpoint(run_dir, step, model, optimizer, counters, keep=keep)
+
+
+def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> dict[str, Any]:
+    device = env.device
     modalities = cfg.model.modalities
     towers = (cfg.model.tower_of_modality, cfg.model.num_towers)
-    amp = autocast_context(cfg.train.precision, device)
+    amp = _amp(cfg, env)
     last: dict[str, Any] = {}
     window = _Window(len(modalities), state.tokens)
-    progress = Progress(total=cfg.train.steps, start=state.step, bar=_use_bar(cfg))
+    progress = Progress(total=cfg.train.steps, start=state.step, bar=_use_bar(cfg) and env.is_main)
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    accum = cfg.train.grad_accum
+    pending_flops = 0.0  # this rank's FLOPs since the last sum over ranks
     while state.step < end:
         step = state.step + 1
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(cfg.train.grad_accum):
-            batch = loader.next_batch()
-            state.flops += train_flops(cfg.model, batch.document_BT)
-            state.tokens += batch.num_tokens
-            out = _forward_loss(model, batch.with_plan(*towers).to(device), cfg, amp)
-            (out.loss / cfg.train.grad_accum).backward()
-            window.add(out)
+        outs = []
+        for micro in range(accum):
+            batch = loaders.next_batch(micro)
+            pending_flops += train_flops(cfg.model, batch.document_BT)
+            state.tokens += batch.num_tokens * env.world_size
+            with _maybe_no_sync(model, last_micro=micro == accum - 1):
+                out = _forward_loss(model, batch.with_plan(*towers).to(device), cfg, amp)
+                loss = out.loss * float("nan") if faults.nan_at(step) else out.loss
+                (loss / accum).backward()
+            outs.append(out)
         grad_norm = _clip(model, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step = step
-        if step % cfg.run.log_every == 0 or step == cfg.train.steps:
+        if not bool(torch.isfinite(grad_norm)):  # one host sync per step: never apply a NaN
+            optimizer.zero_grad(set_to_none=True)
+            _nonfinite(cfg, step, float(grad_norm), run_dir)
+            state.skipped_steps += 1
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for out in outs:
+                window.add(out)
+        log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps
+        save_now = step % cfg.run.save_every == 0 or step == end
+        if log_now or save_now:
+            state.flops += _sum_over_ranks(pending_flops)
+            pending_flops = 0.0
+        if log_now and window.n:
             last["train"] = window.row(
                 state, lr=lr, grad_norm=float(grad_norm), modalities=modalities
             )
@@ -164,17 +268,48 @@ def _loop(cfg, model, optimizer, loader, val, state, metrics, device, run_dir) -
             last["val"] = _validate(model, val, cfg, towers, amp, state, device)
             metrics.log(last["val"])
             progress.write(_format_row(last["val"]))
-        if step % cfg.run.save_every == 0 or step == end:
-            save_checkpoint(
-                run_dir,
-                step,
-                model,
-                optimizer,
-                {"tokens": state.tokens, "flops": state.flops, "loader": loader.state_dict()},
-                keep=cfg.run.keep_checkpoints,
-            )
+        faults.maybe_pause("pause_at_step", step, run_dir)
+        if save_now:
+            _save(run_dir, step, model, optimizer, state, loaders, cfg, env)
     progress.close()
     return last
+
+
+def _amp(cfg: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
+    """Autocast, except under FSDP with bf16 parameters (its mixed-precision policy casts)."""
+    fsdp_bf16 = (
+        env.is_distributed
+        and cfg.dist.strategy == "fsdp"
+        and cfg.dist.param_dtype(env.device) == torch.bfloat16
+    )
+    if fsdp_bf16:
+        return contextlib.nullcontext()
+    return autocast_context(cfg.train.precision, env.device)
+
+
+def _maybe_no_sync(model, *, last_micro: bool) -> contextlib.AbstractContextManager:
+    """DDP: skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if not last_micro and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _sum_over_ranks(value: float) -> float:
+    return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item())
+
+
+def _nonfinite(cfg: TrainConfig, step: int, grad_norm: float, run_dir: Path) -> None:
+    """Stop with a clear message (or, with ``train.skip_nonfinite``, log and go on)."""
+    if cfg.train.skip_nonfinite:
+        log.warning("step %d: non-finite loss/gradient (norm %s): update skipped", step, grad_norm)
+        return
+    ckpt = latest_checkpoint(run_dir)
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {step} (gradient norm {grad_norm}); the run stopped "
+        f"before updating the weights. The last good checkpoint is kept: "
+        f"{ckpt if ckpt is not None else 'none yet'}. Set train.skip_nonfinite=true to skip such "
+        "batches instead."
+    )
 
 
 def _forward_loss(model, batch: Batch, cfg: TrainConfig, amp):
@@ -203,10 +338,14 @@ def _validate(model, val, cfg, towers, amp, state, device) -> dict[str, Any]:
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all ranks' shards under FSDP), clipped to ``max_norm`` if > 0."""
     params = [p for p in model.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(total, "full_tensor"):  # a DTensor (FSDP2): sum the shards' partial norms
+        total = total.full_tensor()
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 class _Window:
@@ -231,7 +370,11 @@ class _Window:
         self.n += 1
 
     def row(self, state: TrainState, *, lr: float, grad_norm: float, modalities) -> dict[str, Any]:
-        ce, count = self.ce_sum.cpu().tolist(), self.count.cpu().tolist()
+        """The logged row (sums over ranks), then reset for the next window."""
+        ce = all_reduce_sum(self.ce_sum.clone()).cpu().tolist()
+        count = all_reduce_sum(self.count.clone()).cpu().tolist()
+        z = all_reduce_sum(torch.as_tensor(self.z, dtype=torch.float64).reshape(1).to(self.ce_sum))
+        ranks = _world_size()
         elapsed = time.perf_counter() - self.t0
         row: dict[str, Any] = {
             "step": state.step,
@@ -242,12 +385,29 @@ class _Window:
         for name, s, c in zip(modalities, ce, count, strict=True):
             if c > 0:
                 row[f"loss/{name}"] = s / c
-        row["z_loss"] = float(self.z) / max(1, self.n)
+        row["z_loss"] = float(z) / max(1, self.n * ranks)
         row["lr"] = lr
         row["grad_norm"] = grad_norm
         row["tokens_per_s"] = (state.tokens - self.tokens0) / elapsed if elapsed > 0 else 0.0
+        row["skipped_steps"] = state.skipped_steps
         self.reset(state.tokens)
         return row
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class _NullMetrics:
+    """Metrics sink of ranks other than 0 (rank 0 alone writes files)."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _check_finite(row: dict[str, Any], step: int) -> None:

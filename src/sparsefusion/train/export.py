@@ -1,0 +1,56 @@
+"""Export a run's newest checkpoint as one safetensors file plus its config.
+
+``sparsefusion export RUN_DIR [--out PATH]`` reads either checkpoint format (single-process
+safetensors or sharded DCP, gathered here in one process) and writes ``PATH/model.safetensors``
+and ``PATH/config.yaml`` (default ``PATH``: ``RUN_DIR/export``). :func:`load_exported` builds the
+model back from those two files with safetensors alone: no torch.distributed, no unpickling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from sparsefusion.config import from_dict, load_yaml
+from sparsefusion.models.transformer import ModelConfig, Transformer
+from sparsefusion.train.checkpoint import CheckpointError, latest_checkpoint
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the newest checkpoint of ``run_dir`` as ``out/model.safetensors`` + ``config.yaml``.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        CheckpointError: when the run has no checkpoint or it does not match its config.
+    """
+    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint
+    from sparsefusion.distributed.mesh import DistEnv
+
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint")
+    config = load_yaml(run_dir / "config.yaml")
+    model = Transformer(from_dict(ModelConfig, config["model"], where="model"))
+    if is_dcp_checkpoint(ckpt):
+        load_dcp_checkpoint(ckpt, model, None, DistEnv())
+    else:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    out = Path(out) if out is not None else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"checkpoint": ckpt.name})
+    (out / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    return out
+
+
+def load_exported(path: str | Path) -> Transformer:
+    """The model of an exported folder (``model.safetensors`` + ``config.yaml``), in eval mode."""
+    path = Path(path)
+    config = load_yaml(path / "config.yaml")
+    model = Transformer(from_dict(ModelConfig, config["model"], where="model"))
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model.eval()
