@@ -1,9 +1,19 @@
-"""Shared fixtures: one tokenizer cache for the whole session, GPU test skipping."""
+"""Shared fixtures: one tokenizer cache for the whole session, GPU test skipping.
+
+The test models are tiny, so every process (and every subprocess a test starts) uses one CPU
+thread: faster than two here, and immune to oversubscription when several processes share cores.
+"""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):
