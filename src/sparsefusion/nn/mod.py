@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsefusion.nn.attention import build_attention_mask
@@ -141,7 +142,7 @@ class MoDRouter(nn.Module):
             The new residual stream, plan-sorted.
         """
         N = x_ND.shape[0]
-        gate_N = torch.sigmoid(x_ND.float() @ self.weight[0].float())
+        gate_N = torch.sigmoid(F.linear(x_ND.float(), self.weight.float())[:, 0])
         ctx.metrics[f"mod/{self.site}/score_mean"] = gate_N.detach().mean()
         if ctx.causal:
             chosen_N = ctx.causal_selection(self.site, x_ND)[:, 0]

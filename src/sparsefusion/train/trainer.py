@@ -29,6 +29,7 @@ from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.metrics import MetricsLogger
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
+from sparsefusion.train.upcycle import upcycle
 
 log = logging.getLogger("sparsefusion")
 
@@ -109,6 +110,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loader.load_state_dict(saved["loader"])
         state = TrainState(step=saved["step"], tokens=saved["tokens"], flops=saved["flops"])
         log.info("resumed from %s (step %d)", ckpt, state.step)
+    elif cfg.model.upcycle_from:  # fresh run only: a resumed run never copies again
+        seed_state = upcycle(model, cfg.model.upcycle_from)
+        loader.load_state_dict(seed_state["loader"])
+        log.info("upcycled from %s (seed step %d)", cfg.model.upcycle_from, seed_state["step"])
     log.info(
         "model %s: %.2fM parameters, %d towers %s, device %s",
         cfg.model.arch,
@@ -138,12 +143,14 @@ def _loop(cfg, model, optimizer, loader, val, state, metrics, device, run_dir) -
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.train.grad_accum):
-            batch = loader.next_batch()
-            state.flops += train_flops(cfg.model, batch.document_BT)
+            batch = loader.next_batch().with_plan(*towers)
+            state.flops += train_flops(
+                cfg.model, batch.document_BT, tower_counts=batch.plan.counts
+            )
             state.tokens += batch.num_tokens
-            out = _forward_loss(model, batch.with_plan(*towers).to(device), cfg, amp)
+            out, model_out = _forward(model, batch.to(device), cfg, amp)
             (out.loss / cfg.train.grad_accum).backward()
-            window.add(out)
+            window.add(out, model_out)
         grad_norm = _clip(model, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -172,21 +179,30 @@ def _loop(cfg, model, optimizer, loader, val, state, metrics, device, run_dir) -
     return last
 
 
-def _forward_loss(model, batch: Batch, cfg: TrainConfig, amp):
+def _forward(model, batch: Batch, cfg: TrainConfig, amp, **routing):
+    """Forward and loss; the model's auxiliary (router) losses are added to the objective."""
     with amp:
         out = model(
             batch.tokens_BT,
             position_BT=batch.position_BT,
             document_BT=batch.document_BT,
             plan=batch.plan,
+            **routing,
         )
-    return ar_loss(
+    loss = ar_loss(
         out.logits_BTV,
         batch.targets_BT,
         batch.target_modality_BT,
         num_modalities=len(cfg.model.modalities),
         z_loss=cfg.objective.z_loss,
     )
+    if out.aux_losses:
+        loss = replace(loss, loss=loss.loss + sum(out.aux_losses.values()))
+    return loss, out
+
+
+def _forward_loss(model, batch: Batch, cfg: TrainConfig, amp, **routing):
+    return _forward(model, batch, cfg, amp, **routing)[0]
 
 
 def _validate(model, val, cfg, towers, amp, state, device) -> dict[str, Any]:
@@ -216,14 +232,20 @@ class _Window:
         self.count = None
         self.z = 0.0
         self.n = 0
+        self.aux: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
         self.t0 = time.perf_counter()
         self.tokens0 = tokens
 
-    def add(self, out) -> None:
+    def add(self, out, model_out=None) -> None:
         self.ce_sum = out.ce_sum_M if self.ce_sum is None else self.ce_sum + out.ce_sum_M
         self.count = out.count_M if self.count is None else self.count + out.count_M
         self.z = self.z + out.z_loss
         self.n += 1
+        if model_out is not None:  # router losses (averaged), metrics of the last micro-batch
+            for k, v in model_out.aux_losses.items():
+                self.aux[k] = self.aux.get(k, 0.0) + v.detach()
+            self.metrics = model_out.metrics
 
     def row(self, state: TrainState, *, lr: float, grad_norm: float, modalities) -> dict[str, Any]:
         ce, count = self.ce_sum.cpu().tolist(), self.count.cpu().tolist()
@@ -238,6 +260,8 @@ class _Window:
             if c > 0:
                 row[f"loss/{name}"] = s / c
         row["z_loss"] = float(self.z) / max(1, self.n)
+        row.update({k: float(v) / max(1, self.n) for k, v in self.aux.items()})
+        row.update({k: float(v) for k, v in self.metrics.items()})
         row["lr"] = lr
         row["grad_norm"] = grad_norm
         row["tokens_per_s"] = (state.tokens - self.tokens0) / elapsed if elapsed > 0 else 0.0
