@@ -192,7 +192,7 @@ def test_upcycling_from_dense_and_shape_mismatch():
         (dict(arch="mot", moe={"experts": {"speech": 4}}), "not towers"),
         (dict(arch="moe", moe={"experts": {"text": 4}}), "num_experts"),
         (dict(arch="dense", moe={"experts": {"text": 4}}), "moma or mot"),
-        (dict(arch="moma", moe={"experts": {"text": 2, "image": 4}, "capacity": 3.0}), "(0, E]"),
+        (dict(arch="moma", moe={"experts": {"text": 2, "image": 4}, "capacity": 3.0}), "in .0, E"),
         (dict(arch="moe", moe={"num_experts": 8, "capacity": 9.0}), "capacity"),
         (dict(arch="moe", moe={"capacity": 0.0}), "capacity"),
         (dict(num_layers=1, mod={"enabled": True}), "at least 2 layers"),
