@@ -12,9 +12,8 @@ from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.nn.mod import MoDConfig, SequenceLayout, matched_num_layers
 from sparsefusion.nn.moe import MoEConfig
-from sparsefusion.nn.routing import build_plan
-from sparsefusion.nn.routing_context import RoutingContext
 from sparsefusion.nn.rope import rope_angles
+from sparsefusion.nn.routing_context import RoutingContext
 from sparsefusion.train.upcycle import upcycled_state_dict
 
 B, T, V = 2, 12, 64
@@ -180,8 +179,10 @@ def test_upcycling_from_dense_and_shape_mismatch():
         upcycled_state_dict(moe, wide.state_dict())
     mot = _model(_cfg(arch="mot"))  # untied attention cannot feed shared attention
     with pytest.raises(ValueError, match="seed has no weight|shape mismatch"):
-        upcycled_state_dict(_model(_cfg(arch="moma", moe={"experts": {"text": 2, "image": 2}})),
-                            {k: v for k, v in mot.state_dict().items() if "attention" not in k})
+        upcycled_state_dict(
+            _model(_cfg(arch="moma", moe={"experts": {"text": 2, "image": 2}})),
+            {k: v for k, v in mot.state_dict().items() if "attention" not in k},
+        )
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,10 @@ class RoutingContext:
     def add_ratio(self, name: str, numerator: torch.Tensor, denominator: float) -> None:
         """Accumulate ``sum(numerator) / sum(denominator)`` over sites under ``name``."""
         num, den = self._sums.setdefault(name, [torch.zeros(()), torch.zeros(())])[:2]
-        self._sums[name] = [num.to(numerator.device) + numerator.detach().float(), den + denominator]
+        self._sums[name] = [
+            num.to(numerator.device) + numerator.detach().float(),
+            den + denominator,
+        ]
 
     def finish_metrics(self) -> dict[str, torch.Tensor]:
         """The metrics, with the accumulated ratios resolved."""

@@ -144,9 +144,7 @@ def _loop(cfg, model, optimizer, loader, val, state, metrics, device, run_dir) -
             group["lr"] = lr
         for _ in range(cfg.train.grad_accum):
             batch = loader.next_batch().with_plan(*towers)
-            state.flops += train_flops(
-                cfg.model, batch.document_BT, tower_counts=batch.plan.counts
-            )
+            state.flops += train_flops(cfg.model, batch.document_BT, tower_counts=batch.plan.counts)
             state.tokens += batch.num_tokens
             out, model_out = _forward(model, batch.to(device), cfg, amp)
             (out.loss / cfg.train.grad_accum).backward()
