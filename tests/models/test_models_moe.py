@@ -260,3 +260,21 @@ def test_sparse_flops_count_processed_tokens_only():
     assert train_flops(mod, doc) < f["d"]
     with pytest.raises(ValueError, match="tower_counts"):
         train_flops(_cfg(arch="moma", moe={"experts": {"text": 2, "image": 2}}), doc)
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
+def test_moma_with_an_absent_modality_and_bf16_autocast(router):
+    cfg = _cfg(
+        arch="moma",
+        moe={"experts": {"text": 4, "image": 4}, "router": router},
+        mod={"enabled": True},
+    )
+    model = _model(cfg)
+    tokens, _, document, position = _batch()
+    text_only = torch.zeros_like(tokens)  # no image token at all: an empty expert group
+    out = _forward(model, tokens, text_only, document, position)
+    out.logits_BTV.sum().backward()
+    assert torch.isfinite(out.logits_BTV).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _forward(model, tokens, _batch()[1], document, position)
+    assert torch.isfinite(out.logits_BTV.float()).all()

@@ -213,6 +213,8 @@ class ExpertGroup(nn.Module):
         self._balance_losses(logits_nE, counts_E, n * K, ctx)
         ctx.metrics[f"moe/{self.site}/load_max"] = counts_E.max().float() * E / (n * K)
         xin_AD = x_nD.index_select(0, token_A)
+        if torch.is_autocast_enabled(xin_AD.device.type):  # grouped_mm is not autocast-aware
+            xin_AD = xin_AD.to(torch.get_autocast_dtype(xin_AD.device.type))
         if self.cfg.impl == "grouped" and grouped_mm_usable(
             xin_AD.dtype, xin_AD.device, x_nD.shape[1], self.w2.shape[2]
         ):
