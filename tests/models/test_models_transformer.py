@@ -352,7 +352,7 @@ def test_config_towers_and_validation():
         (dict(modalities=["text", "text"]), "modalities"),
         (dict(towers={"audio": "x"}), "towers"),
         (dict(towers={"text": "x"}), "missing"),
-        (dict(arch="moe"), "arch"),
+        (dict(arch="moex"), "arch"),
         (dict(norm_placement="sandwich"), "norm_placement"),
         (dict(init_std=0.0), "init_std"),
         (dict(vocab_size=-1), "vocab_size"),

@@ -1,5 +1,5 @@
-"""The ``sparsefusion`` command: ``train``, ``config``, ``presets``, ``export``, ``bench``,
-``compare`` and ``sweep``.
+"""The ``sparsefusion`` command: ``train``, ``train-aux``, ``config``, ``presets``, ``export``,
+``bench``, ``compare`` and ``sweep``.
 
 The command line is the config: a preset name or a YAML file, then dotted ``key=value`` overrides
 (precedence: dataclass defaults < preset < YAML file < overrides). Under
@@ -82,6 +82,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(args.run_dir, args.out)
     print(f"exported {out / 'model.safetensors'} and {out / 'config.yaml'}")
+    return 0
+
+
+def cmd_train_aux(args: argparse.Namespace) -> int:
+    from sparsefusion.train.aux_train import AuxTrainConfig, train_aux
+
+    data = parse_overrides(args.overrides)
+    unknown = sorted(set(data) - {"aux"})
+    if unknown:
+        raise ConfigError(f"train-aux takes only aux.* overrides, got {unknown}")
+    cfg = merge(AuxTrainConfig(), data.get("aux", {}), where="aux")
+    row = train_aux(args.run_dir, cfg)
+    for key in sorted(row):
+        if key.startswith(("batch/", "causal/", "gap/", "acc/mean")):
+            print(f"{key}={row[key]:.4f}")
+    print(f"aux routers: {Path(args.run_dir) / 'aux_routers'}")
     return 0
 
 
@@ -180,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, usage=f"sparsefusion {name} {usage}")
         p.add_argument("args", nargs="*")
         p.set_defaults(fn=fn)
+    p = sub.add_parser(
+        "train-aux",
+        help="train the auxiliary routers of a finished run (causal inference)",
+        usage="sparsefusion train-aux RUN_DIR [aux.key=value ...]",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_train_aux)
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(fn=cmd_presets)
     _add_bench_parser(sub)

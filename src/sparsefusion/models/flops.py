@@ -16,6 +16,18 @@ Forward FLOPs = 2 * A * N + L * 4 * H * K * P, where
 
 Bidirectional spans are not counted separately (they add at most span_len^2 / 2 pairs each).
 
+Sparse layers count only the tokens actually processed (pass the plan's per-tower counts):
+
+- FFN expert group of n_g tokens and E_g experts: expert choice ``E_g * k_g`` expert-token pairs
+  (k_g = ceil(n_g * capacity / E_g)), token choice ``top_k * n_g``, a plain group n_g; each pair
+  costs 2 * 3 * D * F, plus the router 2 * D * E_g * n_g;
+- Mixture-of-Depths layer: the router 2 * D * N, then attention projections and FFN for the
+  K = ceil(capacity * N) selected tokens only, attention over K^2 pairs with
+  ``dense_attention`` (what the subset's dense mask computes) and P * (K / N)^2 otherwise (the
+  expected causal pairs). The selected tokens' per-tower split is estimated proportionally
+  (exact when the towers' shares are kept; it only moves FLOPs between groups of equal cost
+  except through the rounding of k).
+
 Shape legend: B = batch rows, T = sequence length.
 """
 
@@ -25,6 +37,8 @@ import torch
 from torch import nn
 
 from sparsefusion.models.transformer import ModelConfig
+from sparsefusion.nn.mod import mod_capacity
+from sparsefusion.nn.moe import expert_capacity
 
 
 def layer_matmul_params(cfg: ModelConfig) -> int:
@@ -67,17 +81,91 @@ def attended_pairs(document_BT: torch.Tensor, *, dense_attention: bool = False) 
 
 
 def forward_flops(
-    cfg: ModelConfig, document_BT: torch.Tensor, *, dense_attention: bool = False
+    cfg: ModelConfig,
+    document_BT: torch.Tensor,
+    *,
+    dense_attention: bool = False,
+    tower_counts: tuple[int, ...] | None = None,
 ) -> int:
-    """Forward FLOPs of one batch: 2 * A * N + L * 4 * H * K * P (see the module docstring)."""
-    num_tokens = document_BT.numel()
+    """Forward FLOPs of one batch (see the module docstring).
+
+    Args:
+        cfg: the model config.
+        document_BT: the batch's document ids (host tensor).
+        dense_attention: count attention over every pair the dense mask computes.
+        tower_counts: tokens per tower (``plan.counts``); needed when the FFN has per-tower
+            expert groups.
+
+    Returns:
+        FLOPs as an int.
+    """
+    N = document_BT.numel()
     pairs = attended_pairs(document_BT, dense_attention=dense_attention)
-    attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
-    return 2 * active_params_per_token(cfg) * num_tokens + attention
+    if not cfg.has_experts and not cfg.mod.enabled:
+        attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
+        return 2 * active_params_per_token(cfg) * N + attention
+    counts = _group_counts(cfg, N, tower_counts)
+    routed = set(cfg.mod.routed_layers(cfg.num_layers))
+    total = 2 * cfg.dim * cfg.vocab_size * N
+    for layer in range(cfg.num_layers):
+        n, layer_counts, layer_pairs = N, counts, pairs
+        if layer in routed:
+            n = mod_capacity(N, cfg.mod.capacity)
+            layer_counts = _proportional(counts, n)
+            layer_pairs = n * n if dense_attention else round(pairs * (n / N) ** 2)
+            total += 2 * cfg.dim * N
+        total += 2 * _attention_params(cfg) * n
+        total += 4 * cfg.num_heads * cfg.head_dim * layer_pairs
+        total += _ffn_flops(cfg, layer_counts)
+    return total
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    return layer_matmul_params(cfg) - 3 * cfg.dim * cfg.hidden_dim
+
+
+def _group_counts(cfg: ModelConfig, N: int, tower_counts: tuple[int, ...] | None) -> list[int]:
+    groups = len(cfg.ffn_group_names) if cfg.has_experts else 1
+    if groups == 1:
+        return [N]
+    if tower_counts is None or len(tower_counts) != groups or sum(tower_counts) != N:
+        raise ValueError(f"FLOPs of per-tower expert groups need tower_counts, got {tower_counts}")
+    return list(tower_counts)
+
+
+def _proportional(counts: list[int], n: int) -> list[int]:
+    """Split n like ``counts`` (largest remainders), summing exactly to n."""
+    total = max(1, sum(counts))
+    exact = [c * n / total for c in counts]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(counts)), key=lambda i: exact[i] - out[i], reverse=True)
+    for i in order[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _ffn_flops(cfg: ModelConfig, counts: list[int]) -> int:
+    per_pair = 2 * 3 * cfg.dim * cfg.hidden_dim
+    if not cfg.has_experts:
+        return per_pair * sum(counts)
+    total = 0
+    for n_g, e_g in zip(counts, cfg.experts_per_group, strict=True):
+        if not cfg.moe.is_routed(e_g):
+            total += per_pair * n_g
+        elif cfg.moe.router == "token_choice":
+            total += per_pair * n_g * min(cfg.moe.top_k, e_g) + 2 * cfg.dim * e_g * n_g
+        else:
+            k = expert_capacity(n_g, e_g, cfg.moe.capacity)
+            total += per_pair * e_g * k + 2 * cfg.dim * e_g * n_g
+    return total
 
 
 def train_flops(
-    cfg: ModelConfig, document_BT: torch.Tensor, *, dense_attention: bool = False
+    cfg: ModelConfig,
+    document_BT: torch.Tensor,
+    *,
+    dense_attention: bool = False,
+    tower_counts: tuple[int, ...] | None = None,
 ) -> int:
     """Training (forward + backward) FLOPs of one batch: 3 x :func:`forward_flops`.
 
@@ -86,11 +174,14 @@ def train_flops(
         document_BT: the batch's document ids (host tensor).
         dense_attention: count attention over all B * T * T pairs (matches a FLOP counter on
             dense-mask SDPA) instead of the causal in-document pairs actually needed.
+        tower_counts: tokens per tower (``plan.counts``), for per-tower expert groups.
 
     Returns:
         Total FLOPs as an int.
     """
-    return 3 * forward_flops(cfg, document_BT, dense_attention=dense_attention)
+    return 3 * forward_flops(
+        cfg, document_BT, dense_attention=dense_attention, tower_counts=tower_counts
+    )
 
 
 def num_params(model: nn.Module, *, exclude_embedding: bool = False) -> int:

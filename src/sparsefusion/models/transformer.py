@@ -1,10 +1,12 @@
-"""Chameleon-recipe early-fusion decoder: dense or Mixture-of-Transformers (MoT, arXiv 2411.04996).
+"""Chameleon-recipe early-fusion decoder: dense, MoT (arXiv 2411.04996), MoE / MoMa (2407.21770).
 
 One unified-vocabulary embedding, then blocks of self-attention and a SwiGLU FFN, a final RMSNorm
 and an untied output head. Every projection and sublayer norm can be untied per tower (a tower
 serves one or more modalities); attention itself is global over the interleaved sequence.
 The residual stream stays in routing-plan sorted order through the whole layer stack, so each
 layer's tower matmuls read contiguous slices and only attention visits the original order.
+Sparse FFNs (``nn/moe.py``) route inside each tower's slice; Mixture-of-Depths (``nn/mod.py``)
+wraps whole blocks at routed layers.
 
 Shape legend: B = batch rows, T = sequence length, N = B*T flattened positions, D = model width,
 V = vocabulary size.
@@ -23,9 +25,12 @@ from torch import nn
 from sparsefusion.nn.attention import AttentionMask, TowerAttention, build_attention_mask
 from sparsefusion.nn.embeddings import OutputHead, TokenEmbedding
 from sparsefusion.nn.feed_forward import TowerFFN, ffn_hidden_dim
+from sparsefusion.nn.mod import MoDConfig, MoDRouter, SequenceLayout
+from sparsefusion.nn.moe import MoEConfig, MoEFeedForward
 from sparsefusion.nn.norms import TowerRMSNorm
 from sparsefusion.nn.rope import RopeAngles, rope_angles
 from sparsefusion.nn.routing import RoutingPlan, build_plan
+from sparsefusion.nn.routing_context import AuxRouterLookup, RouterRecord, RoutingContext
 
 
 @dataclass(kw_only=True)
@@ -33,10 +38,14 @@ class ModelConfig:
     """Architecture of the decoder.
 
     Attributes:
-        arch: "dense" (one tower) or "mot" (towers per ``towers``).
+        arch: "dense" (one tower), "mot" (towers per ``towers``), "moe" (one tower whose FFN is
+            ``moe.num_experts`` mixed experts) or "moma" (shared attention and norms; each
+            tower's FFN is an expert group of ``moe.experts[tower]`` experts). "mot" with
+            ``moe.experts`` set is the hybrid (chosen towers' FFNs become expert groups).
         vocab_size: unified vocabulary size; 0 = set from the tokenizers by the trainer.
         modalities: modality names; the order defines the ids in ``modality_BT``.
-        towers: modality -> tower name; empty = one tower per modality. Ignored for "dense".
+        towers: modality -> tower name; empty = one tower per modality. Ignored for "dense" and
+            "moe". For "moma" the towers are the modality groups of the experts.
         dim: model width.
         num_layers: number of blocks.
         num_heads: query heads.
@@ -47,7 +56,7 @@ class ModelConfig:
         rope_theta: RoPE base.
         qk_norm: RMSNorm over the head dim on queries and keys, before RoPE (Chameleon).
         norm_placement: "pre" (Llama: x + f(norm(x))) or "post" (Chameleon/Swin: x + norm(f(x))).
-        untie_attention: per-tower Q/K/V/O (mot only).
+        untie_attention: per-tower Q/K/V/O (mot only; the untie_* flags are ignored otherwise).
         untie_ffn: per-tower FFN (mot only).
         untie_norms: per-tower attention/FFN sublayer norms (mot only).
         untie_qk_norm: per-tower QK-norm weights (mot only).
@@ -56,9 +65,14 @@ class ModelConfig:
         max_seq_len: longest sequence the model is meant for (generation caches, presets).
         document_masking: True = attention stays inside documents (and honours spans);
             False = plain causal attention over each row (SDPA's flash path), ignoring documents.
+        moe: expert layers (router, experts per group, capacity, ...), see ``MoEConfig``.
+        mod: Mixture-of-Depths on top of any arch, see ``MoDConfig``.
+        upcycle_from: run folder or checkpoint folder of a seed run (dense, mot or 1t1i): at the
+            start of a fresh run its FFNs are copied into every expert of the matching group and
+            all shared weights are copied; never applied when resuming ("" = off).
     """
 
-    arch: Literal["dense", "mot"] = "mot"
+    arch: Literal["dense", "mot", "moe", "moma"] = "mot"
     vocab_size: int = 0
     modalities: list[str] = field(default_factory=lambda: ["text", "image"])
     towers: dict[str, str] = field(default_factory=dict)
@@ -80,9 +94,12 @@ class ModelConfig:
     init_std: float = 0.02
     max_seq_len: int = 4096
     document_masking: bool = True
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mod: MoDConfig = field(default_factory=MoDConfig)
+    upcycle_from: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice("arch", self.arch, ("dense", "mot"))
+        _check_choice("arch", self.arch, ("dense", "mot", "moe", "moma"))
         _check_choice("norm_placement", self.norm_placement, ("pre", "post"))
         _check_choice("linear_impl", self.linear_impl, ("grouped", "reference"))
         for name in ("dim", "num_layers", "num_heads", "multiple_of", "max_seq_len"):
@@ -101,6 +118,7 @@ class ModelConfig:
         if self.num_heads % self.kv_heads:
             raise ValueError(f"model.num_kv_heads ({self.kv_heads}) must divide num_heads")
         self._check_modalities()
+        self._check_sparsity()
 
     def _check_modalities(self) -> None:
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
@@ -115,8 +133,43 @@ class ModelConfig:
             raise ValueError(f"model.towers must map every modality; missing {missing}")
         if any(not t for t in self.towers.values()):
             raise ValueError(f"model.towers has an empty tower name: {self.towers}")
-        if self.arch == "dense" and self.towers:
-            warnings.warn("model.towers is ignored for arch='dense' (one tower)", stacklevel=3)
+        if self.arch in ("dense", "moe") and self.towers:
+            warnings.warn(f"model.towers is ignored for arch={self.arch!r}", stacklevel=3)
+
+    def _check_sparsity(self) -> None:
+        experts = self.moe.experts
+        if self.arch == "moe" and experts:
+            raise ValueError("model.moe.experts is for arch moma/mot; arch moe uses num_experts")
+        if self.arch == "dense" and experts:
+            raise ValueError("model.moe.experts needs arch moma or mot (dense has no towers)")
+        if experts and self.arch in ("mot", "moma"):
+            unknown = sorted(set(experts) - set(self.tower_names))
+            if unknown:
+                raise ValueError(
+                    f"model.moe.experts names {unknown}, which are not towers/modalities; "
+                    f"towers are {self.tower_names}"
+                )
+        if self.arch == "moma":
+            missing = [t for t in self.tower_names if t not in experts]
+            if missing:
+                raise ValueError(f"model.moe.experts must give every moma group a count: {missing}")
+        if self.arch == "mot" and experts and not self.untie_ffn:
+            raise ValueError("model.moe.experts with arch mot needs model.untie_ffn=true")
+        if self.moe.router == "expert_choice":
+            for tower, e in zip(self.ffn_group_names, self.experts_per_group, strict=True):
+                if self.moe.is_routed(e) and self.moe.capacity > e:
+                    raise ValueError(
+                        f"model.moe.capacity must be in (0, E] for every expert group; got "
+                        f"{self.moe.capacity} with {e} expert(s) in group {tower!r}"
+                    )
+        routed = self.mod.routed_layers(self.num_layers)
+        if self.mod.enabled and self.num_layers < 2:
+            raise ValueError("model.mod needs a model with at least 2 layers (num_layers=1)")
+        if self.mod.enabled and not routed:
+            raise ValueError(
+                f"model.mod.first_layer={self.mod.first_layer} leaves no layer to route "
+                f"(num_layers={self.num_layers})"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -138,14 +191,16 @@ class ModelConfig:
         """Tower names in index order (first appearance along ``modalities``)."""
         if self.arch == "dense":
             return ["dense"]
+        if self.arch == "moe":
+            return ["mixed"]
         if not self.towers:
             return list(self.modalities)
         return list(dict.fromkeys(self.towers[m] for m in self.modalities))
 
     @property
     def tower_of_modality(self) -> list[int]:
-        """Tower index of each modality index (all 0 for dense)."""
-        if self.arch == "dense":
+        """Tower index of each modality index (all 0 for dense and moe)."""
+        if self.arch in ("dense", "moe"):
             return [0] * len(self.modalities)
         names = self.tower_names
         return [names.index(self.towers.get(m, m)) for m in self.modalities]
@@ -157,7 +212,26 @@ class ModelConfig:
 
     def towers_for(self, untie: bool) -> int:
         """Weight sets of a component: all towers when untied (and arch is mot), else one."""
-        return self.num_towers if untie else 1
+        return self.num_towers if untie and self.arch == "mot" else 1
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the FFNs are expert groups (moe, moma, or mot with ``moe.experts``)."""
+        return self.arch in ("moe", "moma") or (self.arch == "mot" and bool(self.moe.experts))
+
+    @property
+    def ffn_group_names(self) -> list[str]:
+        """Names of the FFN weight sets (one per tower when the FFN is per tower)."""
+        if self.arch in ("moma",) or (self.arch == "mot" and self.untie_ffn):
+            return self.tower_names
+        return self.tower_names[:1]
+
+    @property
+    def experts_per_group(self) -> list[int]:
+        """Experts of each FFN group (1 = plain FFN unless capacity < 1 makes it routed)."""
+        if self.arch == "moe":
+            return [self.moe.num_experts]
+        return [self.moe.experts.get(t, 1) for t in self.ffn_group_names]
 
     def build(self) -> Transformer:
         """Build the (uninitialised) model; call ``init_weights()`` after placing it."""
@@ -191,7 +265,7 @@ class TransformerBlock(nn.Module):
         cfg: the model config.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.post_norm = cfg.norm_placement == "post"
         self.attention = TowerAttention(
@@ -204,9 +278,16 @@ class TransformerBlock(nn.Module):
             norm_eps=cfg.norm_eps,
             impl=cfg.linear_impl,
         )
-        self.feed_forward = TowerFFN(
-            cfg.dim, cfg.hidden_dim, cfg.towers_for(cfg.untie_ffn), cfg.linear_impl
-        )
+        self.feed_forward: TowerFFN | MoEFeedForward
+        if cfg.has_experts:
+            sites = [f"layer{layer_id}_ffn_{t}" for t in cfg.ffn_group_names]
+            self.feed_forward = MoEFeedForward(
+                cfg.dim, cfg.hidden_dim, cfg.experts_per_group, cfg.moe, sites
+            )
+        else:
+            self.feed_forward = TowerFFN(
+                cfg.dim, cfg.hidden_dim, cfg.towers_for(cfg.untie_ffn), cfg.linear_impl
+            )
         norm_towers = cfg.towers_for(cfg.untie_norms)
         self.attention_norm = TowerRMSNorm(cfg.dim, norm_towers, cfg.norm_eps)
         self.ffn_norm = TowerRMSNorm(cfg.dim, norm_towers, cfg.norm_eps)
@@ -219,17 +300,28 @@ class TransformerBlock(nn.Module):
         self.ffn_norm.init_weights()
 
     def forward(
-        self, x_ND: torch.Tensor, *, plan: RoutingPlan, mask: AttentionMask, rope: RopeAngles
+        self,
+        x_ND: torch.Tensor,
+        *,
+        plan: RoutingPlan,
+        mask: AttentionMask,
+        rope: RopeAngles,
+        ctx: RoutingContext | None = None,
     ) -> torch.Tensor:
         """One block, pre- or post-norm, on the plan-sorted residual stream."""
         if self.post_norm:
             h_ND = x_ND + self.attention_norm(
                 self.attention(x_ND, plan=plan, mask=mask, rope=rope), plan
             )
-            return h_ND + self.ffn_norm(self.feed_forward(h_ND, plan), plan)
+            return h_ND + self.ffn_norm(self._ffn(h_ND, plan, ctx), plan)
         a_ND = self.attention(self.attention_norm(x_ND, plan), plan=plan, mask=mask, rope=rope)
         h_ND = x_ND + a_ND
-        return h_ND + self.feed_forward(self.ffn_norm(h_ND, plan), plan)
+        return h_ND + self._ffn(self.ffn_norm(h_ND, plan), plan, ctx)
+
+    def _ffn(self, x_ND: torch.Tensor, plan: RoutingPlan, ctx: RoutingContext | None):
+        if isinstance(self.feed_forward, MoEFeedForward):
+            return self.feed_forward(x_ND, plan, ctx)
+        return self.feed_forward(x_ND, plan)
 
 
 class Transformer(nn.Module):
@@ -245,7 +337,11 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size is 0: set it from the tokenizers before building")
         self.cfg = cfg
         self.embedding = TokenEmbedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.num_layers))
+        routed = cfg.mod.routed_layers(cfg.num_layers)
+        self.mod_routers = nn.ModuleDict(
+            {str(i): MoDRouter(cfg.dim, cfg.mod.capacity, f"layer{i}_mod") for i in routed}
+        )
         self.norm = TowerRMSNorm(cfg.dim, 1, cfg.norm_eps)
         self.output = OutputHead(cfg.dim, cfg.vocab_size)
 
@@ -256,8 +352,21 @@ class Transformer(nn.Module):
         self.embedding.init_weights(std)
         for layer in self.layers:
             layer.init_weights(std, out_std)
+        for router in self.mod_routers.values():
+            router.init_weights(std)
         self.norm.init_weights()
         self.output.init_weights(std)
+
+    def router_sites(self) -> dict[str, int]:
+        """Batch-routed sites (expert-choice groups, MoD layers) -> number of router outputs."""
+        sites = {}
+        for layer in self.layers:
+            if isinstance(layer.feed_forward, MoEFeedForward):
+                for g in layer.feed_forward.groups:
+                    if g.routed and self.cfg.moe.router == "expert_choice":
+                        sites[g.site] = g.num_experts
+        sites.update({r.site: 1 for r in self.mod_routers.values()})
+        return dict(sorted(sites.items(), key=lambda kv: int(kv[0][5:].split("_")[0])))
 
     def build_plan(self, modality_BT: torch.Tensor) -> RoutingPlan:
         """Routing plan for ``modality_BT`` on the model's device (host work; not a hot path)."""
@@ -283,6 +392,9 @@ class Transformer(nn.Module):
         document_BT: torch.Tensor,
         plan: RoutingPlan,
         span_BT: torch.Tensor | None = None,
+        routing_mode: str = "batch",
+        aux_routers: AuxRouterLookup | None = None,
+        trace: list[RouterRecord] | None = None,
     ) -> ModelOutput:
         """Compute next-token logits.
 
@@ -292,9 +404,13 @@ class Transformer(nn.Module):
             document_BT: document index inside the row (attention never crosses it).
             plan: tower routing plan over the flattened B*T positions (``Batch.with_plan``).
             span_BT: bidirectional span ids (-1 = none), e.g. Transfusion image spans.
+            routing_mode: "batch" (top-k over the batch, as in training) or "causal" (the
+                auxiliary routers decide per token; no information from other tokens).
+            aux_routers: the auxiliary routers (required for "causal" with batch-routed sites).
+            trace: a list to receive every batch router's inputs and decisions.
 
         Returns:
-            The logits in original order, (B, T, V).
+            The logits in original order, (B, T, V), with router losses and metrics.
         """
         B, T = tokens_BT.shape
         if plan.num_positions != B * T or plan.num_groups != self.cfg.num_towers:
@@ -304,8 +420,24 @@ class Transformer(nn.Module):
             )
         mask = self.attention_mask(document_BT, span_BT)
         rope = rope_angles(position_BT, self.cfg.head_dim, self.cfg.rope_theta)
+        ctx = RoutingContext(mode=routing_mode, aux_routers=aux_routers, trace=trace)
+        layout = SequenceLayout(
+            position_BT=position_BT,
+            document_BT=document_BT,
+            span_BT=span_BT,
+            document_masking=self.cfg.document_masking,
+            head_dim=self.cfg.head_dim,
+            rope_theta=self.cfg.rope_theta,
+        )
         x_ND = plan.sort(self.embedding(tokens_BT).view(B * T, -1))
-        for layer in self.layers:
-            x_ND = layer(x_ND, plan=plan, mask=mask, rope=rope)
+        for i, layer in enumerate(self.layers):
+            if str(i) in self.mod_routers:  # Mixture-of-Depths: the block sees a subset
+                x_ND = self.mod_routers[str(i)](layer, x_ND, plan=plan, layout=layout, ctx=ctx)
+            else:
+                x_ND = layer(x_ND, plan=plan, mask=mask, rope=rope, ctx=ctx)
         logits_NV = self.output(self.norm(plan.unsort(x_ND)))
-        return ModelOutput(logits_BTV=logits_NV.view(B, T, -1))
+        return ModelOutput(
+            logits_BTV=logits_NV.view(B, T, -1),
+            aux_losses=ctx.aux_losses,
+            metrics=dict(ctx.finish_metrics()),
+        )

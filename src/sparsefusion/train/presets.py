@@ -3,6 +3,14 @@
 A preset is a mapping of overrides on top of the dataclass defaults, applied before the YAML file
 and the command-line overrides. ``mot`` and ``dense`` are the CPU demo (a few minutes on 2 cores);
 ``<arch>-<size>`` presets use the papers' shapes (spec section 5.5) and need a GPU.
+
+Sparse recipes (MoMa arXiv 2407.21770, MoT section 5.9) at the demo size, each FLOPs-matched to
+``dense`` of the same size (same active compute per token): ``moe-8x`` (8 mixed expert-choice
+experts, capacity 1 = one expert per token on average), ``moma-1t1i``, ``moma-4t4i``,
+``mot-text-moe4`` (MoT whose text FFN is a 4-expert group), and ``mod`` / ``moma-4t4i-mod``
+(MoD every other layer from layer 0 at 25%, which restores the compute by adding layers: the
+4-layer demo becomes 7 layers = 3 full + 4 quarter layers; the 2-layer debug size becomes 4).
+Each has a ``<name>-debug`` twin for tests.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsefusion.models.presets import MODEL_SIZES, model_size
+from sparsefusion.nn.mod import MoDConfig, matched_num_layers
 
 _DEMO: dict[str, Any] = {
     "model": {"size": "tiny"},
@@ -51,6 +60,28 @@ def _with_arch(base: dict[str, Any], arch: str, size: str | None = None) -> dict
     return out
 
 
+_MOD = {"enabled": True, "interval": 2, "first_layer": 0, "capacity": 0.25}
+
+# name -> (arch, model overrides); "mod" marks recipes that add layers to match FLOPs.
+_SPARSE: dict[str, tuple[str, dict[str, Any]]] = {
+    "moe-8x": ("moe", {"moe": {"num_experts": 8, "capacity": 1.0}}),
+    "moma-1t1i": ("moma", {"moe": {"experts": {"text": 1, "image": 1}}}),
+    "moma-4t4i": ("moma", {"moe": {"experts": {"text": 4, "image": 4}, "capacity": 1.0}}),
+    "mot-text-moe4": ("mot", {"moe": {"experts": {"text": 4}, "capacity": 1.0}}),
+    "mod": ("dense", {"mod": _MOD}),
+    "moma-4t4i-mod": ("moma", {"moe": {"experts": {"text": 4, "image": 4}}, "mod": _MOD}),
+}
+
+
+def _sparse(base: dict[str, Any], arch: str, extra: dict[str, Any]) -> dict[str, Any]:
+    out = _with_arch(base, arch)
+    out["model"].update(extra)
+    if "mod" in extra:
+        layers = out["model"]["num_layers"]
+        out["model"]["num_layers"] = matched_num_layers(layers, MoDConfig(**extra["mod"]))
+    return out
+
+
 def _build_registry() -> dict[str, dict[str, Any]]:
     reg: dict[str, dict[str, Any]] = {}
     for arch in ("mot", "dense"):
@@ -60,6 +91,9 @@ def _build_registry() -> dict[str, dict[str, Any]]:
             if size in ("debug", "tiny"):
                 continue
             reg[f"{arch}-{size}"] = _with_arch(_GPU, arch, size)
+    for name, (arch, extra) in _SPARSE.items():
+        reg[name] = _sparse(_DEMO, arch, extra)
+        reg[f"{name}-debug"] = _sparse(_DEBUG, arch, extra)
     return reg
 
 

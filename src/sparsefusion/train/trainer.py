@@ -47,6 +47,7 @@ from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.metrics import MetricsLogger
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
+from sparsefusion.train.upcycle import upcycle
 
 log = logging.getLogger("sparsefusion")
 
@@ -129,6 +130,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
 
     model = Transformer(cfg.model)
     model.init_weights()
+    ckpt = latest_checkpoint(run_dir)
+    seed_state = None
+    if ckpt is None and cfg.model.upcycle_from:  # fresh run only: a resumed run never copies again
+        seed_state = upcycle(model, cfg.model.upcycle_from)
     model.to(device)
     num_params = sum(p.numel() for p in model.parameters())
     model = parallelize_model(model, cfg.dist, env)
@@ -151,7 +156,6 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     )
 
     state = TrainState()
-    ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         saved = _load(ckpt, model, optimizer, env)
         loaders.load_state_dict(saved["loader"])
@@ -162,6 +166,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             skipped_steps=saved.get("skipped_steps", 0),
         )
         log.info("resumed from %s (step %d)", ckpt, state.step)
+    elif seed_state is not None:  # keep the seed's data position (no data is repeated)
+        loaders.load_state_dict(seed_state["loader"])
+        log.info("upcycled from %s (seed step %d)", cfg.model.upcycle_from, seed_state["step"])
     log.info(
         "model %s: %.2fM parameters, %d towers %s, device %s, %d process(es), strategy %s",
         cfg.model.arch,
@@ -233,14 +240,16 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             group["lr"] = lr
         outs = []
         for micro in range(accum):
-            batch = loaders.next_batch(micro)
-            pending_flops += train_flops(cfg.model, batch.document_BT)
+            batch = loaders.next_batch(micro).with_plan(*towers)
+            pending_flops += train_flops(
+                cfg.model, batch.document_BT, tower_counts=batch.plan.counts
+            )
             state.tokens += batch.num_tokens * env.world_size
             with _maybe_no_sync(model, last_micro=micro == accum - 1):
-                out = _forward_loss(model, batch.with_plan(*towers).to(device), cfg, amp)
+                out, model_out = _forward(model, batch.to(device), cfg, amp)
                 loss = out.loss * float("nan") if faults.nan_at(step) else out.loss
                 (loss / accum).backward()
-            outs.append(out)
+            outs.append((out, model_out))
         grad_norm = _clip(model, cfg.optim.grad_clip)
         state.step = step
         if not bool(torch.isfinite(grad_norm)):  # one host sync per step: never apply a NaN
@@ -250,8 +259,8 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for out in outs:
-                window.add(out)
+            for out, model_out in outs:
+                window.add(out, model_out)
         log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps
         save_now = step % cfg.run.save_every == 0 or step == end
         if log_now or save_now:
@@ -312,21 +321,30 @@ def _nonfinite(cfg: TrainConfig, step: int, grad_norm: float, run_dir: Path) -> 
     )
 
 
-def _forward_loss(model, batch: Batch, cfg: TrainConfig, amp):
+def _forward(model, batch: Batch, cfg: TrainConfig, amp, **routing):
+    """Forward and loss; the model's auxiliary (router) losses are added to the objective."""
     with amp:
         out = model(
             batch.tokens_BT,
             position_BT=batch.position_BT,
             document_BT=batch.document_BT,
             plan=batch.plan,
+            **routing,
         )
-    return ar_loss(
+    loss = ar_loss(
         out.logits_BTV,
         batch.targets_BT,
         batch.target_modality_BT,
         num_modalities=len(cfg.model.modalities),
         z_loss=cfg.objective.z_loss,
     )
+    if out.aux_losses:
+        loss = replace(loss, loss=loss.loss + sum(out.aux_losses.values()))
+    return loss, out
+
+
+def _forward_loss(model, batch: Batch, cfg: TrainConfig, amp, **routing):
+    return _forward(model, batch, cfg, amp, **routing)[0]
 
 
 def _validate(model, val, cfg, towers, amp, state, device) -> dict[str, Any]:
@@ -360,14 +378,20 @@ class _Window:
         self.count = None
         self.z = 0.0
         self.n = 0
+        self.aux: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
         self.t0 = time.perf_counter()
         self.tokens0 = tokens
 
-    def add(self, out) -> None:
+    def add(self, out, model_out=None) -> None:
         self.ce_sum = out.ce_sum_M if self.ce_sum is None else self.ce_sum + out.ce_sum_M
         self.count = out.count_M if self.count is None else self.count + out.count_M
         self.z = self.z + out.z_loss
         self.n += 1
+        if model_out is not None:  # router losses (averaged), metrics of the last micro-batch
+            for k, v in model_out.aux_losses.items():
+                self.aux[k] = self.aux.get(k, 0.0) + v.detach()
+            self.metrics = model_out.metrics
 
     def row(self, state: TrainState, *, lr: float, grad_norm: float, modalities) -> dict[str, Any]:
         """The logged row (sums over ranks), then reset for the next window."""
@@ -386,6 +410,8 @@ class _Window:
             if c > 0:
                 row[f"loss/{name}"] = s / c
         row["z_loss"] = float(z) / max(1, self.n * ranks)
+        row.update({k: float(v) / max(1, self.n) for k, v in self.aux.items()})
+        row.update({k: float(v) for k, v in self.metrics.items()})
         row["lr"] = lr
         row["grad_norm"] = grad_norm
         row["tokens_per_s"] = (state.tokens - self.tokens0) / elapsed if elapsed > 0 else 0.0
