@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sparsefusion.config import from_dict, load_yaml
-from sparsefusion.data.loader import PackedLoader, validation_batches
+from sparsefusion.data.loader import validation_batches
+from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
 from sparsefusion.eval.loss_eval import evaluate
 from sparsefusion.models.transformer import Transformer
@@ -98,14 +99,17 @@ def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
     aux.to(device)
     optimizer = torch.optim.AdamW(aux.parameters(), lr=cfg.lr, weight_decay=0.0)
     data = run_cfg.data
-    loader = PackedLoader(source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size)
+    accum = run_cfg.train.grad_accum
+    loader = ShardedLoaders(
+        source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, grad_accum=accum
+    )
     loader.load_state_dict(saved["loader"])  # unseen data after the main run
     towers = (run_cfg.model.tower_of_modality, run_cfg.model.num_towers)
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
-        batch = loader.next_batch().with_plan(*towers).to(device)
+        batch = loader.next_batch(step % accum).with_plan(*towers).to(device)
         records: list[RouterRecord] = []
         with torch.no_grad():
             _model_call(model, batch, trace=records)
