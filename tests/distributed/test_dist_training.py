@@ -31,6 +31,8 @@ CASES = [
     ("dense", "fsdp", "full"),
     ("mot", "ddp", "selective"),
     ("mot", "fsdp", "none"),
+    ("moma-4t4i", "fsdp", "full"),
+    ("moma-4t4i-mod", "ddp", "none"),
 ]
 
 
@@ -78,7 +80,7 @@ def _copy_at_step3(src: Path, dst: Path) -> Path:
 def runs(tmp_path_factory, tokenizer_cache) -> Path:
     """One process per arch (grad_accum 2), then every 2-rank case in one spawn."""
     root = tmp_path_factory.mktemp("dist_runs")
-    for arch in ("dense", "mot"):
+    for arch in dict.fromkeys(arch for arch, _, _ in CASES):
         train(_cfg(root / f"{arch}-single", tokenizer_cache, arch, "train.grad_accum=2"))
     run_distributed_test(_two_rank_runs, 2, args=(str(root), tokenizer_cache, CASES))
     return root

@@ -152,7 +152,9 @@ class ExpertGroup(nn.Module):
         if not self.routed:
             return _swiglu(x_nD, self.w13[0], self.w2[0])
         if x_nD.shape[0] == 0:
-            return x_nD.new_zeros(x_nD.shape)
+            # An empty group still joins the graph (zero gradients), so every rank of a
+            # data-parallel job reduces the same parameters (FSDP2/DDP collectives must match).
+            return x_nD.new_zeros(x_nD.shape) + 0.0 * sum(p.sum() for p in self.parameters())
         logits_nE = F.linear(x_nD.float(), self.router.float())
         scores_nE = _activate(logits_nE, self.cfg.gate)
         self._score_metrics(scores_nE, ctx)
