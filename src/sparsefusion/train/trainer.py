@@ -91,8 +91,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.init_weights()
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
+    bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
     loader = PackedLoader(
-        source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size
+        source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, **bad_input
     )
     val = validation_batches(
         val_source,
@@ -100,6 +101,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         seq_len=cfg.data.seq_len,
         batch_size=cfg.data.batch_size,
         num_batches=cfg.data.val_batches,
+        **bad_input,
     )
 
     state = TrainState()
@@ -152,6 +154,7 @@ def _loop(cfg, model, optimizer, loader, val, state, metrics, device, run_dir) -
             last["train"] = window.row(
                 state, lr=lr, grad_norm=float(grad_norm), modalities=modalities
             )
+            last["train"].update(loader.issue_metrics())
             _check_finite(last["train"], step)
             metrics.log(last["train"])
             progress.update(step, last["train"])
