@@ -1,4 +1,4 @@
-"""The ``sparsefusion`` command: ``train``, ``config`` and ``presets``.
+"""The ``sparsefusion`` command: ``train``, ``config``, ``presets``, ``data``, ``tokenizer``.
 
 The command line is the config: a preset name or a YAML file, then dotted ``key=value`` overrides
 (precedence: dataclass defaults < preset < YAML file < overrides).
@@ -106,12 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(fn=cmd_presets)
+    from sparsefusion.cli.data_cmd import add_commands
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # key=value overrides interleaved with options (data / tokenizer commands)
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except ConfigError as e:

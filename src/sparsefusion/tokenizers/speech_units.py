@@ -125,6 +125,7 @@ class SpeechUnitTokenizer:
             )
         self.fb_MQ = mel_filterbank(cfg.n_fft, M)
         self.window = torch.hann_window(cfg.n_fft)
+        self._fb_pinv_QM: torch.Tensor | None = None  # computed on the first decode
 
     @property
     def codebook_size(self) -> int:
@@ -170,7 +171,9 @@ class SpeechUnitTokenizer:
     def invert_log_mel(self, log_mel_FM: torch.Tensor) -> torch.Tensor:
         """Log-mel frames -> waveform by filterbank pseudo-inverse and Griffin-Lim."""
         mel_MF = (log_mel_FM.exp() - 1e-5).clamp(min=0).t()
-        mag_QF = (torch.linalg.pinv(self.fb_MQ) @ mel_MF).clamp(min=0)
+        if self._fb_pinv_QM is None:
+            self._fb_pinv_QM = torch.linalg.pinv(self.fb_MQ)
+        mag_QF = (self._fb_pinv_QM @ mel_MF).clamp(min=0)
         length = (mag_QF.shape[1] - 1) * self.cfg.hop
         gen = torch.Generator().manual_seed(self.cfg.seed)
         phase_QF = torch.rand(mag_QF.shape, generator=gen) * 2 * math.pi
