@@ -111,12 +111,12 @@ def test_data_config_and_build_source():
     assert isinstance(src, SceneCorpus) and src.name == "scenes"
     assert src.split == "val" and src.seed == 5 and src.image_size == 16
     assert _images(src.document(0))[0].size == (16, 16)
-    with pytest.raises(ValueError, match="valid: \\['scenes'\\]"):
+    with pytest.raises(ValueError, match="valid: .*'scenes'"):
         DataConfig(source="laion")
     with pytest.raises(ValueError, match="data.doc_mix"):
         DataConfig(doc_mix={"caption_image": 1.0, "bogus": 1.0})
     with pytest.raises(ValueError, match="data.seq_len"):
         DataConfig(seq_len=0)
     cfg.source = "nope"
-    with pytest.raises(ValueError, match="valid: \\['scenes'\\]"):
+    with pytest.raises(ValueError, match="valid: .*'scenes'"):
         build_source(cfg, seed=0, split="train")

@@ -113,11 +113,11 @@ def test_tok_build_cache_key():
 
 def test_tok_build_collect_training_data(tmp_path):
     cfg = tiny_cfg(tmp_path, text_train_docs=5, image_train_images=12)
-    texts, images = collect_training_data(cfg, FakeSource())
+    texts, images, _ = collect_training_data(cfg, FakeSource())
     assert len(texts) == 5 and len(images) == 12
-    texts, images = collect_training_data(cfg, FakeSource(num_docs=8))  # source runs out
+    texts, images, _ = collect_training_data(cfg, FakeSource(num_docs=8))  # source runs out
     assert len(texts) == 5 and len(images) == 8
-    texts, images = collect_training_data(cfg, FakeSource(images=False))  # stops after texts
+    texts, images, _ = collect_training_data(cfg, FakeSource(images=False))  # stops after texts
     assert len(texts) == 5 and images == []
 
 

@@ -1,5 +1,5 @@
 """The ``sparsefusion`` command: ``train``, ``train-aux``, ``config``, ``presets``, ``export``,
-``bench``, ``compare`` and ``sweep``.
+``bench``, ``compare``, ``sweep``, ``data`` and ``tokenizer``.
 
 The command line is the config: a preset name or a YAML file, then dotted ``key=value`` overrides
 (precedence: dataclass defaults < preset < YAML file < overrides). Under
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run folder")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
     p.set_defaults(fn=cmd_export)
+    from sparsefusion.cli.data_cmd import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -232,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "compare":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # positionals after --out DIR
+    if extra and args.command == "compare":  # positionals after --out DIR
         args.runs += extra
+    elif extra and hasattr(args, "overrides"):  # key=value overrides interleaved with options
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except ConfigError as e:

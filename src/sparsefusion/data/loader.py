@@ -8,6 +8,10 @@ uninterrupted loader would.
 
 Tokenizer contract: ``encode_documents(docs) -> list[(ids, modality_per_id)]``, each document
 beginning with BOS and ending with EOS.
+
+Bad input: a document whose ``source.document(i)`` raises ``BadInput`` (see ``issues.py``), or
+whose encoding exceeds ``max_doc_tokens``, is skipped and counted per reason (``loader_stats``
+and ``issue_metrics``; the counts are part of the state); with ``strict=True`` it raises instead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from sparsefusion.data.batch import Batch
+from sparsefusion.data.issues import BadInput, DataIssues
 from sparsefusion.data.packing import PackBuffer
 
 STATE_VERSION = 1
@@ -35,6 +40,8 @@ class PackedLoader:
         rank: this rank.
         world_size: number of ranks sharing the source.
         docs_per_chunk: documents encoded per ``encode_documents`` call.
+        strict: raise on bad input instead of skipping it.
+        max_doc_tokens: skip documents with more tokens than this (0: no limit).
     """
 
     def __init__(
@@ -47,6 +54,8 @@ class PackedLoader:
         rank: int = 0,
         world_size: int = 1,
         docs_per_chunk: int = 64,
+        strict: bool = False,
+        max_doc_tokens: int = 0,
     ) -> None:
         if seq_len < 1 or batch_size < 1 or docs_per_chunk < 1:
             raise ValueError(
@@ -62,6 +71,9 @@ class PackedLoader:
         self._buffer = PackBuffer.empty()
         self._tokens_emitted = 0
         self._modality_tokens: dict[int, int] = {}
+        self.issues = DataIssues(strict=strict)
+        self.max_doc_tokens = max_doc_tokens
+        self._barren_chunks = 0  # consecutive chunks without one usable document
 
     def doc_index(self, k: int) -> int:
         """Global stream index of this rank's ``k``-th document."""
@@ -70,12 +82,35 @@ class PackedLoader:
     def _read_chunk(self) -> None:
         uids = [self.doc_index(self._docs_read + j) for j in range(self.docs_per_chunk)]
         size = len(self.source) if hasattr(self.source, "__len__") else None
-        docs = [self.source.document(u % size if size else u) for u in uids]
-        encoded = self.tokenizer.encode_documents(docs)
+        docs, kept = [], []
+        for u in uids:
+            try:
+                docs.append(self.source.document(u % size if size else u))
+                kept.append(u)
+            except BadInput as e:
+                self.issues.record(e)
+        encoded = self.tokenizer.encode_documents(docs) if docs else []
         if len(encoded) != len(docs):
             raise ValueError(f"encode_documents returned {len(encoded)} results for {len(docs)}")
-        self._buffer.extend(encoded, uids)
-        self._docs_read += len(docs)
+        if self.max_doc_tokens:
+            fits = [len(e[0]) <= self.max_doc_tokens for e in encoded]
+            for ok, doc, e in zip(fits, docs, encoded, strict=True):
+                if not ok:
+                    where = doc.meta.get(
+                        "where", f"{doc.meta.get('source')}[{doc.meta.get('index')}]"
+                    )
+                    detail = f"{len(e[0])} tokens > data.max_doc_tokens={self.max_doc_tokens}"
+                    self.issues.record(BadInput("oversize_document", where, detail))
+            encoded = [e for e, ok in zip(encoded, fits, strict=True) if ok]
+            kept = [u for u, ok in zip(kept, fits, strict=True) if ok]
+        self._barren_chunks = 0 if encoded else self._barren_chunks + 1
+        if self._barren_chunks >= 20:
+            raise ValueError(
+                f"no usable document in the last {20 * self.docs_per_chunk} read; "
+                f"skipped so far: {self.issues.counts}"
+            )
+        self._buffer.extend(encoded, kept)
+        self._docs_read += len(uids)
 
     def next_batch(self) -> Batch:
         """The next packed batch (CPU int64 tensors of shape (batch_size, seq_len), no plan)."""
@@ -98,7 +133,12 @@ class PackedLoader:
         stats = {"documents_read": self._docs_read, "tokens_emitted": self._tokens_emitted}
         for m in sorted(self._modality_tokens):
             stats[f"tokens_modality_{m}"] = self._modality_tokens[m]
+        stats.update(self.issue_metrics())
         return stats
+
+    def issue_metrics(self) -> dict[str, int]:
+        """``data/skipped`` and ``data/skipped/<reason>`` counters."""
+        return self.issues.metrics()
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable state: documents read, the carried-over buffer and the counters."""
@@ -110,6 +150,7 @@ class PackedLoader:
             "buffer": self._buffer.state_dict(),
             "tokens_emitted": self._tokens_emitted,
             "modality_tokens": {str(m): n for m, n in self._modality_tokens.items()},
+            "skipped": self.issues.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -129,6 +170,7 @@ class PackedLoader:
         self._buffer = PackBuffer.from_state_dict(state["buffer"])
         self._tokens_emitted = int(state["tokens_emitted"])
         self._modality_tokens = {int(m): int(n) for m, n in state["modality_tokens"].items()}
+        self.issues.load_state_dict(state.get("skipped", {}))
 
 
 def validation_batches(
@@ -140,6 +182,8 @@ def validation_batches(
     num_batches: int,
     rank: int = 0,
     world_size: int = 1,
+    strict: bool = False,
+    max_doc_tokens: int = 0,
 ) -> list[Batch]:
     """A fixed, deterministic list of packed batches (pass the val-split source).
 
@@ -151,6 +195,8 @@ def validation_batches(
         num_batches: number of batches.
         rank: this rank (ranks read disjoint documents).
         world_size: number of ranks.
+        strict: raise on bad input instead of skipping it.
+        max_doc_tokens: skip documents with more tokens than this (0: no limit).
 
     Returns:
         ``num_batches`` batches, identical on every call with the same arguments.
@@ -164,5 +210,7 @@ def validation_batches(
         rank=rank,
         world_size=world_size,
         docs_per_chunk=chunk,
+        strict=strict,
+        max_doc_tokens=max_doc_tokens,
     )
     return [loader.next_batch() for _ in range(num_batches)]

@@ -35,6 +35,7 @@ class ShardedLoaders:
         rank: this rank.
         world_size: number of ranks.
         grad_accum: micro-batches per optimizer step.
+        **loader_kwargs: passed to every :class:`PackedLoader` (``strict``, ``max_doc_tokens``).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class ShardedLoaders:
         rank: int = 0,
         world_size: int = 1,
         grad_accum: int = 1,
+        **loader_kwargs: Any,
     ) -> None:
         self.num_shards = world_size * grad_accum
         self.shard_ids = [rank * grad_accum + j for j in range(grad_accum)]
@@ -58,9 +60,18 @@ class ShardedLoaders:
                 batch_size=batch_size,
                 rank=s,
                 world_size=self.num_shards,
+                **loader_kwargs,
             )
             for s in self.shard_ids
         ]
+
+    def issue_metrics(self) -> dict[str, int]:
+        """Skipped-input counters summed over this rank's shard loaders."""
+        total: dict[str, int] = {}
+        for loader in self.loaders:
+            for key, value in loader.issue_metrics().items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def next_batch(self, micro: int) -> Batch:
         """The next batch of micro-batch slot ``micro`` (0 <= micro < grad_accum)."""

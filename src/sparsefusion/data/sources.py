@@ -27,6 +27,12 @@ class DataConfig:
         doc_mix: relative weight of each document kind (caption_image, image_caption, text_only,
             interleaved).
         val_batches: number of fixed validation batches.
+        path: users' data: a JSONL file of interleaved documents or a folder of WebDataset
+            ``.tar`` shards (used when ``source`` is ``path``, or ``scenes`` left at its default).
+        mixture: source name -> sampling weight, for ``source=mixture``.
+        val_fraction: fraction of a finite user dataset held out for validation.
+        strict: fail on the first bad input item instead of skipping and counting it.
+        max_doc_tokens: documents longer than this (in tokens) are skipped as oversize (0: never).
     """
 
     source: str = "scenes"
@@ -35,8 +41,15 @@ class DataConfig:
     image_size: int = 32
     doc_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DOC_MIX))
     val_batches: int = 8
+    path: str = ""
+    mixture: dict[str, float] = field(default_factory=dict)
+    val_fraction: float = 0.05
+    strict: bool = False
+    max_doc_tokens: int = 16384
 
     def __post_init__(self) -> None:
+        if self.path and self.source == "scenes":
+            self.source = "path"
         if self.source not in SOURCES:
             raise ValueError(
                 f"data.source: unknown source {self.source!r}; valid: {sorted(SOURCES)}"
@@ -47,13 +60,88 @@ class DataConfig:
         if self.val_batches < 0:
             raise ValueError(f"data.val_batches must be >= 0, got {self.val_batches}")
         validate_doc_mix(self.doc_mix, field="data.doc_mix")
+        if self.source == "path" and not self.path:
+            raise ValueError(
+                "data.source=path needs data.path=FILE.jsonl or a folder of .tar shards"
+            )
+        if self.source == "mixture":
+            bad = sorted(set(self.mixture) - (set(SOURCES) - {"mixture"}))
+            if not self.mixture or bad:
+                raise ValueError(
+                    f"data.mixture must map source names to weights (unknown: {bad}); "
+                    f"valid: {sorted(set(SOURCES) - {'mixture'})}"
+                )
+            if any(w <= 0 for w in self.mixture.values()):
+                raise ValueError(f"data.mixture weights must be positive, got {self.mixture}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_doc_tokens < 0:
+            raise ValueError(f"data.max_doc_tokens must be >= 0, got {self.max_doc_tokens}")
 
 
 def _build_scenes(cfg: DataConfig, seed: int, split: str) -> SceneCorpus:
     return SceneCorpus(seed=seed, split=split, image_size=cfg.image_size, doc_mix=cfg.doc_mix)  # type: ignore[arg-type]
 
 
-SOURCES: dict[str, Callable[[DataConfig, int, str], Any]] = {"scenes": _build_scenes}
+def _build_path(cfg: DataConfig, seed: int, split: str) -> Any:
+    from pathlib import Path
+
+    from sparsefusion.data.jsonl_source import JsonlSource
+    from sparsefusion.data.wds_source import WebDatasetSource
+
+    kw = {"split": split, "image_size": cfg.image_size, "val_fraction": cfg.val_fraction}
+    if Path(cfg.path).is_dir():
+        return WebDatasetSource(cfg.path, strict=cfg.strict, **kw)
+    return JsonlSource(cfg.path, **kw)
+
+
+def _build_openmoji(cfg: DataConfig, seed: int, split: str) -> Any:
+    from sparsefusion.data.image_sources import OpenMojiSource
+
+    return OpenMojiSource(split=split, image_size=cfg.image_size, seed=seed)
+
+
+def _build_fashion(cfg: DataConfig, seed: int, split: str) -> Any:
+    from sparsefusion.data.image_sources import FashionMnistSource
+
+    return FashionMnistSource(split=split, image_size=cfg.image_size, seed=seed)
+
+
+def _build_kjv(cfg: DataConfig, seed: int, split: str) -> Any:
+    from sparsefusion.data.text_sources import KjvSource
+
+    return KjvSource(split=split)
+
+
+def _build_austen(cfg: DataConfig, seed: int, split: str) -> Any:
+    from sparsefusion.data.text_sources import AustenSource
+
+    return AustenSource(split=split)
+
+
+def _build_speech(cfg: DataConfig, seed: int, split: str) -> Any:
+    from sparsefusion.data.speech_source import SpeechSynthSource
+
+    return SpeechSynthSource(seed=seed, split=split)
+
+
+def _build_mixture(cfg: DataConfig, seed: int, split: str) -> Any:
+    from sparsefusion.data.mixture import MixtureSource
+
+    parts = {name: SOURCES[name](cfg, seed, split) for name in cfg.mixture}
+    return MixtureSource(parts, cfg.mixture, seed=seed, split=split)
+
+
+SOURCES: dict[str, Callable[[DataConfig, int, str], Any]] = {
+    "scenes": _build_scenes,
+    "path": _build_path,
+    "mixture": _build_mixture,
+    "openmoji": _build_openmoji,
+    "fashion_mnist": _build_fashion,
+    "kjv": _build_kjv,
+    "austen": _build_austen,
+    "speech": _build_speech,
+}
 
 
 def build_source(cfg: DataConfig, *, seed: int, split: str) -> Any:
@@ -65,10 +153,12 @@ def build_source(cfg: DataConfig, *, seed: int, split: str) -> Any:
         split: ``"train"`` or ``"val"``.
 
     Returns:
-        A source with ``name``, ``fingerprint()`` and ``document(index)``.
+        A source with ``name``, ``fingerprint()`` and ``document(index)`` (and ``__len__`` when
+        finite, ``modalities`` when it is not text+image).
 
     Raises:
-        ValueError: for an unknown source name or split.
+        ValueError: for an unknown source name or split, or a source whose optional package is
+            not installed (``SourceUnavailable``, naming what to install).
     """
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown data source {cfg.source!r}; valid: {sorted(SOURCES)}")

@@ -4,6 +4,8 @@ The cache directory is ``<cache_dir>/<source.name>-<key>`` where ``key`` hashes 
 :class:`TokenizerConfig` field except ``cache_dir`` together with ``source.fingerprint()``. A
 cached copy that fails verification is reported (``warnings.warn`` and ``log``) and retrained;
 new copies are written to a temporary directory and moved into place with ``os.replace``.
+Speech settings enter the key only for sources with speech, so text+image keys are unchanged.
+``tokenizer.path`` points at a tokenizer directory (``sparsefusion tokenizer train``) to use as is.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from PIL import Image
 
-from sparsefusion.data.documents import IMAGE, TEXT, Document
+from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document
+from sparsefusion.data.issues import BadInput
+from sparsefusion.data.mixture import vocab_modalities
 from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer, train_vq
 from sparsefusion.tokenizers.multimodal import (
     FORMAT_VERSION,
     MultimodalTokenizer,
     TokenizerCacheError,
 )
+from sparsefusion.tokenizers.speech_units import SpeechUnitsConfig, train_speech_units
 from sparsefusion.tokenizers.text_bpe import NUM_BYTES, BPETextTokenizer
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
@@ -41,6 +47,9 @@ class TokenizerConfig:
         image: the VQ image tokenizer settings.
         image_train_images: images collected (from document 0 on) to train the VQ.
         cache_dir: root of the tokenizer cache (not part of the cache key).
+        speech: the speech unit tokenizer settings (used when the source has speech).
+        speech_train_clips: speech clips collected (from document 0 on) to train the units.
+        path: a trained tokenizer directory to load instead of training (empty: train/cache).
     """
 
     text_vocab_size: int = 2048
@@ -48,6 +57,9 @@ class TokenizerConfig:
     image: ImageVQConfig = field(default_factory=ImageVQConfig)
     image_train_images: int = 8000
     cache_dir: str = ".cache/sparsefusion/tokenizers"
+    speech: SpeechUnitsConfig = field(default_factory=SpeechUnitsConfig)
+    speech_train_clips: int = 400
+    path: str = ""
 
     def __post_init__(self) -> None:
         if self.text_vocab_size < NUM_BYTES:
@@ -63,6 +75,10 @@ class TokenizerConfig:
             raise ValueError(
                 "TokenizerConfig.image_train_images must be positive, "
                 f"got {self.image_train_images}"
+            )
+        if self.speech_train_clips <= 0:
+            raise ValueError(
+                f"tokenizer.speech_train_clips must be positive, got {self.speech_train_clips}"
             )
         if not self.cache_dir:
             raise ValueError("TokenizerConfig.cache_dir must not be empty")
@@ -82,6 +98,10 @@ def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
     """Hash of the config (without ``cache_dir``), the source fingerprint and the file format."""
     settings = asdict(cfg)
     settings.pop("cache_dir")
+    settings.pop("path")
+    if SPEECH not in vocab_modalities(source):
+        settings.pop("speech")
+        settings.pop("speech_train_clips")
     blob = json.dumps(
         {"cfg": settings, "source": source.fingerprint(), "format": FORMAT_VERSION},
         sort_keys=True,
@@ -105,8 +125,19 @@ def load_or_train_tokenizer(
         log: sink for one-line status messages.
 
     Returns:
-        The multimodal tokenizer (text BPE, image VQ, unified vocabulary).
+        The multimodal tokenizer (text BPE, image VQ, speech units when the source has speech,
+        unified vocabulary).
+
+    Raises:
+        ValueError: when ``cfg.path`` is set but does not hold a valid tokenizer.
     """
+    if cfg.path:
+        try:
+            tok = MultimodalTokenizer.load(cfg.path)
+        except TokenizerCacheError as e:
+            raise ValueError(f"tokenizer.path: {e}") from e
+        log(f"tokenizer: loaded {cfg.path} (tokenizer.path)")
+        return tok
     root = Path(cfg.cache_dir)
     final = root / f"{source.name}-{cache_key(cfg, source)}"
     if final.exists():
@@ -131,8 +162,8 @@ def train_tokenizer(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> MultimodalTokenizer:
-    """Train the BPE and the VQ from ``source`` (no caching)."""
-    texts, images = collect_training_data(cfg, source)
+    """Train the BPE, the VQ and (for a source with speech) the speech units (no caching)."""
+    texts, images, clips = collect_training_data(cfg, source)
     log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
     text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
     if images:
@@ -148,35 +179,57 @@ def train_tokenizer(
         warnings.warn(msg, stacklevel=2)
         log(f"tokenizer: {msg}")
         image = VQImageTokenizer(cfg.image).eval()
-    vocab = UnifiedVocab({TEXT: text.vocab_size, IMAGE: image.codebook_size})
-    return MultimodalTokenizer(text, image, vocab)
+    sizes = {TEXT: text.vocab_size, IMAGE: image.codebook_size}
+    speech = None
+    if SPEECH in vocab_modalities(source):
+        if not clips:
+            raise ValueError(f"source {source.name!r} declares speech but no clip was found")
+        log(f"tokenizer: training {cfg.speech.num_units} speech units on {len(clips)} clips")
+        speech, rep = train_speech_units(cfg.speech, clips)
+        log(
+            f"tokenizer: speech units frames={rep['frames']} usage={rep['usage']:.3f} "
+            f"mse={rep['mse']:.3f} ({rep['train_seconds']:.0f}s)"
+        )
+        sizes[SPEECH] = speech.codebook_size
+    return MultimodalTokenizer(text, image, UnifiedVocab(sizes), speech)
 
 
 def collect_training_data(
     cfg: TokenizerConfig, source: DocumentSource
-) -> tuple[list[str], list[Image.Image]]:
-    """Text segments of documents ``0..text_train_docs-1``; images from document 0 on until
-    ``image_train_images`` are found, the source ends (``IndexError``), or no image has been seen
-    after ``text_train_docs`` documents (a text-only source)."""
+) -> tuple[list[str], list[Image.Image], list[torch.Tensor]]:
+    """Text segments of documents ``0..text_train_docs-1``; images (and speech clips) from
+    document 0 on until ``image_train_images`` (``speech_train_clips``) are found, the source ends
+    (``IndexError``), or none has been seen after ``text_train_docs`` documents. Bad documents
+    (``BadInput``) are skipped with a warning."""
     texts: list[str] = []
     images: list[Image.Image] = []
+    clips: list[torch.Tensor] = []
+    want_speech = SPEECH in vocab_modalities(source)
     index = 0
     while True:
         need_text = index < cfg.text_train_docs
         need_images = len(images) < cfg.image_train_images and (bool(images) or need_text)
-        if not (need_text or need_images):
+        need_clips = want_speech and len(clips) < cfg.speech_train_clips
+        need_clips = need_clips and (bool(clips) or need_text)
+        if not (need_text or need_images or need_clips):
             break
         try:
             doc = source.document(index)
         except IndexError:
             break
+        except BadInput as e:
+            warnings.warn(f"tokenizer training: skipped {e}", stacklevel=2)
+            index += 1
+            continue
         for seg in doc.segments:
             if seg.modality == TEXT and need_text:
                 texts.append(seg.payload)
             elif seg.modality == IMAGE and need_images:
                 images.append(seg.payload)
+            elif seg.modality == SPEECH and need_clips:
+                clips.append(seg.payload)
         index += 1
-    return texts, images[: cfg.image_train_images]
+    return texts, images[: cfg.image_train_images], clips[: cfg.speech_train_clips]
 
 
 def _write_atomically(tok: MultimodalTokenizer, root: Path, final: Path) -> None:

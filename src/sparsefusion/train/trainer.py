@@ -138,6 +138,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     num_params = sum(p.numel() for p in model.parameters())
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
+    bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
     loaders = ShardedLoaders(
         source,
         tokenizer,
@@ -146,6 +147,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         rank=env.rank,
         world_size=env.world_size,
         grad_accum=cfg.train.grad_accum,
+        **bad_input,
     )
     val = validation_batches(
         val_source,
@@ -153,6 +155,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         seq_len=cfg.data.seq_len,
         batch_size=cfg.data.batch_size,
         num_batches=cfg.data.val_batches,
+        **bad_input,
     )
 
     state = TrainState()
@@ -270,6 +273,7 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             last["train"] = window.row(
                 state, lr=lr, grad_norm=float(grad_norm), modalities=modalities
             )
+            last["train"].update(loaders.issue_metrics())
             _check_finite(last["train"], step)
             metrics.log(last["train"])
             progress.update(step, last["train"])

@@ -1,0 +1,198 @@
+"""``sparsefusion data preview`` and ``sparsefusion tokenizer train|inspect``.
+
+``SOURCE_OR_PATH`` is a registered source name (``scenes``, ``openmoji``, ``mixture`` ...) or a
+path (a JSONL file or a folder of ``.tar`` shards); further ``key=value`` overrides apply on top of
+the preset (default ``mot``), e.g. ``data.mixture={kjv: 1, openmoji: 1}`` or
+``tokenizer.image.train_steps=200``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from sparsefusion.config import ConfigError
+
+CELL = 96  # pixels per image in the preview grid
+TEXT_H = 40
+
+
+def _config(target: str, preset: str, overrides: list[str]):
+    from sparsefusion.cli.main import resolve_config
+    from sparsefusion.data.sources import SOURCES
+
+    if target in SOURCES:
+        extra = [f"data.source={target}"]
+    elif Path(target).exists():
+        extra = [f"data.path={Path(target).resolve()}"]
+    else:
+        raise ConfigError(f"{target!r} is neither a data source {sorted(SOURCES)} nor a path")
+    return resolve_config(preset, [*extra, *overrides])
+
+
+def _tokenizer(cfg, source, tokenizer_dir: str | None):
+    from sparsefusion.tokenizers.build import load_or_train_tokenizer
+    from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
+
+    if tokenizer_dir:
+        return MultimodalTokenizer.load(tokenizer_dir)
+    return load_or_train_tokenizer(cfg.tokenizer, source, progress=False)
+
+
+def scan(source: Any, tokenizer: Any, num_docs: int) -> dict[str, Any]:
+    """Read documents ``0..num_docs-1`` (fewer for a smaller source) and count what they hold.
+
+    Returns:
+        ``documents``, ``skipped`` (reason -> count), ``segments`` and ``tokens`` per modality
+        (tokens include each modality's sentinels in ``text``), and ``docs`` (the documents read).
+    """
+    from sparsefusion.data.issues import BadInput, DataIssues
+
+    issues, docs = DataIssues(), []
+    size = len(source) if hasattr(source, "__len__") else num_docs
+    for i in range(min(num_docs, size)):
+        try:
+            docs.append(source.document(i))
+        except BadInput as e:
+            issues.record(e)
+    segments = Counter(s.modality for d in docs for s in d.segments)
+    tokens: Counter[str] = Counter()
+    if tokenizer is not None and docs:
+        names = tokenizer.modalities
+        for _, mods in tokenizer.encode_documents(docs):
+            tokens.update(names[m] for m in mods)
+    return {
+        "documents": len(docs),
+        "skipped": dict(issues.counts),
+        "segments": dict(segments),
+        "tokens": dict(tokens),
+        "docs": docs,
+    }
+
+
+def preview_grid(docs: list[Any], tokenizer: Any, num: int) -> Image.Image | None:
+    """Rows of (original | image-tokenizer reconstruction, caption) for the first ``num`` images."""
+    pairs: list[tuple[Image.Image, str]] = []
+    for doc in docs:
+        for j, seg in enumerate(doc.segments):
+            if seg.modality == "image" and len(pairs) < num:
+                pairs.append((seg.payload, _caption_of(doc, j)))
+    if not pairs:
+        return None
+    recon = tokenizer.image.decode(tokenizer.image.encode([p for p, _ in pairs]))
+    cols = 4
+    rows = -(-len(pairs) // cols)
+    grid = Image.new("RGB", (cols * 2 * CELL, rows * (CELL + TEXT_H)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, ((image, caption), rec) in enumerate(zip(pairs, recon, strict=True)):
+        x, y = (k % cols) * 2 * CELL, (k // cols) * (CELL + TEXT_H)
+        grid.paste(image.resize((CELL, CELL), Image.NEAREST), (x, y))
+        grid.paste(rec.resize((CELL, CELL), Image.NEAREST), (x + CELL, y))
+        lines = textwrap.wrap(caption.encode("ascii", "replace").decode(), 30)[:3]
+        draw.multiline_text((x + 2, y + CELL + 1), "\n".join(lines), fill="black", spacing=1)
+    return grid
+
+
+def _caption_of(doc: Any, j: int) -> str:
+    """The text next to image segment ``j``: the one after it for image-first documents, else
+    the one before it (falling back to the other side)."""
+    segs = doc.segments
+    before = segs[j - 1].payload if j > 0 and segs[j - 1].modality == "text" else ""
+    after = segs[j + 1].payload if j + 1 < len(segs) and segs[j + 1].modality == "text" else ""
+    if doc.meta.get("kind") == "image_caption":
+        return after or before
+    return before or after
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from sparsefusion.data.audio import write_wav
+    from sparsefusion.data.sources import build_source
+
+    cfg = _config(args.target, args.preset, args.overrides)
+    source = build_source(cfg.data, seed=cfg.seed, split="train")
+    tokenizer = _tokenizer(cfg, source, args.tokenizer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = scan(source, tokenizer, args.docs)
+    grid = preview_grid(stats["docs"], tokenizer, args.num)
+    if grid is not None:
+        grid.save(out / "grid.png")
+    clips = [s.payload for d in stats["docs"] for s in d.segments if s.modality == "speech"]
+    for k, clip in enumerate(clips[: args.num_audio]):
+        write_wav(out / f"speech_{k}.wav", clip)
+        if tokenizer.speech is not None:
+            units = tokenizer.speech.encode([clip])[0]
+            write_wav(out / f"speech_{k}_units.wav", tokenizer.speech.decode(units))
+    summary = {k: v for k, v in stats.items() if k != "docs"}
+    summary["source"] = source.name
+    print(json.dumps(summary, indent=2))
+    print(f"preview written to {out}" + (" (grid.png)" if grid is not None else ""))
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from sparsefusion.data.sources import build_source
+    from sparsefusion.tokenizers.build import train_tokenizer
+
+    cfg = _config(args.target, args.preset, args.overrides)
+    source = build_source(cfg.data, seed=cfg.seed, split="train")
+    tok = train_tokenizer(cfg.tokenizer, source, progress=False)
+    tok.save(args.out)
+    print(f"tokenizer saved to {args.out}; use it with tokenizer.path={args.out}")
+    return 0
+
+
+def cmd_tokenizer_inspect(args: argparse.Namespace) -> int:
+    from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
+
+    tok = MultimodalTokenizer.load(args.dir)  # verifies the manifest hashes
+    vocab = tok.vocab
+    print(f"{args.dir}: verified; vocabulary {vocab.size} ids (padded {vocab.padded_size()})")
+    for name in vocab.modalities:
+        lo = vocab.offset(name)
+        print(f"  {name:7s} ids [{lo}, {lo + vocab.modality_sizes[name]})")
+    print(f"  image: {tok.image.tokens_per_image} codes per {tok.image.cfg.image_size}px image")
+    if tok.speech is not None:
+        print(f"  speech: {tok.speech.cfg.units_per_second} units per second")
+    if args.text:
+        ids = tok.text.encode(args.text)
+        print(f"  text {args.text!r} -> {len(ids)} ids {ids[:32]}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``data`` and ``tokenizer`` on the main parser's subcommands."""
+    data = sub.add_parser("data", help="look at a data source").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("preview", help="grid.png of samples and reconstructions, WAVs, stats")
+    _target_args(p)
+    p.add_argument("--out", default="preview", help="output folder (default: preview)")
+    p.add_argument("--num", type=int, default=16, help="images in the grid")
+    p.add_argument("--num-audio", type=int, default=4, help="speech clips written as WAV")
+    p.add_argument("--docs", type=int, default=200, help="documents scanned for statistics")
+    p.add_argument("--tokenizer", help="a tokenizer directory (default: train or use the cache)")
+    p.set_defaults(fn=cmd_preview)
+    tok = sub.add_parser("tokenizer", help="train or inspect tokenizers").add_subparsers(
+        dest="tokenizer_command", required=True
+    )
+    p = tok.add_parser("train", help="train text, image (and speech) tokenizers on a source")
+    _target_args(p)
+    p.add_argument("--out", required=True, help="directory to write the tokenizer to")
+    p.set_defaults(fn=cmd_tokenizer_train)
+    p = tok.add_parser("inspect", help="verify and describe a tokenizer directory")
+    p.add_argument("dir")
+    p.add_argument("--text", help="also show how this text is tokenized")
+    p.set_defaults(fn=cmd_tokenizer_inspect)
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="SOURCE_OR_PATH")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--preset", default="mot", help="preset the overrides apply to (default mot)")

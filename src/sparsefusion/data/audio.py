@@ -1,0 +1,78 @@
+"""Audio clips: WAV reading and writing with the standard-library ``wave`` module, resampling.
+
+A speech segment's payload is a 1-D float32 tensor in [-1, 1] at ``SAMPLE_RATE`` Hz (mono).
+Readers raise :class:`~sparsefusion.data.issues.BadInput` for missing, corrupt or truncated files.
+
+Shape legend: S = samples.
+"""
+
+from __future__ import annotations
+
+import os
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsefusion.data.issues import BadInput
+
+SAMPLE_RATE = 16000
+
+
+def resample(wave_S: torch.Tensor, rate: int, target: int = SAMPLE_RATE) -> torch.Tensor:
+    """Linear-interpolation resampling (fine for 25 Hz speech units; no anti-alias filter)."""
+    if rate == target or wave_S.numel() == 0:
+        return wave_S
+    n = max(1, round(wave_S.numel() * target / rate))
+    return F.interpolate(wave_S[None, None], size=n, mode="linear", align_corners=False)[0, 0]
+
+
+def decode_wav_bytes(data: bytes, where: str) -> torch.Tensor:
+    """WAV bytes -> mono float32 waveform at ``SAMPLE_RATE``.
+
+    Raises:
+        BadInput: ``corrupt_audio`` for an unreadable, truncated, empty or non-PCM file.
+    """
+    import io
+
+    try:
+        with wave.open(io.BytesIO(data), "rb") as w:
+            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+            frames = w.getnframes()
+            raw = w.readframes(frames)
+    except (wave.Error, EOFError, OSError) as e:
+        raise BadInput("corrupt_audio", where, f"not a readable WAV file ({e})") from e
+    if width not in (1, 2, 4) or channels < 1:
+        raise BadInput("corrupt_audio", where, f"unsupported WAV sample width {width}")
+    if frames == 0 or len(raw) < frames * channels * width:
+        raise BadInput("corrupt_audio", where, "truncated or empty WAV data")
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    if width == 1:
+        x = (x - 128.0) / 128.0
+    else:
+        x = x / float(2 ** (8 * width - 1))
+    x = x.reshape(-1, channels).mean(axis=1)
+    return resample(torch.from_numpy(x.copy()), rate)
+
+
+def read_wav(path: str | os.PathLike[str], where: str | None = None) -> torch.Tensor:
+    """Read a WAV file (see :func:`decode_wav_bytes`); ``missing_file`` when it does not exist."""
+    where = where or str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadInput("missing_file", where, f"cannot read {path} ({e.strerror})") from e
+    return decode_wav_bytes(data, where)
+
+
+def write_wav(path: str | os.PathLike[str], wave_S: torch.Tensor, rate: int = SAMPLE_RATE) -> None:
+    """Write a mono 16-bit PCM WAV (values clipped to [-1, 1])."""
+    pcm = (wave_S.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).numpy()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
