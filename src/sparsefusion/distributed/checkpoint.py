@@ -41,6 +41,8 @@ from sparsefusion.train.checkpoint import (
     disk_error_message,
     fsync_tree,
     prune_checkpoints,
+    restore_rng,
+    rng_tensors,
 )
 
 log = logging.getLogger("sparsefusion")
@@ -103,7 +105,7 @@ def save_dcp_checkpoint(
         dcp_save({"model": msd, "optim": osd["state"]}, storage_writer=writer)
         for s, shard in data_state["shards"].items():
             (tmp / "data" / f"shard_{int(s):05d}.json").write_text(json.dumps(shard))
-        save_file(_rng_tensors(), str(tmp / "rng" / f"rank_{env.rank:05d}.safetensors"))
+        save_file(rng_tensors(), str(tmp / "rng" / f"rank_{env.rank:05d}.safetensors"))
         faults.maybe_pause("pause_in_save", step, run_dir)
     except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
         error = disk_error_message(final, e)
@@ -180,7 +182,7 @@ def load_dcp_checkpoint(
         )
     rng = path / "rng" / f"rank_{env.rank:05d}.safetensors"
     if rng.is_file():
-        _restore_rng(load_file(str(rng)))
+        restore_rng(load_file(str(rng)))
     state["loader"] = read_data_states(path, int(state["num_data_shards"]))
     return state
 
@@ -212,19 +214,6 @@ def read_data_states(path: Path, num_shards: int) -> dict[str, Any]:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read data state {file}: {e}") from e
     return {"num_shards": num_shards, "shards": shards}
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["rng.cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
 # --- safe reading of DCP metadata -------------------------------------------------------------

@@ -69,7 +69,7 @@ def save_checkpoint(
         save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
         faults.maybe_pause("pause_in_save", step, run_dir)
         tensors, groups = _flatten_optimizer(optimizer)
-        tensors.update(_rng_tensors())
+        tensors.update(rng_tensors())
         save_file(tensors, str(tmp / "optim.safetensors"))
         payload = dict(state, step=step, param_groups=groups)
         (tmp / "state.json").write_text(json.dumps(payload))
@@ -104,7 +104,7 @@ def load_checkpoint(
     extra = load_file(str(path / "optim.safetensors"))
     if optimizer is not None:
         optimizer.load_state_dict(unflatten_optimizer(extra, state["param_groups"]))
-    _restore_rng(extra)
+    restore_rng(extra)
     return state
 
 
@@ -132,14 +132,16 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[
     return {"state": state, "param_groups": groups}
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The CPU (and CUDA) random-number-generator states, as tensors."""
     out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         out["rng.cuda"] = torch.cuda.get_rng_state()
     return out
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the states saved by :func:`rng_tensors`."""
     if "rng.cpu" in tensors:
         torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
