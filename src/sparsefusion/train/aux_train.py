@@ -118,7 +118,7 @@ def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.info("aux step %d: bce=%.4f (%.1fs)", step, float(loss), time.perf_counter() - t0)
+            log.info("aux step %d: bce=%.4f (%.1fs)", step, loss.item(), time.perf_counter() - t0)
     row = validate_aux(model, aux, run_cfg, device)
     row.update(step=cfg.steps, main_step=saved["step"])
     _save(run_dir, aux, row)
