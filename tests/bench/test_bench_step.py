@@ -50,6 +50,8 @@ def test_bench_cli_smoke(tmp_path: Path):
         "1",
         "--warmup",
         "1",
+        "--rounds",
+        "2",
         "--out",
         str(out),
     ]
@@ -59,4 +61,12 @@ def test_bench_cli_smoke(tmp_path: Path):
     assert [r["arch"] for r in rows] == ["dense", "mot", "naive-mot"]
     assert rows[0]["throughput_vs_first"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["train_flops"] > 0 for r in rows)
+    assert all(r["timed_steps"] == 2 for r in rows)  # one step in each of the two rounds
     assert "| mot |" in proc.stdout
+
+
+def test_bench_settings_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="rounds"):
+        BenchSettings(archs=["dense"], rounds=0)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsefusion.cli.main import resolve_config
 from sparsefusion.train.metrics import read_metrics
@@ -89,3 +90,10 @@ def test_impossible_model_config_is_reported(override: str, words: str):
 
     with pytest.raises((ConfigError, ValueError), match=words):
         resolve_config("mot-debug", [override])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_flex_attention_training_on_cpu_is_refused(tmp_path: Path, tokenizer_cache: str):
+    cfg = _cfg(tmp_path / "flex", tokenizer_cache, "model.attention_backend=flex", "train.steps=1")
+    with pytest.raises(ValueError, match="attention_backend=flex trains only on CUDA"):
+        train(cfg)

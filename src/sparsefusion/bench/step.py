@@ -4,6 +4,9 @@ Each row builds a model from a training preset's model config (or ``naive-mot``:
 run the boolean-mask way), feeds the same synthetic packed batch (documents of mixed text and
 image spans), runs ``warmup`` steps, then times ``steps`` steps of forward + backward + AdamW and
 reports the median. Ratios are to the first row (dense by default), measured in the same run.
+With ``rounds`` > 1 every model stays alive and the rows are timed in turn, ``steps`` steps each
+per round, so that a slow spell of a shared machine hits every row alike (the median is over all
+rounds). With ``compile`` the row also reports the graph breaks dynamo met (0 is the goal).
 
 MFU (GPU only) = training FLOPs per step (``models.flops.train_flops``: 6 x active matmul
 parameters x tokens + 12 x layers x heads x head_dim x attended pairs) / step time / peak dense
@@ -48,6 +51,7 @@ class BenchSettings:
         device: ``auto``, ``cpu`` or ``cuda``.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         compile: ``torch.compile`` each block.
+        rounds: timing rounds over all rows (> 1 interleaves the rows; all models stay alive).
         vocab_size: vocabulary of the synthetic batch.
     """
 
@@ -61,7 +65,14 @@ class BenchSettings:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    rounds: int = 1
     vocab_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not self.archs:
+            raise ValueError("bench needs at least one arch")
+        if self.steps < 1 or self.warmup < 0 or self.rounds < 1:
+            raise ValueError("bench needs steps >= 1, warmup >= 0 and rounds >= 1")
 
 
 def synthetic_batch(s: BenchSettings, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -103,8 +114,21 @@ def model_config(arch: str, s: BenchSettings) -> ModelConfig:
     return replace(cfg, **size, vocab_size=s.vocab_size, max_seq_len=s.seq_len)
 
 
-def bench_row(arch: str, s: BenchSettings, device: torch.device) -> dict[str, Any]:
-    """Time one architecture; returns its row (without ratios)."""
+@dataclass
+class _Row:
+    """A row being measured: its model, optimiser and step closure, and its step times."""
+
+    arch: str
+    cfg: ModelConfig
+    model: Transformer
+    opt: torch.optim.Optimizer
+    step: Any
+    document_BT: torch.Tensor
+    times: list[float]
+    graph_breaks: int | None = None
+
+
+def _setup_row(arch: str, s: BenchSettings, device: torch.device) -> _Row:
     torch.manual_seed(0)
     cfg = model_config(arch, s)
     model = Transformer(cfg)
@@ -117,28 +141,66 @@ def bench_row(arch: str, s: BenchSettings, device: torch.device) -> dict[str, An
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = {k: v.to(device) for k, v in synthetic_batch(s).items()}
     step = _step_fn(arch, runner, cfg, data, device)
+    return _Row(arch, cfg, model, opt, step, data["document_BT"], [])
+
+
+def _run_steps(row: _Row, n: int, s: BenchSettings, device: torch.device, *, timed: bool) -> None:
     bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
-    times = []
-    for i in range(s.warmup + s.steps):
+    for _ in range(n):
         t0 = _now(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = step()
+            loss = row.step()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= s.warmup:
-            times.append(_now(device) - t0)
-    step_s = statistics.median(times)
-    flops = train_flops(cfg, data["document_BT"].cpu())
+        row.opt.step()
+        row.opt.zero_grad(set_to_none=True)
+        if timed:
+            row.times.append(_now(device) - t0)
+
+
+def _warm_up(row: _Row, s: BenchSettings, device: torch.device) -> None:
+    """Untimed steps (compilation happens here); counts dynamo's graph breaks when compiling."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _run_steps(row, s.warmup, s, device, timed=False)
+    if s.compile:
+        row.graph_breaks = sum(counters["graph_break"].values())
+
+
+def _result(row: _Row, s: BenchSettings, device: torch.device) -> dict[str, Any]:
+    step_s = statistics.median(row.times)
+    flops = train_flops(row.cfg, row.document_BT.cpu())
     tokens = s.batch_size * s.seq_len
-    row = {"arch": arch, "step_s": step_s, "tokens_per_s": tokens / step_s, "train_flops": flops}
-    row["params"] = sum(p.numel() for p in model.parameters())
+    out = {"arch": row.arch, "step_s": step_s, "tokens_per_s": tokens / step_s}
+    out.update(train_flops=flops, params=sum(p.numel() for p in row.model.parameters()))
+    out["timed_steps"] = len(row.times)
+    if row.graph_breaks is not None:
+        out["graph_breaks"] = row.graph_breaks
     if device.type == "cuda":
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         peak = _peak_flops(device)
-        row["mfu"] = flops / step_s / peak if peak else None
+        out["mfu"] = flops / step_s / peak if peak else None
+    return out
+
+
+def bench_row(arch: str, s: BenchSettings, device: torch.device) -> dict[str, Any]:
+    """Time one architecture alone (all its rounds back to back); returns its row."""
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return row
+    row = _setup_row(arch, s, device)
+    _warm_up(row, s, device)
+    _run_steps(row, s.steps * s.rounds, s, device, timed=True)
+    return _result(row, s, device)
+
+
+def _bench_interleaved(s: BenchSettings, device: torch.device) -> list[dict[str, Any]]:
+    rows = [_setup_row(arch, s, device) for arch in s.archs]
+    for row in rows:
+        _warm_up(row, s, device)
+    for _ in range(s.rounds):
+        for row in rows:
+            _run_steps(row, s.steps, s, device, timed=True)
+    return [_result(row, s, device) for row in rows]
 
 
 def _step_fn(arch, runner, cfg: ModelConfig, data, device):
@@ -180,7 +242,10 @@ def run_bench(s: BenchSettings, *, out: Path | None = None) -> list[dict[str, An
         if s.device == "auto" and torch.cuda.is_available()
         else ("cpu" if s.device == "auto" else s.device)
     )
-    rows = [bench_row(arch, s, device) for arch in s.archs]
+    if s.rounds > 1:
+        rows = _bench_interleaved(s, device)
+    else:
+        rows = [bench_row(arch, s, device) for arch in s.archs]
     base = rows[0]
     for row in rows:
         row["throughput_vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
@@ -203,16 +268,18 @@ def format_table(rows: list[dict[str, Any]], s: BenchSettings, device: torch.dev
     """A Markdown table of the rows."""
     head = (
         f"size={s.size} seq={s.seq_len} batch={s.batch_size} device={_device_name(device)} "
-        f"compile={s.compile}\n"
+        f"compile={s.compile} rounds={s.rounds} steps={s.steps}\n"
     )
     lines = [
-        "| arch | step (ms) | tokens/s | vs first (throughput) | MFU |",
-        "|---|---|---|---|---|",
+        "| arch | step (ms) | tokens/s | vs first (throughput) | MFU | peak mem (GB) "
+        "| graph breaks |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-"
         lines.append(
             f"| {r['arch']} | {1000 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['throughput_vs_first']:.3f}x | {mfu} |"
+            f"{r['throughput_vs_first']:.3f}x | {mfu} | {mem} | {r.get('graph_breaks', '-')} |"
         )
     return head + "\n".join(lines)

@@ -133,6 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        rounds=args.rounds,
     )
     run_bench(settings, out=Path(args.out) if args.out else None)
     return 0
@@ -149,6 +150,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="> 1: time the rows in turn, this many rounds"
+    )
     p.add_argument("--out", default="", help="write the rows as JSON here")
     p.set_defaults(fn=cmd_bench)
 

@@ -65,6 +65,10 @@ class ModelConfig:
         max_seq_len: longest sequence the model is meant for (generation caches, presets).
         document_masking: True = attention stays inside documents (and honours spans);
             False = plain causal attention over each row (SDPA's flash path), ignoring documents.
+        attention_backend: "sdpa" (dense boolean mask; CPU and GPU, forward and backward) or
+            "flex" (FlexAttention with one block mask per batch, skipping masked blocks; for
+            GPU training: torch 2.13 has no FlexAttention backward on CPU). Plain causal rows
+            always use SDPA's ``is_causal`` path.
         moe: expert layers (router, experts per group, capacity, ...), see ``MoEConfig``.
         mod: Mixture-of-Depths on top of any arch, see ``MoDConfig``.
         upcycle_from: run folder or checkpoint folder of a seed run (dense, mot or 1t1i): at the
@@ -94,6 +98,7 @@ class ModelConfig:
     init_std: float = 0.02
     max_seq_len: int = 4096
     document_masking: bool = True
+    attention_backend: Literal["sdpa", "flex"] = "sdpa"
     moe: MoEConfig = field(default_factory=MoEConfig)
     mod: MoDConfig = field(default_factory=MoDConfig)
     upcycle_from: str = ""
@@ -102,6 +107,7 @@ class ModelConfig:
         _check_choice("arch", self.arch, ("dense", "mot", "moe", "moma"))
         _check_choice("norm_placement", self.norm_placement, ("pre", "post"))
         _check_choice("linear_impl", self.linear_impl, ("grouped", "reference"))
+        _check_choice("attention_backend", self.attention_backend, ("sdpa", "flex"))
         for name in ("dim", "num_layers", "num_heads", "multiple_of", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -378,11 +384,12 @@ class Transformer(nn.Module):
         self, document_BT: torch.Tensor, span_BT: torch.Tensor | None = None
     ) -> AttentionMask:
         """The batch's attention mask (built once and shared by every layer)."""
+        backend = self.cfg.attention_backend
         if self.cfg.document_masking:
-            return build_attention_mask(document_BT, span_BT)
+            return build_attention_mask(document_BT, span_BT, backend)
         if span_BT is None:
             return AttentionMask.causal()
-        return build_attention_mask(torch.zeros_like(document_BT), span_BT)
+        return build_attention_mask(torch.zeros_like(document_BT), span_BT, backend)
 
     def forward(
         self,
@@ -426,6 +433,7 @@ class Transformer(nn.Module):
             document_BT=document_BT,
             span_BT=span_BT,
             document_masking=self.cfg.document_masking,
+            attention_backend=self.cfg.attention_backend,
             head_dim=self.cfg.head_dim,
             rope_theta=self.cfg.rope_theta,
         )

@@ -4,6 +4,9 @@ Q/K/V and O are :class:`TowerLinear` layers applied in plan-sorted order; the at
 runs over the whole interleaved sequence in original order (one softmax over all modalities).
 The mask is built once per batch and shared by all layers: attention stays inside a document,
 is causal, and is bidirectional inside a span (Transfusion image spans, arXiv 2408.11039).
+Two backends share that rule: SDPA with a dense boolean mask (works everywhere, forward and
+backward) and FlexAttention with one block mask per batch (sparse blocks are skipped; compiled on
+GPU; on CPU torch 2.13 has its forward only, so CPU training uses SDPA).
 
 Shape legend: B = batch rows, T = sequence length (queries and keys), N = B*T flattened
 positions, D = model width, H = query heads, J = key/value heads, K = head dim.
@@ -12,10 +15,13 @@ positions, D = model width, H = query heads, J = key/value heads, K = head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from sparsefusion.nn.norms import TowerRMSNorm
 from sparsefusion.nn.rope import RopeAngles, apply_rope
@@ -27,17 +33,24 @@ from sparsefusion.nn.tower_linear import LinearImpl, TowerLinear
 class AttentionMask:
     """Which keys each query may attend to, for one batch.
 
+    Exactly one of the three forms is set.
+
     Attributes:
-        allowed_B1TT: boolean mask (True = may attend), or None with ``is_causal``.
+        allowed_B1TT: dense boolean mask for SDPA (True = may attend).
         is_causal: plain causal attention over the whole row (SDPA's flash fast path).
+        block_mask: FlexAttention block mask of the same rule (built once per batch).
     """
 
     allowed_B1TT: torch.Tensor | None = None
     is_causal: bool = False
+    block_mask: BlockMask | None = None
 
     def __post_init__(self) -> None:
-        if (self.allowed_B1TT is None) != self.is_causal:
-            raise ValueError("AttentionMask needs exactly one of allowed_B1TT or is_causal=True")
+        forms = (self.allowed_B1TT is not None) + self.is_causal + (self.block_mask is not None)
+        if forms != 1:
+            raise ValueError(
+                "AttentionMask needs exactly one of allowed_B1TT, is_causal=True or block_mask"
+            )
 
     @classmethod
     def causal(cls) -> AttentionMask:
@@ -45,8 +58,13 @@ class AttentionMask:
         return cls(is_causal=True)
 
 
+AttentionBackend = Literal["sdpa", "flex"]
+
+
 def build_attention_mask(
-    document_BT: torch.Tensor, span_BT: torch.Tensor | None = None
+    document_BT: torch.Tensor,
+    span_BT: torch.Tensor | None = None,
+    backend: AttentionBackend = "sdpa",
 ) -> AttentionMask:
     """Build the document-causal mask with optional bidirectional spans.
 
@@ -56,14 +74,20 @@ def build_attention_mask(
         document_BT: document index of each position inside its row.
         span_BT: span id of each position (-1 = not in a span); positions of one span see each
             other in both directions. Span ids only need to be distinct within a document.
+        backend: "sdpa" (dense boolean mask, (B, 1, T, T)) or "flex" (a FlexAttention block
+            mask over the same rule).
 
     Returns:
-        The dense boolean mask, (B, 1, T, T).
+        The batch's mask.
     """
     if span_BT is not None and span_BT.shape != document_BT.shape:
         raise ValueError(
             f"span_BT {tuple(span_BT.shape)} != document_BT {tuple(document_BT.shape)}"
         )
+    if backend == "flex":
+        return AttentionMask(block_mask=_flex_block_mask(document_BT, span_BT))
+    if backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}; expected 'sdpa' or 'flex'")
     T = document_BT.shape[1]
     idx_T = torch.arange(T, device=document_BT.device)
     causal_TT = idx_T[None, :] <= idx_T[:, None]  # [q, k]: k <= q
@@ -75,10 +99,43 @@ def build_attention_mask(
     return AttentionMask(allowed_B1TT=(same_doc_BTT & visible_BTT).unsqueeze(1))
 
 
+def _flex_block_mask(document_BT: torch.Tensor, span_BT: torch.Tensor | None) -> BlockMask:
+    """The FlexAttention form of the document-causal-span rule (same as the dense mask)."""
+    B, T = document_BT.shape
+
+    def mask_mod(b, h, q, k):
+        visible = k <= q
+        if span_BT is not None:
+            same_span = (span_BT[b, q] == span_BT[b, k]) & (span_BT[b, q] >= 0)
+            visible = visible | same_span
+        return (document_BT[b, q] == document_BT[b, k]) & visible
+
+    on_gpu = document_BT.device.type == "cuda"
+    return create_block_mask(mask_mod, B, None, T, T, device=document_BT.device, _compile=on_gpu)
+
+
+@cache
+def _compiled_flex():
+    """FlexAttention compiled once (eager flex materialises the full score matrix)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(
+    q_BHTK: torch.Tensor, k_BJTK: torch.Tensor, v_BJTK: torch.Tensor, block_mask: BlockMask
+) -> torch.Tensor:
+    """FlexAttention under a block mask: compiled on GPU, eager elsewhere (CPU: forward only)."""
+    fn = _compiled_flex() if q_BHTK.device.type == "cuda" else flex_attention
+    return fn(
+        q_BHTK, k_BJTK, v_BJTK, block_mask=block_mask, enable_gqa=k_BJTK.shape[1] != q_BHTK.shape[1]
+    )
+
+
 def sdpa(
     q_BHTK: torch.Tensor, k_BJTK: torch.Tensor, v_BJTK: torch.Tensor, mask: AttentionMask
 ) -> torch.Tensor:
-    """Scaled dot-product attention under an :class:`AttentionMask` (GQA when J < H)."""
+    """Attention under an :class:`AttentionMask` (GQA when J < H); flex for a block mask."""
+    if mask.block_mask is not None:
+        return flex(q_BHTK, k_BJTK, v_BJTK, mask.block_mask)
     return F.scaled_dot_product_attention(
         q_BHTK,
         k_BJTK,

@@ -93,6 +93,7 @@ class SequenceLayout:
         document_masking: attention stays inside documents (else causal over the row).
         head_dim: attention head width (RoPE).
         rope_theta: RoPE base.
+        attention_backend: "sdpa" or "flex" (see ``build_attention_mask``).
     """
 
     position_BT: torch.Tensor
@@ -101,6 +102,7 @@ class SequenceLayout:
     document_masking: bool
     head_dim: int
     rope_theta: float
+    attention_backend: str = "sdpa"
 
 
 class MoDRouter(nn.Module):
@@ -183,5 +185,5 @@ def _subset_mask_and_rope(layout: SequenceLayout, orig_K: torch.Tensor):
     if layout.span_BT is not None:
         span_1K = layout.span_BT.reshape(-1).index_select(0, orig_K)[None]
     position_1K = layout.position_BT.reshape(-1).index_select(0, orig_K)[None]
-    mask = build_attention_mask(document_1K, span_1K)
+    mask = build_attention_mask(document_1K, span_1K, layout.attention_backend)
     return mask, rope_angles(position_1K, layout.head_dim, layout.rope_theta)

@@ -211,7 +211,10 @@ class ExpertGroup(nn.Module):
         expert_A = expert_nK.reshape(-1)
         order_A = torch.argsort(expert_A, stable=True)
         token_A = order_A // K
-        counts_E = torch.bincount(expert_A, minlength=E)
+        # A fixed-size count (bincount's output size is data-dependent and breaks compiled graphs).
+        counts_E = torch.zeros(E, dtype=torch.long, device=x_nD.device).scatter_add_(
+            0, expert_A, torch.ones_like(expert_A)
+        )
         self._balance_losses(logits_nE, counts_E, n * K, ctx)
         ctx.metrics[f"moe/{self.site}/load_max"] = counts_E.max().float() * E / (n * K)
         xin_AD = x_nD.index_select(0, token_A)
@@ -225,7 +228,7 @@ class ExpertGroup(nn.Module):
             a_AF, b_AF = _ContiguousGrad.apply(h_AF2).chunk(2, dim=-1)
             w2_EFD = self.w2.transpose(1, 2).to(a_AF.dtype)
             y_AD = _ContiguousGrad.apply(F.grouped_mm(F.silu(a_AF) * b_AF, w2_EFD, offs=offs_E))
-        else:  # Loop over experts: needs the counts on the host (one sync per group).
+        else:  # Loop over experts: needs the counts on the host (one sync, a graph break).
             parts, start = [], 0
             for e, c in enumerate(counts_E.tolist()):
                 parts.append(_swiglu(xin_AD[start : start + c], self.w13[e], self.w2[e]))

@@ -32,7 +32,9 @@ def grouped_mm_usable(dtype: torch.dtype, device: torch.device, in_dim: int, out
     """Whether ``grouped_mm`` can run these weights (decided from dtype/device/shape, never data).
 
     The kernel needs row strides that are multiples of 16 bytes (fp32: multiples of 4 features,
-    bf16: multiples of 8). On CPU it handles fp32/bf16/fp16; on CUDA bf16 on SM >= 80.
+    bf16: multiples of 8). On CPU it handles fp32/bf16/fp16 in eager mode; on CUDA bf16 on
+    SM >= 80. Under ``torch.compile`` (torch 2.13) its fake-tensor rule accepts only bf16, so a
+    compiled fp32/fp16 graph takes the reference slice loop instead of failing to trace.
 
     Args:
         dtype: compute dtype of the matmul.
@@ -46,6 +48,8 @@ def grouped_mm_usable(dtype: torch.dtype, device: torch.device, in_dim: int, out
     if not hasattr(F, "grouped_mm"):
         return False
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return False
     elem = torch.finfo(dtype).bits // 8
     if (in_dim * elem) % 16 or (out_dim * elem) % 16:

@@ -115,6 +115,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = env.device
+    if cfg.model.attention_backend == "flex" and device.type != "cuda":
+        raise ValueError(
+            "model.attention_backend=flex trains only on CUDA (torch has no FlexAttention "
+            f"backward on {device.type}); use model.attention_backend=sdpa"
+        )
     torch.manual_seed(cfg.seed)
 
     source = build_source(cfg.data, seed=cfg.seed, split="train")
