@@ -58,8 +58,7 @@ def test_cuda_autocast_fp32_weights():
     assert model.layers[0].feed_forward.w13.weight.grad.dtype == torch.float32
 
 
-def test_cuda_step_has_no_host_sync():
-    model, batch = _setup("grouped")
+def _assert_step_without_sync(model, batch) -> None:
     _step(model, dict(batch))  # warm-up (lazy inits may sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -67,3 +66,24 @@ def test_cuda_step_has_no_host_sync():
         _step(model, dict(batch))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_step_has_no_host_sync():
+    _assert_step_without_sync(*_setup("grouped"))
+
+
+@pytest.mark.parametrize("preset", ["dense", "moe-8x", "moma-4t4i", "mot-text-moe4"])
+def test_cuda_sparse_step_has_no_host_sync(preset):
+    """Expert-choice groups take k from the plan's host counts: no sync inside the step."""
+    from dataclasses import replace
+
+    from sparsefusion.cli.main import resolve_config
+
+    cfg = replace(resolve_config(f"{preset}-debug", []).model, vocab_size=256)
+    torch.manual_seed(0)
+    model = cfg.build()
+    model.init_weights()
+    model = model.to("cuda", torch.bfloat16)
+    _, batch = _setup("grouped")
+    batch["plan"] = model.build_plan(torch.randint(0, 2, (2, 64)))
+    _assert_step_without_sync(model, batch)
