@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 if TYPE_CHECKING:
     from sparsefusion.eval.report import Comparison
@@ -50,6 +51,7 @@ def plot_loss_vs_flops(comp: Comparison, split: str, path: Path) -> Path:
             ax.plot(curve[1], curve[2], style, color=color, label=name, linewidth=1.4)
         ax.axhline(float(base_keys[key][2][-1]), color="gray", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel(f"{_label(key)} loss")
         ax.set_title(f"{_label(key)} ({_TITLES[split]})")
