@@ -93,3 +93,7 @@ def test_presets_build_and_match_paper_sizes():
         total = active_params_per_token(cfg) + 65536 * cfg.dim
         assert abs(total / 1e6 - millions) / millions < 0.03, (name, total)
     assert model_size("debug") is not model_size("debug")
+    # The benchmark's reference shape: about 545M non-embedding parameters.
+    cfg = preset_config("bench-545m", vocab_size=65536, arch="dense")
+    non_embedding = active_params_per_token(cfg) - 65536 * cfg.dim  # less the output head
+    assert 530e6 < non_embedding < 550e6, non_embedding

@@ -27,6 +27,9 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "7b": {"dim": 4096, "num_layers": 32, "num_heads": 32, "multiple_of": 256},
     # MoMa dense base of the 90M FLOPs-matched family (l=8, d=512, h=8, ffn 4d before the shrink).
     "moma-90m": {"dim": 512, "num_layers": 8, "num_heads": 8, "multiple_of": 8},
+    # The throughput reference of the benchmark targets (docs/benchmarks.md): 537M non-embedding
+    # parameters, width 2048, 8 layers, FFN 4d (the issue quotes 545M for this shape).
+    "bench-545m": {"dim": 2048, "num_layers": 8, "num_heads": 16, "ffn_hidden": 8192},
 }
 
 
