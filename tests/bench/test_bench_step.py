@@ -39,7 +39,7 @@ def test_bench_cli_smoke(tmp_path: Path):
         "sparsefusion",
         "bench",
         "--archs",
-        "dense,mot,naive-mot",
+        "dense,mot,naive-mot,moma-4t4i,moma-4t4i-mod",
         "--size",
         "debug",
         "--seq-len",
@@ -58,7 +58,7 @@ def test_bench_cli_smoke(tmp_path: Path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["arch"] for r in rows] == ["dense", "mot", "naive-mot"]
+    assert [r["arch"] for r in rows] == ["dense", "mot", "naive-mot", "moma-4t4i", "moma-4t4i-mod"]
     assert rows[0]["throughput_vs_first"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["train_flops"] > 0 for r in rows)
     assert all(r["timed_steps"] == 2 for r in rows)  # one step in each of the two rounds

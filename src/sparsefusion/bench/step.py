@@ -124,6 +124,7 @@ class _Row:
     opt: torch.optim.Optimizer
     step: Any
     document_BT: torch.Tensor
+    tower_counts: tuple[int, ...]
     times: list[float]
     graph_breaks: int | None = None
 
@@ -140,8 +141,8 @@ def _setup_row(arch: str, s: BenchSettings, device: torch.device) -> _Row:
     runner = NaiveMoT(model) if arch == "naive-mot" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = {k: v.to(device) for k, v in synthetic_batch(s).items()}
-    step = _step_fn(arch, runner, cfg, data, device)
-    return _Row(arch, cfg, model, opt, step, data["document_BT"], [])
+    step, plan = _step_fn(arch, runner, cfg, data, device)
+    return _Row(arch, cfg, model, opt, step, data["document_BT"], plan.counts, [])
 
 
 def _run_steps(row: _Row, n: int, s: BenchSettings, device: torch.device, *, timed: bool) -> None:
@@ -169,7 +170,7 @@ def _warm_up(row: _Row, s: BenchSettings, device: torch.device) -> None:
 
 def _result(row: _Row, s: BenchSettings, device: torch.device) -> dict[str, Any]:
     step_s = statistics.median(row.times)
-    flops = train_flops(row.cfg, row.document_BT.cpu())
+    flops = train_flops(row.cfg, row.document_BT.cpu(), tower_counts=row.tower_counts)
     tokens = s.batch_size * s.seq_len
     out = {"arch": row.arch, "step_s": step_s, "tokens_per_s": tokens / step_s}
     out.update(train_flops=flops, params=sum(p.numel() for p in row.model.parameters()))
@@ -221,7 +222,7 @@ def _step_fn(arch, runner, cfg: ModelConfig, data, device):
             loss = loss + aux
         return loss
 
-    return step
+    return step, plan
 
 
 def _now(device: torch.device) -> float:
