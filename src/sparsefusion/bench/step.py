@@ -168,7 +168,8 @@ def _warm_up(row: _Row, s: BenchSettings, device: torch.device) -> None:
         row.graph_breaks = sum(counters["graph_break"].values())
 
 
-def _result(row: _Row, s: BenchSettings, device: torch.device) -> dict[str, Any]:
+def _result(row: _Row, s: BenchSettings, device: torch.device, *, own_peak: bool) -> dict[str, Any]:
+    """The row's numbers; ``own_peak``: the CUDA memory peak is the row's own (not interleaved)."""
     step_s = statistics.median(row.times)
     flops = train_flops(row.cfg, row.document_BT.cpu(), tower_counts=row.tower_counts)
     tokens = s.batch_size * s.seq_len
@@ -178,7 +179,8 @@ def _result(row: _Row, s: BenchSettings, device: torch.device) -> dict[str, Any]
     if row.graph_breaks is not None:
         out["graph_breaks"] = row.graph_breaks
     if device.type == "cuda":
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if own_peak:
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         peak = _peak_flops(device)
         out["mfu"] = flops / step_s / peak if peak else None
     return out
@@ -191,7 +193,7 @@ def bench_row(arch: str, s: BenchSettings, device: torch.device) -> dict[str, An
     row = _setup_row(arch, s, device)
     _warm_up(row, s, device)
     _run_steps(row, s.steps * s.rounds, s, device, timed=True)
-    return _result(row, s, device)
+    return _result(row, s, device, own_peak=True)
 
 
 def _bench_interleaved(s: BenchSettings, device: torch.device) -> list[dict[str, Any]]:
@@ -201,7 +203,7 @@ def _bench_interleaved(s: BenchSettings, device: torch.device) -> list[dict[str,
     for _ in range(s.rounds):
         for row in rows:
             _run_steps(row, s.steps, s, device, timed=True)
-    return [_result(row, s, device) for row in rows]
+    return [_result(row, s, device, own_peak=False) for row in rows]
 
 
 def _step_fn(arch, runner, cfg: ModelConfig, data, device):
