@@ -27,7 +27,9 @@ def test_cider_first_references_as_candidates():
 
 def test_identical_highest_unrelated_zero():
     refs = [["a red circle in the middle"], ["a blue square on the left"], ["green cross"]]
-    same, _ = cider_d(["a red circle in the middle", "a blue square on the left", "green cross"], refs)
+    same, _ = cider_d(
+        ["a red circle in the middle", "a blue square on the left", "green cross"], refs
+    )
     partial, _ = cider_d(["a red circle", "a blue square", "green cross"], refs)
     unrelated, per = cider_d(["purple diamonds everywhere", "xyz", "orange stars"], refs)
     assert same > partial > unrelated
@@ -36,7 +38,10 @@ def test_identical_highest_unrelated_zero():
 
 def test_tokenization_drops_punctuation_and_case():
     assert words("A Red, circle.") == ["a", "red", "circle"]
-    assert cider_d(["A red circle."], [["a red circle"]])[0] == cider_d(["a red circle"], [["a red circle"]])[0]
+    assert (
+        cider_d(["A red circle."], [["a red circle"]])[0]
+        == cider_d(["a red circle"], [["a red circle"]])[0]
+    )
 
 
 def test_bad_input():

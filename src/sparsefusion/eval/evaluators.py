@@ -182,7 +182,9 @@ def train_evaluators(
     features.eval()
     clip.eval()
     acc = feature_accuracy(features, x_held, vocab.label_targets([p.caption for p in heldout]))
-    acc.update(retrieval_accuracy(clip, x_held, vocab.encode([p.caption for p in heldout], cfg.max_len)))
+    acc.update(
+        retrieval_accuracy(clip, x_held, vocab.encode([p.caption for p in heldout], cfg.max_len))
+    )
     manifest = {
         "format": FORMAT,
         "source_name": train_source.name,
@@ -266,7 +268,9 @@ def retrieval_accuracy(net: ContrastiveNet, x_NCHW, ids_NL) -> dict[str, float]:
         hits_i2t += int((sim_GG.argmax(1) == target_G).sum())
         hits_t2i += int((sim_GG.argmax(0) == target_G).sum())
         total += len(sim_GG)
-    chance = sum(1 / min(RETRIEVAL_GROUP, len(img_ND) - i) for i in range(0, len(img_ND), RETRIEVAL_GROUP))
+    chance = sum(
+        1 / min(RETRIEVAL_GROUP, len(img_ND) - i) for i in range(0, len(img_ND), RETRIEVAL_GROUP)
+    )
     return {
         "retrieval_i2t_top1": hits_i2t / total,
         "retrieval_t2i_top1": hits_t2i / total,
@@ -298,10 +302,14 @@ def _save_atomically(ev: Evaluators, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        save_file({k: v.contiguous() for k, v in ev.features.state_dict().items()},
-                  str(tmp / "features.safetensors"))
-        save_file({k: v.contiguous() for k, v in ev.clip.state_dict().items()},
-                  str(tmp / "clip.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in ev.features.state_dict().items()},
+            str(tmp / "features.safetensors"),
+        )
+        save_file(
+            {k: v.contiguous() for k, v in ev.clip.state_dict().items()},
+            str(tmp / "clip.safetensors"),
+        )
         (tmp / "manifest.json").write_text(json.dumps(ev.manifest, indent=1) + "\n")
         tmp.replace(final)
     except OSError:

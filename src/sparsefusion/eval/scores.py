@@ -39,7 +39,9 @@ def fid_sf(net: FeatureNet, real_NCHW: torch.Tensor, fake_NCHW: torch.Tensor) ->
         ValueError: with fewer than 2 images in a set.
     """
     if len(real_NCHW) < 2 or len(fake_NCHW) < 2:
-        raise ValueError(f"fid_sf needs >= 2 images per set, got {len(real_NCHW)}, {len(fake_NCHW)}")
+        raise ValueError(
+            f"fid_sf needs >= 2 images per set, got {len(real_NCHW)}, {len(fake_NCHW)}"
+        )
     fid = _fid_class()(feature=net, normalize=True, reset_real_features=True)
     for i in range(0, len(real_NCHW), 256):
         fid.update(real_NCHW[i : i + 256].float(), real=True)
@@ -49,7 +51,9 @@ def fid_sf(net: FeatureNet, real_NCHW: torch.Tensor, fake_NCHW: torch.Tensor) ->
 
 
 @torch.no_grad()
-def clip_similarities(ev: Evaluators, images_NCHW: torch.Tensor, captions: list[str]) -> torch.Tensor:
+def clip_similarities(
+    ev: Evaluators, images_NCHW: torch.Tensor, captions: list[str]
+) -> torch.Tensor:
     """Cosine similarity of each image with its caption: (N,)."""
     if len(images_NCHW) != len(captions):
         raise ValueError(f"{len(images_NCHW)} images but {len(captions)} captions")
