@@ -203,3 +203,34 @@ def test_eval_cli_errors(run, tmp_path):
     assert missing.returncode == 1 and "no checkpoint of step 7" in missing.stderr
     empty = subprocess.run([*base, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert empty.returncode == 2 and "config.yaml" in empty.stderr
+
+
+def test_run_without_images_evaluates_what_it_has(tmp_path, monkeypatch):
+    docs = tmp_path / "docs.jsonl"
+    words = ["red", "green", "blue", "round", "square", "small", "large", "shape", "corner"]
+    lines = [
+        json.dumps([{"text": " ".join(words[(i + j) % len(words)] for j in range(12))}])
+        for i in range(60)
+    ]
+    docs.write_text("\n".join(lines) + "\n")
+    cfg = resolve_config(
+        "mot-debug",
+        [
+            f"run.dir={tmp_path / 'run'}",
+            f"data.path={docs}",
+            f"tokenizer.cache_dir={tmp_path / 'tok'}",
+            "run.progress=log",
+            "run.eval_every=0",
+            "data.val_batches=1",
+            "data.val_fraction=0.2",
+            "train.steps=1",
+        ],
+    )
+    train(cfg)
+    monkeypatch.setitem(sys.modules, "sparsefusion.generate", _fake_generate_module("bad", {}))
+    row, _ = evaluate_run(tmp_path / "run", _cfg(tmp_path))
+    assert row["ppl/batch/text"] > 0 and "ppl/batch/image" not in row
+    for key in ("fid_sf", "clip_sf", "cider"):
+        assert key not in row and "caption-image pairs" in row["skipped"][key], row["skipped"]
+    assert "causal routing = batch routing" in row["notes"]["causal"]  # MoT routes per token
+    assert row["loss/causal"] == row["loss/batch"]
