@@ -174,7 +174,11 @@ def test_small_eval_hook_writes_small_row(run, monkeypatch, lookup):
 
     monkeypatch.setattr(run_eval, "EvalConfig", lambda **kw: _cfg(root, **kw))
     cfg = resolve_config("moma-4t4i-mod-debug", [f"run.dir={run_dir}"])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     row = evaluate_at_checkpoint(run_dir, None, cfg, 2)
+    assert torch.equal(torch.rand(3), expected)  # the trainer's RNG stream is untouched
     assert row["size"] == "small" and row["t2i_samples"] == EvalConfig().small_num_samples
     assert "loss/batch" not in row and "fid_sf" in row
 

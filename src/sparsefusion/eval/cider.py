@@ -21,20 +21,15 @@ Identical captions score highest; captions with no n-gram in common with their r
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 
+from sparsefusion.eval.pairs import words
+
 NGRAM = 4
 SIGMA = 6.0
-_WORD = re.compile(r"[a-z0-9']+")
 
 Ngrams = Counter[tuple[str, ...]]
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased words of a caption (punctuation dropped)."""
-    return _WORD.findall(text.lower())
 
 
 def ngram_counts(text: str, n: int = NGRAM) -> Ngrams:

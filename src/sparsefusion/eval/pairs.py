@@ -36,7 +36,7 @@ class Pair:
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words of a caption."""
+    """Lower-cased words of a caption (punctuation dropped), as CIDEr and the evaluators read it."""
     return _WORD.findall(text.lower())
 
 

@@ -265,10 +265,14 @@ def evaluate_at_checkpoint(run_dir: str | Path, model: Any, cfg: TrainConfig, st
     ``size: small`` row to ``eval.jsonl``. Perplexity is left to the trainer's validation rows;
     only the generation metrics run. ``model`` is unused (the generator loads the saved
     checkpoint, so training state cannot leak into sampling) and kept for a stable signature.
+    The global RNG state is restored afterwards, so a run with the hook trains exactly as one
+    without it (and resumes as if never stopped).
     """
     del model
     ecfg = replace(EvalConfig(seed=cfg.seed), perplexity=False, device=cfg.train.device)
-    row, _ = evaluate_run(run_dir, ecfg, checkpoint=step, size="small")
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # training's RNG stream stays as it was
+        row, _ = evaluate_run(run_dir, ecfg, checkpoint=step, size="small")
     return row
 
 
