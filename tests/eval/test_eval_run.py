@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsefusion.cli.main import resolve_config
+from sparsefusion.train.presets import resolve_config
 from sparsefusion.config import merge
 from sparsefusion.eval.run_eval import EvalConfig, evaluate_at_checkpoint, evaluate_run
 from sparsefusion.train.aux_train import AuxTrainConfig, train_aux
@@ -57,6 +57,7 @@ def test_eval_row_without_generator_or_aux_routers(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "sparsefusion.generate", None)  # not importable
     row, out = evaluate_run(run_dir, _cfg(root))
     assert row["step"] == 2 and row["size"] == "full" and row["flops"] > 0
+    assert row["elapsed_s"] > 0 and row["tokens"] > 0
     for key in ("loss/batch", "loss/batch/text", "loss/batch/image", "ppl/batch"):
         assert row[key] > 0, key
     assert "loss/causal" not in row

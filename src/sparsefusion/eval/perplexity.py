@@ -21,12 +21,15 @@ from safetensors.torch import load_file
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.sources import build_source
-from sparsefusion.eval.loss_eval import evaluate
+from sparsefusion.models.inputs import ForwardContext
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
+from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint
 from sparsefusion.train.config import TrainConfig
+from sparsefusion.train.device import autocast_context
+from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
 
@@ -103,16 +106,10 @@ def val_batches(run_cfg: TrainConfig, num_batches: int) -> list:
 
 
 def _mode_loss(model, batches, run_cfg: TrainConfig, device, mode: str, aux) -> dict[str, Any]:
-    from sparsefusion.train.trainer import _forward_loss, autocast_context
-
-    towers = (run_cfg.model.tower_of_modality, run_cfg.model.num_towers)
+    objective = build_objective(run_cfg.objective, run_cfg.model)
     amp = autocast_context(run_cfg.train.precision, device)
-
-    def loss_fn(batch):
-        b = batch.with_plan(*towers).to(device)
-        return _forward_loss(model, b, run_cfg, amp, routing_mode=mode, aux_routers=aux)
-
-    return evaluate(model, batches, loss_fn, run_cfg.model.modalities)
+    ctx = ForwardContext(routing_mode=mode, aux_routers=aux)  # type: ignore[arg-type]
+    return evaluate(model, batches, objective, device=device, amp=amp, ctx=ctx)
 
 
 def routing_perplexity(

@@ -99,7 +99,7 @@ class EvalConfig:
 
 
 def _device(name: str) -> torch.device:
-    from sparsefusion.train.trainer import resolve_device
+    from sparsefusion.train.device import resolve_device
 
     return resolve_device(name)
 
@@ -152,10 +152,11 @@ def evaluate_run(
 
 
 def _counters(run_dir: Path, state: dict[str, Any], step: int) -> dict[str, Any]:
-    """FLOPs and tokens from the checkpoint; ``elapsed_s`` from the metrics row of ``step``."""
-    out: dict[str, Any] = {k: state[k] for k in ("flops", "tokens") if k in state}
+    """FLOPs, tokens and ``elapsed_s`` from the checkpoint (older checkpoints have no
+    ``elapsed_s``: then from the metrics row of ``step``, when it has one)."""
+    out: dict[str, Any] = {k: state[k] for k in ("flops", "tokens", "elapsed_s") if k in state}
     metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
+    if metrics.is_file() and "elapsed_s" not in out:
         for line in metrics.read_text().splitlines():
             try:
                 r = json.loads(line)
