@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsefusion.train.presets import resolve_config
 from sparsefusion.config import merge
 from sparsefusion.eval.run_eval import EvalConfig, evaluate_at_checkpoint, evaluate_run
 from sparsefusion.train.aux_train import AuxTrainConfig, train_aux
+from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
 
 EV = {"train_pairs": 400, "heldout_pairs": 64, "epochs": 2, "batch_size": 32}

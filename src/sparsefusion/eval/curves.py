@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "eval")
 # eval.jsonl metrics compared by `compare`; every other numeric eval key is ignored
 HIGHER_IS_BETTER = ("clip_sf", "cider")
 EVAL_KEYS = ("fid_sf", "clip_sf", "cider")
-EVAL_PREFIXES = ("loss/batch", "loss/causal")
+EVAL_PREFIXES = ("loss/causal",)  # batch-routed loss is the val split already
 
 
 def is_curve_key(split: str, key: str) -> bool:
@@ -45,7 +45,7 @@ class SplitCurves:
         step: logged optimizer steps, strictly increasing (M).
         flops: cumulative training FLOPs at those steps (M).
         losses: ``loss`` and ``loss/<modality>`` (eval split: ``fid_sf``, ``clip_sf``, ``cider``,
-            ``loss/batch*``, ``loss/causal*``) -> values (M), NaN where a row lacks the key or its
+            ``loss/causal*``) -> values (M), NaN where a row lacks the key or its
             value is not finite.
         elapsed: cumulative training seconds (``elapsed_s``) at those steps (M), NaN where absent.
     """

@@ -2,7 +2,7 @@
 
 For each run, each split (training, validation, and ``eval``: the rows of ``eval.jsonl``) and
 each key the baseline logs (``loss``, ``loss/<modality>``; ``fid_sf``, ``clip_sf``, ``cider``,
-``loss/batch*``, ``loss/causal*``): the FLOPs savings factor, the step-matching slope, the same two
+``loss/causal*``): the FLOPs savings factor, the step-matching slope, the same two
 against wall-clock time (``elapsed_s``, MoT's Figure 19), and per split the "x% checkpoint".
 ``clip_sf`` and ``cider`` are higher-is-better: a run "reaches" a level when it is at or above it.
 Non-finite rows (a diverged run) are reported with the step where they start. The math and its
