@@ -17,14 +17,12 @@ from sparsefusion.eval.evaluators import (
 from sparsefusion.eval.pairs import images_to_tensor, read_pairs
 from sparsefusion.eval.scores import clip_sf, fid_sf
 
-TINY = dict(train_pairs=600, heldout_pairs=96, epochs=3, batch_size=32)
+TINY = {"train_pairs": 500, "heldout_pairs": 96, "epochs": 3, "batch_size": 32}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("evcache")
-    cfg = EvaluatorConfig(cache_dir=str(cache), **TINY)
+def trained(tiny_evaluator):
+    cfg = EvaluatorConfig(**tiny_evaluator)
     ev = load_or_train(
         cfg, SceneCorpus(split="train"), SceneCorpus(split="val"), image_size=32, log=lambda s: None
     )

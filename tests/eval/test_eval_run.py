@@ -19,12 +19,11 @@ from sparsefusion.train.aux_train import AuxTrainConfig, train_aux
 from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
 
-EV = {"train_pairs": 400, "heldout_pairs": 64, "epochs": 2, "batch_size": 32}
 METRICS = ("loss/batch", "ppl/batch/text", "ppl/batch/image", "fid_sf", "clip_sf", "cider")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_evaluator):
     root = tmp_path_factory.mktemp("evalrun")
     cfg = resolve_config(
         "moma-4t4i-mod-debug",
@@ -38,11 +37,10 @@ def run(tmp_path_factory):
         ],
     )
     train(cfg)
-    return root / "run", root
+    return root / "run", tiny_evaluator
 
 
-def _cfg(root: Path, **kw) -> EvalConfig:
-    ev = dict(EV, cache_dir=str(root / "evcache"))
+def _cfg(ev: dict, **kw) -> EvalConfig:
     return merge(
         EvalConfig(num_samples=8, val_batches=1, evaluator=merge(EvalConfig().evaluator, ev)), kw
     )
@@ -53,9 +51,9 @@ def _numbers(row):
 
 
 def test_eval_row_without_generator_or_aux_routers(run, monkeypatch):
-    run_dir, root = run
+    run_dir, ev = run
     monkeypatch.setitem(sys.modules, "sparsefusion.generate", None)  # not importable
-    row, out = evaluate_run(run_dir, _cfg(root))
+    row, out = evaluate_run(run_dir, _cfg(ev))
     assert row["step"] == 2 and row["size"] == "full" and row["flops"] > 0
     assert row["elapsed_s"] > 0 and row["tokens"] > 0
     for key in ("loss/batch", "loss/batch/text", "loss/batch/image", "ppl/batch"):
@@ -146,34 +144,34 @@ def lookup():
 
 
 def test_generation_metrics_perfect_vs_bad_and_reproducible(run, monkeypatch, lookup):
-    run_dir, root = run
+    run_dir, ev = run
     monkeypatch.setitem(
         sys.modules, "sparsefusion.generate", _fake_generate_module("perfect", lookup)
     )
-    good, out = evaluate_run(run_dir, _cfg(root))
+    good, out = evaluate_run(run_dir, _cfg(ev))
     assert good["fid_sf"] == pytest.approx(0.0, abs=1e-3)  # the real images themselves
     assert good["clip_sf"] == pytest.approx(good["clip_sf_real"])
     assert good["clip_sf_real"] > good["clip_sf_shuffled"]
     assert good["cider"] > 5.0 and good["fid_sf_real"] > 0
     assert "retrieval_i2t_top1" in good["evaluators"]["heldout"]
     assert (out / "text_to_image.png").is_file() and (out / "image_to_text.jsonl").is_file()
-    again, _ = evaluate_run(run_dir, _cfg(root))
+    again, _ = evaluate_run(run_dir, _cfg(ev))
     assert _numbers(again) == _numbers(good)
     assert all(k in good for k in METRICS)
     monkeypatch.setitem(sys.modules, "sparsefusion.generate", _fake_generate_module("bad", lookup))
-    bad, _ = evaluate_run(run_dir, _cfg(root))
+    bad, _ = evaluate_run(run_dir, _cfg(ev))
     assert bad["fid_sf"] > 10 * max(good["fid_sf_real"], 1e-3)
     assert bad["clip_sf"] < good["clip_sf"] and bad["cider"] == 0.0
 
 
 def test_small_eval_hook_writes_small_row(run, monkeypatch, lookup):
-    run_dir, root = run
+    run_dir, ev = run
     monkeypatch.setitem(
         sys.modules, "sparsefusion.generate", _fake_generate_module("perfect", lookup)
     )
     from sparsefusion.eval import run_eval
 
-    monkeypatch.setattr(run_eval, "EvalConfig", lambda **kw: _cfg(root, **kw))
+    monkeypatch.setattr(run_eval, "EvalConfig", lambda **kw: _cfg(ev, **kw))
     cfg = resolve_config("moma-4t4i-mod-debug", [f"run.dir={run_dir}"])
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -185,32 +183,36 @@ def test_small_eval_hook_writes_small_row(run, monkeypatch, lookup):
 
 
 def test_causal_perplexity_with_aux_routers(run, monkeypatch):
-    run_dir, root = run
+    run_dir, ev = run
     monkeypatch.setitem(sys.modules, "sparsefusion.generate", None)
     train_aux(run_dir, AuxTrainConfig(steps=2, warmup_steps=1, log_every=1))
-    row, _ = evaluate_run(run_dir, _cfg(root))
+    row, _ = evaluate_run(run_dir, _cfg(ev))
     for key in ("loss/causal", "loss/causal/text", "ppl/causal/image", "gap/loss", "gap/loss/text"):
         assert key in row, key
     assert row["gap/loss"] == pytest.approx(row["loss/causal"] - row["loss/batch"])
     assert "ppl/causal" not in row["skipped"]
 
 
-def test_eval_cli_errors(run, tmp_path):
+def test_eval_cli_errors(run, tmp_path, capsys):
+    from sparsefusion.cli.main import main
+
     run_dir, _ = run
-    base = [sys.executable, "-m", "sparsefusion", "eval"]
     bad = subprocess.run(
-        [*base, str(run_dir), "eval.num_sampels=3"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sparsefusion", "eval", str(run_dir), "eval.num_sampels=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and "num_samples" in bad.stderr
-    missing = subprocess.run(
-        [*base, str(run_dir), "--checkpoint", "7"], capture_output=True, text=True, timeout=120
-    )
-    assert missing.returncode == 1 and "no checkpoint of step 7" in missing.stderr
-    empty = subprocess.run([*base, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert empty.returncode == 2 and "config.yaml" in empty.stderr
+    assert main(["eval", str(run_dir), "--checkpoint", "7"]) == 1
+    assert "no checkpoint of step 7" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "num_samples=3"]) == 2
+    assert "only eval.* overrides" in capsys.readouterr().err
 
 
-def test_run_without_images_evaluates_what_it_has(tmp_path, monkeypatch):
+def test_run_without_images_evaluates_what_it_has(tmp_path, monkeypatch, tiny_evaluator):
     docs = tmp_path / "docs.jsonl"
     words = ["red", "green", "blue", "round", "square", "small", "large", "shape", "corner"]
     lines = [
@@ -233,7 +235,7 @@ def test_run_without_images_evaluates_what_it_has(tmp_path, monkeypatch):
     )
     train(cfg)
     monkeypatch.setitem(sys.modules, "sparsefusion.generate", _fake_generate_module("bad", {}))
-    row, _ = evaluate_run(tmp_path / "run", _cfg(tmp_path))
+    row, _ = evaluate_run(tmp_path / "run", _cfg(tiny_evaluator))
     assert row["ppl/batch/text"] > 0 and "ppl/batch/image" not in row
     for key in ("fid_sf", "clip_sf", "cider"):
         assert key not in row and "caption-image pairs" in row["skipped"][key], row["skipped"]
