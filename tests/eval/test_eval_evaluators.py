@@ -146,3 +146,19 @@ def test_missing_torchmetrics_message(trained, monkeypatch):
 def test_bad_config_names_key():
     with pytest.raises(ValueError, match="eval.evaluator.epochs"):
         EvaluatorConfig(epochs=0)
+
+
+def test_labels_are_scene_attributes_else_caption_words(trained):
+    from PIL import Image
+
+    from sparsefusion.eval.pairs import Pair, WordVocab
+
+    _, ev, _ = trained
+    assert ev.vocab.label_source == "attributes" and "shape:circle" in ev.vocab.labels
+    im = Image.new("RGB", (8, 8))
+    pairs = [Pair(im, f"a {c} shoe") for c in ("red", "blue") * 10]  # no attributes: words
+    vocab = WordVocab.build(pairs, max_words=50, num_labels=10)
+    assert vocab.label_source == "words" and set(vocab.labels) == {"red", "blue"}
+    red = vocab.labels.index("red")
+    targets = vocab.label_targets(pairs[:2])
+    assert targets[0, red] == 1.0 and targets[1, red] == 0.0 and targets.sum() == 2.0

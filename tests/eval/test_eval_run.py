@@ -160,7 +160,7 @@ def test_generation_metrics_perfect_vs_bad_and_reproducible(run, monkeypatch, lo
     assert all(k in good for k in METRICS)
     monkeypatch.setitem(sys.modules, "sparsefusion.generate", _fake_generate_module("bad", lookup))
     bad, _ = evaluate_run(run_dir, _cfg(ev))
-    assert bad["fid_sf"] > 10 * max(good["fid_sf_real"], 1e-3)
+    assert bad["fid_sf"] > 5 * max(good["fid_sf_real"], 1e-3)
     assert bad["clip_sf"] < good["clip_sf"] and bad["cider"] == 0.0
 
 

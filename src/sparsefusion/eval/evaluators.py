@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from sparsefusion.eval.evaluator_nets import ContrastiveNet, FeatureNet
 from sparsefusion.eval.pairs import Pair, WordVocab, images_to_tensor, read_pairs
 
-FORMAT = "sparsefusion-evaluators-v1"
+FORMAT = "sparsefusion-evaluators-v2"
 RETRIEVAL_GROUP = 32
 
 
@@ -49,7 +49,8 @@ class EvaluatorConfig:
         batch_size: pairs per optimizer step (also the InfoNCE batch).
         lr: Adam learning rate.
         dim: feature / embedding width (``fid_sf`` feature count).
-        num_labels: label words the feature network predicts (at most).
+        num_labels: labels (visual attributes or caption words) the feature network predicts
+            (at most).
         max_words: caption vocabulary of the text encoder.
         max_len: caption words read by the text encoder.
         seed: initialisation and shuffling seed.
@@ -63,7 +64,7 @@ class EvaluatorConfig:
     batch_size: int = 64
     lr: float = 2e-3
     dim: int = 64
-    num_labels: int = 48
+    num_labels: int = 128
     max_words: int = 2000
     max_len: int = 48
     seed: int = 0
@@ -167,21 +168,20 @@ def train_evaluators(
             f"({len(train)} train, {len(heldout)} held out) to train the evaluator networks"
         )
     t0 = time.perf_counter()
-    vocab = WordVocab.build(
-        [p.caption for p in train], max_words=cfg.max_words, num_labels=cfg.num_labels
-    )
+    vocab = WordVocab.build(train, max_words=cfg.max_words, num_labels=cfg.num_labels)
     if not vocab.labels:
-        raise EvaluatorError(f"corpus {train_source.name!r}: its captions give no label words")
+        raise EvaluatorError(f"corpus {train_source.name!r}: its pairs give no labels to learn")
     torch.manual_seed(cfg.seed)
     features = FeatureNet(len(vocab.labels), cfg.dim, image_size)
+    torch.manual_seed(cfg.seed + 1)  # its own stream: independent of the number of labels
     clip = ContrastiveNet(vocab.size, cfg.dim, image_size)
     x_train, x_held = images_to_tensor([p.image for p in train], image_size), None
     x_held = images_to_tensor([p.image for p in heldout], image_size)
-    _fit_features(features, x_train, vocab.label_targets([p.caption for p in train]), cfg)
+    _fit_features(features, x_train, vocab.label_targets(train), cfg)
     _fit_clip(clip, x_train, vocab.encode([p.caption for p in train], cfg.max_len), cfg)
     features.eval()
     clip.eval()
-    acc = feature_accuracy(features, x_held, vocab.label_targets([p.caption for p in heldout]))
+    acc = feature_accuracy(features, x_held, vocab.label_targets(heldout))
     acc.update(
         retrieval_accuracy(clip, x_held, vocab.encode([p.caption for p in heldout], cfg.max_len))
     )
@@ -192,6 +192,7 @@ def train_evaluators(
         "image_size": image_size,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "path")},
         "max_len": cfg.max_len,
+        "labels": f"{len(vocab.labels)} {vocab.label_source}",
         "train_pairs": len(train),
         "heldout_pairs": len(heldout),
         "heldout": acc,
