@@ -61,7 +61,7 @@ class EvaluatorConfig:
     train_pairs: int = 4000
     heldout_pairs: int = 512
     epochs: int = 6
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     dim: int = 64
     num_labels: int = 128
