@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -93,7 +94,7 @@ def load_checkpoint(
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "model.safetensors"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -101,9 +102,12 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (was it trained with another model config?)"
         )
-    extra = load_file(str(path / "optim.safetensors"))
-    if optimizer is not None:
-        optimizer.load_state_dict(unflatten_optimizer(extra, state["param_groups"]))
+    try:
+        extra = load_file(str(path / "optim.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(unflatten_optimizer(extra, state["param_groups"]))
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"cannot restore the optimizer from {path}: {e}") from e
     restore_rng(extra)
     return state
 

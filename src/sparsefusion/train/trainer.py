@@ -47,6 +47,7 @@ from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.metrics import MetricsLogger
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
+from sparsefusion.train.resume import resume_checkpoint, step_folders
 from sparsefusion.train.upcycle import upcycle
 
 log = logging.getLogger("sparsefusion")
@@ -135,7 +136,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
 
     model = Transformer(cfg.model)
     model.init_weights()
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = resume_checkpoint(run_dir, model, env)  # validated; damaged ones moved aside
     seed_state = None
     if ckpt is None and cfg.model.upcycle_from:  # fresh run only: a resumed run never copies again
         seed_state = upcycle(model, cfg.model.upcycle_from)
@@ -471,7 +472,7 @@ def _use_bar(cfg: TrainConfig) -> bool:
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a run whose model or data settings changed."""
     path = run_dir / "config.yaml"
-    if not path.exists() or latest_checkpoint(run_dir) is None:
+    if not path.exists() or not step_folders(run_dir):
         return
     old = load_yaml(path)
     new = to_dict(cfg)
