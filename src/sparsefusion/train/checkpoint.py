@@ -79,7 +79,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_entries(root)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(disk_error_message(final, e)) from e
     prune_checkpoints(root, keep)
