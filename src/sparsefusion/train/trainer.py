@@ -41,7 +41,7 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.ar import ar_loss
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train import faults
+from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.metrics import MetricsLogger
@@ -102,7 +102,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     owns_group = launched_by_torchrun() and not dist.is_initialized()
     env = init_distributed(resolve_device(cfg.train.device), timeout_s=cfg.dist.timeout_s)
     try:
-        return _train(cfg, env)
+        with run_lock.hold(cfg.run.dir, env), preempt.handlers():
+            return _train(cfg, env)
     finally:
         if owns_group:
             teardown()
@@ -270,8 +271,9 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             optimizer.zero_grad(set_to_none=True)
             for out, model_out in outs:
                 window.add(out, model_out)
-        log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps
-        save_now = step % cfg.run.save_every == 0 or step == end
+        stop = preempt.stop_requested(step, env)  # SIGTERM/SIGINT: save this step, then exit
+        log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps or stop
+        save_now = step % cfg.run.save_every == 0 or step == end or stop
         if log_now or save_now:
             state.flops += _sum_over_ranks(pending_flops)
             pending_flops = 0.0
@@ -290,6 +292,8 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         faults.maybe_pause("pause_at_step", step, run_dir)
         if save_now:
             _save(run_dir, step, model, optimizer, state, loaders, cfg, env)
+        if stop and step < end:
+            preempt.exit_after_save(step, run_dir)
     progress.close()
     return last
 
