@@ -5,6 +5,8 @@ without touching its metrics or checkpoints."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -77,8 +79,9 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(
 ):
     run_dir = _copy(stopped_at_6, tmp_path / "run")
     DAMAGE[damage](ck.checkpoint_dir(run_dir) / "step_00000006")
-    with pytest.warns(UserWarning, match="step_00000006 is damaged.*resuming from step_00000004"):
+    with caplog.at_level(logging.WARNING, logger="sparsefusion"):
         train(_cfg(run_dir, tokenizer_cache))
+    assert re.search("step_00000006 is damaged.*resuming from step_00000004", caplog.text)
     rows = _rows(run_dir)
     assert sorted(rows) == list(range(1, 8))
     for step in rows:
@@ -116,11 +119,12 @@ def test_no_usable_checkpoint_refuses_and_changes_nothing(tmp_path, tokenizer_ca
     assert names == ["step_00000004", "step_00000006"]
 
 
-def test_export_skips_a_damaged_newest_checkpoint(tmp_path, stopped_at_6):
+def test_export_skips_a_damaged_newest_checkpoint(tmp_path, stopped_at_6, caplog):
     run_dir = _copy(stopped_at_6, tmp_path / "run")
     _truncate(ck.checkpoint_dir(run_dir) / "step_00000006" / "model.safetensors")
-    with pytest.warns(UserWarning, match="step_00000006 is damaged"):
+    with caplog.at_level(logging.WARNING, logger="sparsefusion"):
         out = export_run(run_dir, tmp_path / "export")
+    assert "step_00000006 is damaged" in caplog.text
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -128,7 +132,7 @@ def test_export_skips_a_damaged_newest_checkpoint(tmp_path, stopped_at_6):
     assert (ck.checkpoint_dir(run_dir) / "step_00000006").is_dir()  # export changes nothing
 
 
-def test_sharded_dcp_checkpoints_are_validated_too(tmp_path):
+def test_sharded_dcp_checkpoints_are_validated_too(tmp_path, caplog):
     from sparsefusion.distributed.checkpoint import save_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
     from sparsefusion.train.resume import select_checkpoint
@@ -147,8 +151,9 @@ def test_sharded_dcp_checkpoints_are_validated_too(tmp_path):
     assert select_checkpoint(tmp_path, model)[0].name == "step_00000004"
     newest = ck.checkpoint_dir(tmp_path) / "step_00000004"
     _truncate(next((newest / "dcp").glob("*.distcp")))
-    with pytest.warns(UserWarning, match=r"step_00000004 is damaged \(dcp/.*truncated"):
+    with caplog.at_level(logging.WARNING, logger="sparsefusion"):
         chosen, damaged = select_checkpoint(tmp_path, model)
+    assert re.search(r"step_00000004 is damaged \(dcp/.*truncated", caplog.text)
     assert chosen.name == "step_00000002" and damaged == [newest]
     other = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
     with pytest.raises(ck.CheckpointError, match="does not match the model.*0.weight"):

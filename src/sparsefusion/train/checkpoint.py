@@ -30,7 +30,7 @@ from sparsefusion.train import faults
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+STEP_DIR = re.compile(r"^step_(\d{8})$")  # a checkpoint folder (complete or not)
 
 
 class CheckpointError(RuntimeError):
@@ -46,7 +46,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
     return max(done, key=lambda p: int(p.name[5:])) if done else None
 
 
@@ -192,7 +192,7 @@ def _fsync_entries(path: Path) -> None:
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
     done = sorted(
-        (p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])
+        (p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])
     )
     for old in done[: max(0, len(done) - keep)]:
         shutil.rmtree(old, ignore_errors=True)

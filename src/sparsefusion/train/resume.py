@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,10 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
+from sparsefusion.train.checkpoint import STEP_DIR, CheckpointError, checkpoint_dir
 
 log = logging.getLogger("sparsefusion")
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 DAMAGED_PREFIX = "damaged_"
 _SHARD_KEYS = ("version", "rank", "world_size", "docs_read", "buffer", "tokens_emitted")
 
@@ -51,7 +48,7 @@ def step_folders(run_dir: Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
@@ -88,7 +85,6 @@ def select_checkpoint(run_dir: Path, model: nn.Module) -> tuple[Path | None, lis
             for bad, why in damaged:
                 msg = f"checkpoint {bad} is damaged ({why}); resuming from {folder.name} instead"
                 log.warning(msg)
-                warnings.warn(msg, stacklevel=2)
             return folder, [p for p, _ in damaged]
         if problem.kind == "mismatch":
             raise CheckpointError(

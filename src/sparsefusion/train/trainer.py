@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sparsefusion.config import dump_yaml, load_yaml, to_dict
+from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.shards import ShardedLoaders
@@ -479,6 +479,8 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     if not path.exists() or not step_folders(run_dir):
         return
     old = load_yaml(path)
+    with contextlib.suppress(ValueError):  # keys added since then compare at their defaults
+        old = to_dict(from_dict(TrainConfig, old))
     new = to_dict(cfg)
     for section in ("model", "data", "tokenizer"):
         if old.get(section) != new.get(section):
