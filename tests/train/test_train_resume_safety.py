@@ -158,3 +158,17 @@ def test_sharded_dcp_checkpoints_are_validated_too(tmp_path, caplog):
     other = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
     with pytest.raises(ck.CheckpointError, match="does not match the model.*0.weight"):
         select_checkpoint(tmp_path, other)
+
+
+def test_run_of_an_older_version_without_the_new_keys_resumes(
+    tmp_path, tokenizer_cache, stopped_at_6
+):
+    import yaml
+
+    run_dir = _copy(stopped_at_6, tmp_path / "run")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key in ("max_doc_bytes", "max_file_bytes", "max_image_pixels", "max_audio_seconds"):
+        del config["data"][key]  # written before these keys existed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    train(_cfg(run_dir, tokenizer_cache))
+    assert max(_rows(run_dir)) == 7
