@@ -44,10 +44,10 @@ from sparsefusion.train import faults
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context, resolve_device
-from sparsefusion.train.metrics import MetricsLogger
+from sparsefusion.train.metrics import LogWindow, MetricsLogger, NullMetrics
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
-from sparsefusion.train.step import LoggedSums, StepOutput, accumulate_gradients, means
+from sparsefusion.train.step import StepOutput, accumulate_gradients
 from sparsefusion.train.upcycle import upcycle
 from sparsefusion.train.validate import evaluate
 
@@ -191,7 +191,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     metrics = (
         MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
         if env.is_main
-        else _NullMetrics()
+        else NullMetrics()
     )
     try:
         return _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir)
@@ -236,7 +236,7 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
     objective = build_objective(cfg.objective, cfg.model)
     amp = _amp(cfg, env)
     last: dict[str, Any] = {}
-    window = _Window(state.tokens)
+    window = LogWindow(state.tokens)
     progress = Progress(total=cfg.train.steps, start=state.step, bar=_use_bar(cfg) and env.is_main)
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     accum = cfg.train.grad_accum
@@ -272,7 +272,8 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             state.flops += _sum_over_ranks(pending_flops)
             pending_flops = 0.0
         if log_now and window.n:
-            last["train"] = window.row(state, lr=lr, grad_norm=float(grad_norm))
+            position = {"step": step, **_position(state), "skipped_steps": state.skipped_steps}
+            last["train"] = window.row(position, lr=lr, grad_norm=float(grad_norm))
             last["train"].update(loaders.issue_metrics())
             _check_finite(last["train"], step)
             metrics.log(last["train"])
@@ -347,66 +348,6 @@ def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-class _Window:
-    """Accumulates the objective's logged sums between two logged steps (on device, no syncs)."""
-
-    def __init__(self, tokens: int) -> None:
-        self.reset(tokens)
-
-    def reset(self, tokens: int) -> None:
-        self.sums = LoggedSums()
-        self.n = 0  # micro-batches
-        self.steps = 0.0  # optimizer steps (micro-batches / grad_accum)
-        self.aux: dict[str, torch.Tensor] = {}
-        self.metrics: dict[str, Any] = {}
-        self.t0 = time.perf_counter()
-        self.tokens0 = tokens
-
-    def add(self, out: StepOutput, micro_batches: int) -> None:
-        self.sums.add(out.objective)
-        self.n += 1
-        self.steps += 1.0 / micro_batches
-        for k, v in out.model.aux_losses.items():  # router losses: mean per step
-            self.aux[k] = self.aux.get(k, 0.0) + v.detach().double() / micro_batches
-        self.metrics = out.model.metrics  # router metrics of the last micro-batch
-
-    def row(self, state: TrainState, *, lr: float, grad_norm: float) -> dict[str, Any]:
-        """The logged row (sums over ranks), then reset for the next window."""
-        names, totals = self.sums.totals()
-        totals = all_reduce_sum(totals.clone())
-        row: dict[str, Any] = {"step": state.step, **_position(state)}
-        row.update(means(names, totals))
-        if self.aux:
-            aux_names = sorted(self.aux)
-            aux = all_reduce_sum(torch.stack([self.aux[k] for k in aux_names]))
-            scale = _world_size() * max(self.steps, 1e-9)
-            row.update({k: v / scale for k, v in zip(aux_names, aux.cpu().tolist(), strict=True)})
-        row.update({k: float(v) for k, v in self.metrics.items() if not k.endswith("/pairs")})
-        elapsed = time.perf_counter() - self.t0
-        row["lr"] = lr
-        row["grad_norm"] = grad_norm
-        row["tokens_per_s"] = (state.tokens - self.tokens0) / elapsed if elapsed > 0 else 0.0
-        row["skipped_steps"] = state.skipped_steps
-        self.reset(state.tokens)
-        return row
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-class _NullMetrics:
-    """Metrics sink of ranks other than 0 (rank 0 alone writes files)."""
-
-    def log(self, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _check_finite(row: dict[str, Any], step: int) -> None:
