@@ -124,3 +124,14 @@ def test_lock_is_released_after_a_run(tmp_path):
         run_lock.acquire(tmp_path)
     run_lock.release(fd)
     run_lock.release(run_lock.acquire(tmp_path))
+
+
+def test_signal_before_the_first_step_exits_at_once_with_its_code():
+    from sparsefusion.train import preempt
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(preempt.Preempted, match="before training started") as e:
+        with preempt.handlers():
+            signal.raise_signal(signal.SIGINT)
+    assert e.value.code == 130 and isinstance(e.value, SystemExit)
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored

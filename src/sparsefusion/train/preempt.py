@@ -72,7 +72,9 @@ def _handler(signum: int, frame: Any) -> None:
         os._exit(128 + signum)
     _state.requested = signum
     if not _state.in_loop:
-        raise Preempted(signum, f"{_name(signum)} before training started; nothing to save")
+        msg = f"{_name(signum)} before training started: nothing to save; exiting ({128 + signum})"
+        log.warning(msg)
+        raise Preempted(signum, msg)
     log.warning(
         "%s received: finishing this step, then saving a checkpoint and exiting "
         "(send it again to exit at once)",
