@@ -40,12 +40,14 @@ def plant(folder: Path) -> list[tuple[str, str]]:
     (folder / "rate0.wav").write_bytes(wav_with_rate(0))
     (folder / "rate300m.wav").write_bytes(wav_with_rate(300_000_000))
     (folder / "rate1.wav").write_bytes(wav_with_rate(1))
+    (folder / "short.wav").write_bytes(wav_with_rate(16000, num_bytes=200))  # 6 ms
     os.mkfifo(folder / "fifo.wav")
     deep = "[" * 100_000 + "]" * 100_000
     return [
         (json.dumps([{"text": "bomb"}, {"image": "bomb.png"}]), "oversize_image"),
         (json.dumps([{"text": "big"}, {"image": "big.png"}]), "oversize_image"),
         (deep, "bad_json"),
+        ("[" + "1" * 5000 + "]", "bad_json"),  # an integer Python refuses to convert
         (json.dumps([{"text": "nul"}, {"image": "img/a\u0000b.png"}]), "not_regular_file"),
         (json.dumps([{"text": "zero"}, {"image": "/dev/zero"}]), "not_regular_file"),
         (json.dumps([{"text": "fifo"}, {"audio": "fifo.wav"}]), "not_regular_file"),
@@ -53,4 +55,5 @@ def plant(folder: Path) -> list[tuple[str, str]]:
         (json.dumps([{"text": "0 Hz"}, {"audio": "rate0.wav"}]), "corrupt_audio"),
         (json.dumps([{"text": "300 MHz"}, {"audio": "rate300m.wav"}]), "corrupt_audio"),
         (json.dumps([{"text": "1 Hz"}, {"audio": "rate1.wav"}]), "corrupt_audio"),
+        (json.dumps([{"text": "6 ms"}, {"audio": "short.wav"}]), "corrupt_audio"),
     ]

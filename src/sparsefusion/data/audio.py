@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.limits import (
     MAX_SAMPLE_RATE,
+    MIN_AUDIO_SECONDS,
     MIN_SAMPLE_RATE,
     InputLimits,
     read_regular_file,
@@ -43,8 +44,9 @@ def decode_wav_bytes(
     The sample rate and the duration are checked from the header before any sample is decoded.
 
     Raises:
-        BadInput: ``corrupt_audio`` for an unreadable, truncated, empty or non-PCM file or an
-            implausible sample rate; ``oversize_audio`` above ``max_seconds``.
+        BadInput: ``corrupt_audio`` for an unreadable, truncated, empty or non-PCM file, an
+            implausible sample rate or a clip under ``MIN_AUDIO_SECONDS``; ``oversize_audio``
+            above ``max_seconds``.
     """
     import io
 
@@ -60,6 +62,10 @@ def decode_wav_bytes(
                 )
             # The header's frame count may lie; the data actually present bounds it too.
             seconds = min(frames, len(data) // max(1, channels * width)) / rate
+            if frames and seconds < MIN_AUDIO_SECONDS:
+                raise BadInput(
+                    "corrupt_audio", where, f"clip of {seconds:.3f} s < {MIN_AUDIO_SECONDS} s"
+                )
             if seconds > max_seconds:
                 raise BadInput(
                     "oversize_audio",

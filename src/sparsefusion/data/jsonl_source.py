@@ -126,7 +126,7 @@ class JsonlSource:
         line = self._read_line(offset, where)
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # also bad UTF-8, and integers of more than 4300 digits
             raise BadInput("bad_json", where, f"invalid JSON ({e})") from e
         except RecursionError as e:
             raise BadInput("bad_json", where, "JSON nested too deeply") from e

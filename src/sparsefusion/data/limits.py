@@ -41,6 +41,9 @@ class InputLimits:
 
 # WAV sample rates outside this range are refused as corrupt (a header claiming 0 Hz or 300 MHz).
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
+# Shorter clips are refused as corrupt: the speech tokenizer's STFT needs more than n_fft / 2
+# samples (n_fft 1024 by default; 0.1 s at 16 kHz leaves room up to n_fft 3200).
+MIN_AUDIO_SECONDS = 0.1
 
 
 def read_regular_file(path: str | os.PathLike[str], where: str, max_bytes: int) -> bytes:
