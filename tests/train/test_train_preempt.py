@@ -100,7 +100,7 @@ def test_second_trainer_on_a_locked_run_folder_is_refused(tmp_path, tokenizer_ca
         _wait_for(first, run_dir / "fault_pause_at_step")
         second = _cli(run_dir, tokenizer_cache)
         _, err = second.communicate(timeout=300)
-        assert second.returncode != 0
+        assert second.returncode == 2  # a usage error, as documented
         assert f"is in use by another trainer (host {os.uname().nodename}, PID {first.pid}" in (
             err.decode()
         )
