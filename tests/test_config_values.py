@@ -21,7 +21,7 @@ from sparsefusion.train.optim import OptimConfig
         ("optim.eps=0", "optim.eps"),
         ("train.threads=-3", "train.threads"),
         ("train.stop_at=-1", "train.stop_at"),
-        ("data.max_image_pixels=0", "data.max_image_pixels"),
+        ("data.max_image_pixels=0", "data.max_image_pixels must be > 0"),
     ],
 )
 def test_impossible_values_are_refused_naming_the_key(override, key):
