@@ -26,15 +26,15 @@ class InputLimits:
 
     Attributes:
         max_file_bytes: largest image or audio file (or shard member) read.
-        max_doc_bytes: largest JSONL line (or caption) parsed, in bytes. At about 4 bytes per
-            text token, the default is 16x the default ``data.max_doc_tokens``; raise both for
-            longer documents (tokenizing costs about 160 MB of memory per MB of text).
+        max_doc_bytes: largest JSONL line (or caption) parsed, in bytes. The default, 256 KiB,
+            is 16 bytes per token of the default ``data.max_doc_tokens`` (text averages about 4);
+            raise both for longer documents (tokenizing costs about 160 MB of memory per MB).
         max_image_pixels: largest image (width x height, from its header) decoded.
         max_audio_seconds: longest audio clip (from its header) decoded.
     """
 
     max_file_bytes: int = 64 * MB
-    max_doc_bytes: int = 1 * MB
+    max_doc_bytes: int = MB // 4
     max_image_pixels: int = 40_000_000
     max_audio_seconds: float = 600.0
 
