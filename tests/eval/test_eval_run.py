@@ -241,3 +241,19 @@ def test_run_without_images_evaluates_what_it_has(tmp_path, monkeypatch, tiny_ev
         assert key not in row and "caption-image pairs" in row["skipped"][key], row["skipped"]
     assert "causal routing = batch routing" in row["notes"]["causal"]  # MoT routes per token
     assert row["loss/causal"] == row["loss/batch"]
+
+
+def test_damaged_checkpoint_is_a_clear_error(run, tmp_path, capsys):
+    import shutil
+
+    from sparsefusion.cli.main import main
+
+    run_dir, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "checkpoints" / "step_00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["eval", str(copy), "--checkpoint", "2"]) == 1
+    assert "step_00000002 cannot be evaluated" in capsys.readouterr().err
+    assert main(["eval", str(copy)]) == 1
+    assert "none can be resumed" in capsys.readouterr().err

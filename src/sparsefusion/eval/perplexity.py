@@ -26,9 +26,10 @@ from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint
+from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context
+from sparsefusion.train.resume import check_checkpoint, model_shapes, select_checkpoint
 from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
@@ -42,36 +43,37 @@ def run_config(run_dir: Path) -> TrainConfig:
     return from_dict(TrainConfig, load_yaml(path))
 
 
-def find_checkpoint(run_dir: Path, step: int | None) -> Path:
-    """The checkpoint of ``step`` (newest when None); a clear error when there is none."""
-    if step is None:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-        return ckpt
-    ckpt = checkpoint_dir(run_dir) / f"step_{step:08d}"
-    if not (ckpt / "state.json").is_file():
-        have = sorted(p.name for p in checkpoint_dir(run_dir).glob("step_*"))
-        raise CheckpointError(f"{run_dir}: no checkpoint of step {step} (have: {have or 'none'})")
-    return ckpt
-
-
-def load_model(run_cfg: TrainConfig, ckpt: Path, device: torch.device) -> tuple[Any, dict]:
-    """The model of a checkpoint (either format), in eval mode, and its saved counters."""
-    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint
+def load_model(
+    run_dir: Path, run_cfg: TrainConfig, step: int | None, device: torch.device
+) -> tuple[Any, Path, dict]:
+    """The model of checkpoint ``step`` (the newest usable one when None), in eval mode, its
+    folder and its saved counters. Checkpoints are validated first (``train/resume.py``): a
+    damaged newest one is skipped with a warning; a damaged or missing requested one is an error.
+    """
     from sparsefusion.distributed.mesh import DistEnv
+    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
 
     model = Transformer(run_cfg.model)
+    if step is None:
+        ckpt, _ = select_checkpoint(run_dir, model)
+        if ckpt is None:
+            raise CheckpointError(f"{run_dir} holds no complete checkpoint")
+    else:
+        ckpt = checkpoint_dir(run_dir) / f"step_{step:08d}"
+        if not ckpt.is_dir():
+            have = sorted(p.name for p in checkpoint_dir(run_dir).glob("step_*"))
+            raise CheckpointError(
+                f"{run_dir}: no checkpoint of step {step} (have: {have or 'none'})"
+            )
+        problem = check_checkpoint(ckpt, model_shapes(model))
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {ckpt} cannot be evaluated: {problem.detail}")
     if is_dcp_checkpoint(ckpt):
         load_dcp_checkpoint(ckpt, model, None, DistEnv())
     else:
-        try:
-            weights = load_file(str(ckpt / "model.safetensors"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read checkpoint {ckpt}: {e}") from e
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
     state = json.loads((ckpt / "state.json").read_text())
-    return model.to(device).eval().requires_grad_(False), state
+    return model.to(device).eval().requires_grad_(False), ckpt, state
 
 
 def load_aux_routers(run_dir: Path, model: Any, device: torch.device) -> tuple[Any, str]:

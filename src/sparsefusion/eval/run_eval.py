@@ -27,13 +27,7 @@ from sparsefusion.data.sources import build_source
 from sparsefusion.eval.evaluators import EvaluatorConfig, EvaluatorError, load_or_train
 from sparsefusion.eval.generation_eval import GenerationResult, GenerationSettings, score_generation
 from sparsefusion.eval.pairs import read_pairs
-from sparsefusion.eval.perplexity import (
-    find_checkpoint,
-    load_model,
-    routing_perplexity,
-    run_config,
-    val_batches,
-)
+from sparsefusion.eval.perplexity import load_model, routing_perplexity, run_config, val_batches
 from sparsefusion.train.config import TrainConfig
 
 log = logging.getLogger("sparsefusion")
@@ -112,13 +106,12 @@ def evaluate_run(
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     run_dir = Path(run_dir)
     run_cfg = run_config(run_dir)
-    ckpt = find_checkpoint(run_dir, checkpoint)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    model, state = load_model(run_cfg, ckpt, device)
+    model, ckpt, state = load_model(run_dir, run_cfg, checkpoint, device)
     step = int(state["step"])
     row: dict[str, Any] = {"step": step, "size": size, "checkpoint": ckpt.name, "seed": cfg.seed}
     row.update(_counters(run_dir, state, step))
