@@ -137,7 +137,7 @@ def lookup():
     from sparsefusion.data.scenes import SceneCorpus
     from sparsefusion.eval.pairs import read_pairs
 
-    pairs = read_pairs(SceneCorpus(split="val"), 16)
+    pairs = read_pairs(SceneCorpus(split="val"), 140)
     table = {p.caption: p.image for p in pairs}
     table.update({p.image.tobytes(): p.caption for p in pairs})
     return table

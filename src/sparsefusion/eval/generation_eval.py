@@ -53,6 +53,7 @@ class GenerationResult:
     images: list[tuple[str, Image.Image | None]] = field(default_factory=list)
     captions: list[dict[str, Any]] = field(default_factory=list)
     samples: dict[str, list] = field(default_factory=dict)
+    pairs: list[Pair] = field(default_factory=list)
 
 
 def reference_scores(ev: Evaluators, pairs: list[Pair], others: list[Pair]) -> dict[str, float]:
@@ -143,7 +144,7 @@ def score_generation(
     gen, ev: Evaluators | None, pairs: list[Pair], s: GenerationSettings, why_no_ev: str = ""
 ) -> GenerationResult:
     """Both directions where the run can serve them; skipped metrics say why."""
-    res = GenerationResult()
+    res = GenerationResult(pairs=list(pairs))
     modes = set(getattr(gen, "modes", ()))
     if T2I not in modes:
         res.skipped["fid_sf"] = res.skipped["clip_sf"] = (

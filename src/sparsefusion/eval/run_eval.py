@@ -52,8 +52,8 @@ class EvalConfig:
         evaluator: how the evaluator networks are trained and cached.
     """
 
-    num_samples: int = 64
-    small_num_samples: int = 16
+    num_samples: int = 256
+    small_num_samples: int = 64
     val_batches: int = 0
     perplexity: bool = True
     generate: bool = True
@@ -137,7 +137,7 @@ def evaluate_run(
     out = run_dir / "eval" / f"step_{step:08d}_{size}"
     out.mkdir(parents=True, exist_ok=True)
     if cfg.samples:
-        _write_samples(out, gen_res)
+        _write_samples(out, gen_res, gen_res.pairs)
     (out / "summary.md").write_text(summary_markdown(row, run_dir))
     with open(run_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -206,13 +206,19 @@ def _evaluators(run_cfg: TrainConfig, cfg: EvalConfig):
     )
 
 
-def _write_samples(out: Path, res: GenerationResult) -> None:
-    shown = [im for _, im in res.images if im is not None][:16]
+def _write_samples(out: Path, res: GenerationResult, pairs: list) -> None:
+    """``text_to_image.png``: rows of 8 held-out real images, each above its generated one."""
+    shown = [(p.image, im) for p, (_, im) in zip(pairs, res.images, strict=False)][:16]
     if shown:
-        side = max(im.size[0] for im in shown)
-        grid = Image.new("RGB", (side * min(8, len(shown)), side * ((len(shown) + 7) // 8)))
-        for i, im in enumerate(shown):
-            grid.paste(im.convert("RGB").resize((side, side)), ((i % 8) * side, (i // 8) * side))
+        side = 64
+        cols, rows = min(8, len(shown)), 2 * ((len(shown) + 7) // 8)
+        grid = Image.new("RGB", (side * cols, side * rows), "white")
+        for i, (real, fake) in enumerate(shown):
+            x, y = (i % 8) * side, (i // 8) * 2 * side
+            grid.paste(real.convert("RGB").resize((side, side), Image.Resampling.NEAREST), (x, y))
+            if fake is not None:
+                fake = fake.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+                grid.paste(fake, (x, y + side))
         grid.save(out / "text_to_image.png")
         with open(out / "text_to_image_prompts.txt", "w") as f:
             f.writelines(f"{i}: {cap}\n" for i, (cap, _) in enumerate(res.images[:16]))
