@@ -108,6 +108,8 @@ def _fake_generate_module(quality: str, lookup: dict):
 
         @classmethod
         def from_run(cls, run_dir, checkpoint=None, device="cpu"):
+            if quality == "unloadable":
+                raise ValueError("needs auxiliary routers: run `sparsefusion train-aux`")
             return cls()
 
         def generate(self, reqs):
@@ -257,3 +259,14 @@ def test_damaged_checkpoint_is_a_clear_error(run, tmp_path, capsys):
     assert "step_00000002 cannot be evaluated" in capsys.readouterr().err
     assert main(["eval", str(copy)]) == 1
     assert "none can be resumed" in capsys.readouterr().err
+
+
+def test_a_run_that_cannot_generate_says_why(run, monkeypatch):
+    run_dir, ev = run
+    monkeypatch.setitem(
+        sys.modules, "sparsefusion.generate", _fake_generate_module("unloadable", {})
+    )
+    row, _ = evaluate_run(run_dir, _cfg(ev))
+    for key in ("fid_sf", "clip_sf", "cider"):
+        assert "cannot generate: needs auxiliary routers" in row["skipped"][key]
+    assert row["loss/batch"] > 0 and "evaluators" not in row  # no evaluator work for nothing

@@ -25,7 +25,12 @@ from PIL import Image
 from sparsefusion.data.documents import IMAGE
 from sparsefusion.data.sources import build_source
 from sparsefusion.eval.evaluators import EvaluatorConfig, EvaluatorError, load_or_train
-from sparsefusion.eval.generation_eval import GenerationResult, GenerationSettings, score_generation
+from sparsefusion.eval.generation_eval import (
+    GenerationResult,
+    GenerationSettings,
+    reference_scores,
+    score_generation,
+)
 from sparsefusion.eval.pairs import read_pairs
 from sparsefusion.eval.perplexity import load_model, routing_perplexity, run_config, val_batches
 from sparsefusion.train.config import TrainConfig
@@ -131,7 +136,7 @@ def evaluate_run(
         skipped.update(gen_res.skipped)
         row.update(gen_res.row)
     else:
-        skipped.update({k: "eval.generate=false" for k in ("fid_sf", "clip_sf", "cider")})
+        skipped.update({k: "eval.generate=false" for k in GENERATION_METRICS})
     row["skipped"] = skipped
     row["eval_seconds"] = round(time.perf_counter() - t0, 2)
     out = run_dir / "eval" / f"step_{step:08d}_{size}"
@@ -160,38 +165,42 @@ def _counters(run_dir: Path, state: dict[str, Any], step: int) -> dict[str, Any]
     return out
 
 
+GENERATION_METRICS = ("fid_sf", "clip_sf", "cider")
+
+
+def _skip_all(res: GenerationResult, why: str) -> GenerationResult:
+    res.skipped.update({k: why for k in GENERATION_METRICS})
+    return res
+
+
 def _generation(run_dir, run_cfg: TrainConfig, cfg: EvalConfig, step, n, device, row):
+    """Generation metrics of one checkpoint; ``row`` gains the evaluators and reference values."""
     res = GenerationResult()
-    why = ""
     if IMAGE not in run_cfg.model.modalities:
-        for k in ("fid_sf", "clip_sf", "cider"):
-            res.skipped[k] = "the run's corpus has no images"
-        return res
+        return _skip_all(res, "the run's corpus has no images")
     try:
         from sparsefusion.generate import Generator
     except ImportError as e:
-        for k in ("fid_sf", "clip_sf", "cider"):
-            res.skipped[k] = f"generation is not available in this version ({e})"
-        return res
+        return _skip_all(res, f"generation is not available in this version ({e})")
     pairs = read_pairs(build_source(run_cfg.data, seed=0, split="val"), 2 * n)
     if len(pairs) < 4:
-        for k in ("fid_sf", "clip_sf", "cider"):
-            res.skipped[k] = f"only {len(pairs)} held-out caption-image pairs in the corpus"
-        return res
+        return _skip_all(res, f"only {len(pairs)} held-out caption-image pairs in the corpus")
     prompts = pairs[: min(n, len(pairs) // 2)]
-    others = pairs[len(prompts) :]
-    ev = None
+    others = pairs[len(prompts) : 2 * len(prompts)]
+    try:
+        gen = Generator.from_run(str(run_dir), checkpoint=step, device=str(device))
+    except ValueError as e:  # e.g. a batch-routed model without auxiliary routers
+        return _skip_all(res, f"the run cannot generate: {e}")
+    ev, why = None, ""
     try:
         ev = _evaluators(run_cfg, cfg)
-        row["evaluators"] = {"path": str(ev.path), "heldout": ev.manifest["heldout"]}
-        from sparsefusion.eval.generation_eval import reference_scores
-
-        row.update(reference_scores(ev, prompts, others[: len(prompts)]))
     except EvaluatorError as e:
         if cfg.evaluator.path:
             raise
         why = str(e)
-    gen = Generator.from_run(str(run_dir), checkpoint=step, device=str(device))
+    if ev is not None:
+        row["evaluators"] = {"path": str(ev.path), "heldout": ev.manifest["heldout"]}
+        row.update(reference_scores(ev, prompts, others))
     return score_generation(gen, ev, prompts, cfg.sampling(), why)
 
 
