@@ -50,3 +50,29 @@ def tiny_model(arch: str, seed: int = 0, **extra) -> tuple[Transformer, AuxRoute
         aux = AuxRouters(32, model.router_sites())
         aux.init_weights(std=0.5)
     return model.eval(), aux
+
+
+DOCS = [
+    "The red circle is above the blue square.",
+    "A green triangle sits left of a yellow star.",
+    "Two small purple dots drift over a black line.",
+    "One orange ring rests under the white cloud.",
+]
+
+
+def tiny_tokenizer():
+    """A real multimodal tokenizer: BPE on DOCS, an untrained VQ (8x8 images, 4 codes of 16)."""
+    from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer
+    from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
+    from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
+
+    torch.manual_seed(0)
+    text = BPETextTokenizer.train(DOCS * 4, 300)
+    image = VQImageTokenizer(ImageVQConfig(image_size=8, downsample=4, codebook_size=16)).eval()
+    vocab = UnifiedVocab({"text": text.vocab_size, "image": 16})
+    return MultimodalTokenizer(text, image, vocab)
+
+
+def tiny_generator_model(tok, arch: str = "mot", seed: int = 0, **extra):
+    """A tiny model sized to ``tok``'s vocabulary (and aux routers when it needs them)."""
+    return tiny_model(arch, seed, vocab_size=tok.vocab.padded_size(), **extra)
