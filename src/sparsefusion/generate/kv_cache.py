@@ -21,6 +21,7 @@ T = tokens of the step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ class KVCache:
         ]
         self._counts: list[int] = [0] * batch
         self.commit = True
+        self.memo: dict = {}
 
     def begin(self, counts: Sequence[int], *, commit: bool = True) -> None:
         """Declare the next forward: ``counts[b]`` real tokens lead row b; keep them or not."""
@@ -66,6 +68,7 @@ class KVCache:
             raise ValueError(f"counts must be {self.batch} non-negative ints, got {list(counts)}")
         self._counts = [int(c) for c in counts]
         self.commit = commit
+        self.memo = {}
 
     @property
     def step_counts(self) -> list[int]:
@@ -79,7 +82,7 @@ class KVCache:
         self, index: int, document_BT: torch.Tensor, span_BT: torch.Tensor | None
     ) -> LayerStep:
         """Layer ``index``'s cache bound to the step's tokens (called by the model)."""
-        return LayerStep(self.layers[index], document_BT, span_BT, self._counts)
+        return LayerStep(self.layers[index], document_BT, span_BT, self._counts, shared=True)
 
     def reset(self) -> None:
         """Forget every cached token (the buffers are kept)."""
@@ -106,46 +109,85 @@ class LayerKV:
         document_BT: torch.Tensor,
         span_BT: torch.Tensor | None,
         counts: Sequence[int],
+        shared: bool = False,
     ) -> torch.Tensor:
-        """Store the step's keys/values and attend (see the module doc for the rule)."""
-        B, _, T, _ = q_BHTK.shape
+        """Store the step's keys/values and attend (see the module doc for the rule).
+
+        ``shared``: the step's own tokens (not a Mixture-of-Depths subset); every such layer
+        holds the same tokens, so their index tensors and mask are built once per step.
+        """
+        T = q_BHTK.shape[2]
         S = self.k_BJSK.shape[2]
-        end = [n + T for n in self.length]
-        if max(end) > S:
-            raise ValueError(f"KV cache full: a row would need {max(end)} slots, capacity is {S}")
-        device = q_BHTK.device
-        start_B = torch.tensor(self.length, device=device)
-        count_B = torch.tensor(list(counts), device=device)
-        t_T = torch.arange(T, device=device)
-        slot_BT = start_B[:, None] + t_T[None, :]
-        valid_BT = t_T[None, :] < count_B[:, None]
-        doc_BT = torch.where(valid_BT, document_BT, -1)
-        span_q_BT = torch.full_like(doc_BT, -1) if span_BT is None else span_BT
-        span_q_BT = torch.where(valid_BT, span_q_BT, -1)
-        row_BT = torch.arange(B, device=device)[:, None].expand(B, T)
-        self.k_BJSK[row_BT, :, slot_BT] = k_BJTK.transpose(1, 2).to(self.k_BJSK.dtype)
-        self.v_BJSK[row_BT, :, slot_BT] = v_BJTK.transpose(1, 2).to(self.v_BJSK.dtype)
-        self.document_BS[row_BT, slot_BT] = doc_BT
-        self.span_BS[row_BT, slot_BT] = span_q_BT
-        used = max(end)
-        s_S = torch.arange(used, device=device)
-        written_BS = s_S[None, :] < (start_B + T)[:, None]
-        doc_BS, span_BS = self.document_BS[:, :used], self.span_BS[:, :used]
-        same_doc_BTS = doc_BS[:, None, :] == doc_BT[:, :, None]
-        earlier_BTS = s_S[None, None, :] <= slot_BT[:, :, None]
-        same_span_BTS = (span_BS[:, None, :] == span_q_BT[:, :, None]) & (span_q_BT >= 0)[..., None]
-        allowed_BTS = written_BS[:, None, :] & same_doc_BTS & (earlier_BTS | same_span_BTS)
+        if max(self.length) + T > S:
+            raise ValueError(
+                f"KV cache full: a row would need {max(self.length) + T} slots, capacity is {S}"
+            )
+        key = tuple(self.length)
+        memo = self.owner.memo if shared else {}
+        if key not in memo:
+            memo[key] = _StepIndex.build(self.length, counts, T, document_BT, span_BT)
+        idx = memo[key]
+        self.k_BJSK[idx.row_BT, :, idx.slot_BT] = k_BJTK.transpose(1, 2).to(self.k_BJSK.dtype)
+        self.v_BJSK[idx.row_BT, :, idx.slot_BT] = v_BJTK.transpose(1, 2).to(self.v_BJSK.dtype)
+        self.document_BS[idx.row_BT, idx.slot_BT] = idx.doc_BT
+        self.span_BS[idx.row_BT, idx.slot_BT] = idx.span_BT
+        if idx.allowed_B1TS is None:  # the first layer of the step builds the mask
+            idx.allowed_B1TS = idx.mask(self.document_BS, self.span_BS)
+        used = idx.used
         k_BJSK, v_BJSK = self.k_BJSK[:, :, :used], self.v_BJSK[:, :, :used]
         o_BHTK = F.scaled_dot_product_attention(
             q_BHTK,
             k_BJSK.to(q_BHTK.dtype),
             v_BJSK.to(q_BHTK.dtype),
-            attn_mask=allowed_BTS[:, None],
+            attn_mask=idx.allowed_B1TS,
             enable_gqa=k_BJSK.shape[1] != q_BHTK.shape[1],
         )
         if self.owner.commit:
             self.length = [n + c for n, c in zip(self.length, counts, strict=True)]
         return o_BHTK
+
+
+@dataclass
+class _StepIndex:
+    """Where one step's tokens go in a layer's cache, and the step's attention mask."""
+
+    row_BT: torch.Tensor
+    slot_BT: torch.Tensor
+    doc_BT: torch.Tensor
+    span_BT: torch.Tensor
+    start_B: torch.Tensor
+    used: int
+    allowed_B1TS: torch.Tensor | None = None
+
+    @staticmethod
+    def build(length, counts, T, document_BT, span_BT) -> _StepIndex:
+        device = document_BT.device
+        B = len(length)
+        start_B = torch.tensor(length, device=device)
+        t_T = torch.arange(T, device=device)
+        real_BT = t_T[None, :] < torch.tensor(list(counts), device=device)[:, None]
+        span = torch.full_like(document_BT, -1) if span_BT is None else span_BT
+        return _StepIndex(
+            row_BT=torch.arange(B, device=device)[:, None].expand(B, T),
+            slot_BT=start_B[:, None] + t_T[None, :],
+            doc_BT=torch.where(real_BT, document_BT, -1),  # filler: its own "document"
+            span_BT=torch.where(real_BT, span, -1),
+            start_B=start_B,
+            used=max(length) + T,
+        )
+
+    def mask(self, document_BS: torch.Tensor, span_BS: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, used): written, same document, and earlier or in the same span."""
+        T = self.slot_BT.shape[1]
+        s_S = torch.arange(self.used, device=document_BS.device)
+        written_BS = s_S[None, :] < (self.start_B + T)[:, None]
+        doc_BS, span_BS = document_BS[:, : self.used], span_BS[:, : self.used]
+        same_doc_BTS = doc_BS[:, None, :] == self.doc_BT[:, :, None]
+        earlier_BTS = s_S[None, None, :] <= self.slot_BT[:, :, None]
+        q_span_BT1 = self.span_BT[:, :, None]
+        same_span_BTS = (span_BS[:, None, :] == q_span_BT1) & (q_span_BT1 >= 0)
+        allowed_BTS = written_BS[:, None, :] & same_doc_BTS & (earlier_BTS | same_span_BTS)
+        return allowed_BTS[:, None]
 
 
 class LayerStep:
@@ -157,9 +199,10 @@ class LayerStep:
         document_BT: torch.Tensor,
         span_BT: torch.Tensor | None,
         counts: Sequence[int],
+        shared: bool = False,
     ):
         self._layer, self._document_BT, self._span_BT = layer, document_BT, span_BT
-        self._counts = list(counts)
+        self._counts, self._shared = list(counts), shared
         if len(self._counts) != document_BT.shape[0]:
             raise ValueError(
                 f"cache step has {len(self._counts)} rows, the inputs {document_BT.shape[0]}"
@@ -169,7 +212,7 @@ class LayerStep:
         self, q_BHTK: torch.Tensor, k_BJTK: torch.Tensor, v_BJTK: torch.Tensor
     ) -> torch.Tensor:
         return self._layer.write_and_attend(
-            q_BHTK, k_BJTK, v_BJTK, self._document_BT, self._span_BT, self._counts
+            q_BHTK, k_BJTK, v_BJTK, self._document_BT, self._span_BT, self._counts, self._shared
         )
 
     def rebind(
