@@ -92,5 +92,10 @@ def test_cache_never_grows_past_its_capacity():
     dec.extend([[1, 20, 21, 22, 23]])
     with pytest.raises(ValueError, match="cache holds 6"):
         dec.extend([[24, 25]])
+    two = Decoder(model, VOCAB, batch=2, capacity=6)
+    two.extend([[1, 20, 21, 22, 23, 24], [1, 20]])
+    for _ in range(4):  # the full row gets filler while the other row fills up
+        two.extend([[], [30]])
+    assert [len(r.ids) for r in two.rows] == [6, 6]
     with pytest.raises(ValueError, match="max_seq_len"):
         Decoder(model, VOCAB, batch=1, capacity=10_000)

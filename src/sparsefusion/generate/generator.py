@@ -17,6 +17,7 @@ from PIL import Image
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document
 from sparsefusion.data.documents import Segment as DocSegment
 from sparsefusion.generate.constraints import (
+    MIN_SPEECH_UNITS,
     MODES,
     NEEDS_IMAGE,
     NEEDS_SPEECH,
@@ -110,7 +111,7 @@ class Generator:
         if mode == "text_to_image":
             return self.rules.image_tokens + 2
         if mode == "text_to_speech":
-            return 3
+            return MIN_SPEECH_UNITS + 2
         return 1
 
     # ---- prompts -------------------------------------------------------------------------------
