@@ -99,3 +99,24 @@ def test_cache_never_grows_past_its_capacity():
     assert [len(r.ids) for r in two.rows] == [6, 6]
     with pytest.raises(ValueError, match="max_seq_len"):
         Decoder(model, VOCAB, batch=1, capacity=10_000)
+
+
+@pytest.mark.parametrize("arch", ["mot", "moma_mod"])
+def test_bidirectional_span_against_the_cache_matches_full_forward(arch):
+    """A span (e.g. Transfusion's image patches) run in one extend call, re-run uncommitted."""
+    model, aux = tiny_model(arch)
+    ids = _sequences()[0]
+    lo, hi = 6, 12  # the image codes form one bidirectional span
+    span = [-1] * len(ids)
+    span[lo:hi] = [0] * (hi - lo)
+    inputs = sequence_inputs(model, VOCAB, ids)
+    inputs.span_BT = torch.tensor([span])
+    ctx = ForwardContext(routing_mode="causal", aux_routers=aux)
+    want = model(inputs, ctx).logits_BTV[0]
+    dec = Decoder(model, VOCAB, batch=1, capacity=64, aux_routers=aux)
+    parts = [dec.extend([ids[:lo]])[0]]
+    for _ in range(2):  # denoising passes: the span against the cached prefix, not kept
+        dec.extend([ids[lo:hi]], span_ids=[span[lo:hi]], commit=False)
+    parts.append(dec.extend([ids[lo:hi]], span_ids=[span[lo:hi]])[0])
+    parts += [dec.extend([[i]])[0] for i in ids[hi:]]
+    torch.testing.assert_close(torch.cat(parts), want, atol=1e-5, rtol=0)

@@ -116,3 +116,28 @@ def test_every_request_is_checked_before_any_model_work(run):
     (run.parent / "broken.png").write_text("not an image")
     with pytest.raises(ValueError, match="broken.png.*cannot decode"):
         gen.generate([GenerationRequest(mode="image_to_text", image=run.parent / "broken.png")])
+
+
+def test_demo_takes_prompts_from_the_runs_val_documents(run, tmp_path):
+    out = tmp_path / "demo"
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--demo",
+                "--num",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    modes = [t["mode"] for t in json.loads((out / "tokens.json").read_text())]
+    assert modes == ["image_to_text"] * 2 + ["text_to_image"] * 2 + ["text"] * 2
+    assert Image.open(out / "grid.png").size[0] == 6 * 112
+    assert (out / "sample_000_input_image_0.png").is_file()
+    assert (out / "sample_002_image_0.png").is_file()

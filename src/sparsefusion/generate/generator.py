@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -58,6 +59,8 @@ class Generator:
             raise MissingAuxRouters(aux_router_message(run_dir, list(model.router_sites())))
         self.model, self.tokenizer, self.aux_routers = model.eval(), tokenizer, aux_routers
         self.run_dir = run_dir
+        self.run_config: Any = None  # the run's TrainConfig (set by from_run)
+        self.checkpoint: Path | None = None
         has_image = IMAGE in model.cfg.modalities
         has_speech = tokenizer.speech is not None and SPEECH in model.cfg.modalities
         self.rules = SpanRules(
@@ -75,13 +78,15 @@ class Generator:
         from sparsefusion.generate.run import load_run
 
         run = load_run(run_dir, checkpoint, device)
-        return cls(
+        gen = cls(
             run.model,
             run.tokenizer,
             run.aux_routers,
             run_dir=str(run_dir),
             max_speech_units=run.max_speech_units,
         )
+        gen.run_config, gen.checkpoint = run.config, run.checkpoint
+        return gen
 
     # ---- what the run serves -------------------------------------------------------------------
 

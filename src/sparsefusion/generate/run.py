@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file
 
@@ -29,6 +30,7 @@ class LoadedRun:
     aux_routers: AuxRouters | None
     checkpoint: Path
     max_speech_units: int
+    config: Any = None
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -75,7 +77,7 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
     model.to(device).eval().requires_grad_(False)
     if aux is not None:
         aux.to(device).eval().requires_grad_(False)
-    return LoadedRun(model, tokenizer, aux, ckpt, units)
+    return LoadedRun(model, tokenizer, aux, ckpt, units, cfg)
 
 
 def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
