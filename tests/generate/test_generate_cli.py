@@ -86,6 +86,7 @@ def test_bad_prompts_line_names_the_line(run, tmp_path, capsys, line, message):
         (["--image", "nowhere.png"], "--image: nowhere.png does not exist"),
         (["--prompt", "x", "--mode", "poem"], "--mode must be one of"),
         (["--prompt", "x", "--cfg", "2"], "cfg_scale applies to modes"),
+        (["--prompt", "x", "--stop-id", "99999"], "stop_ids [99999] are outside"),
     ],
 )
 def test_bad_options(run, tmp_path, capsys, flags, message):

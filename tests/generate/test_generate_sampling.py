@@ -185,3 +185,12 @@ def test_text_only_model_serves_no_image_modes(tok):
         GenerationRequest(prompt="x", mode="text_to_image").validate(gen)
     s = gen.generate([GenerationRequest(prompt="A", mode="interleaved", max_new_tokens=30)])[0]
     assert tok.vocab.boi_id not in s.token_ids
+
+
+def test_stop_ids_and_max_new_tokens_end_a_sample(gen):
+    free = gen.generate([GenerationRequest(prompt="The red", temperature=0, max_new_tokens=9)])[0]
+    assert free.new_tokens == 9 or free.token_ids[-1] == gen.tokenizer.vocab.eos_id
+    stop = free.token_ids[2]
+    req = GenerationRequest(prompt="The red", temperature=0, max_new_tokens=9, stop_ids=(stop,))
+    stopped = gen.generate([req])[0].token_ids
+    assert stopped == free.token_ids[: free.token_ids.index(stop) + 1]

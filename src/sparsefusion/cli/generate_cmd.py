@@ -39,6 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         cfg_scale=args.cfg,
         seed=args.seed,
+        stop_ids=tuple(args.stop_id),
     )
     _check_early(base, args)
     gen = Generator.from_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
@@ -148,6 +149,9 @@ def add_commands(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stop-id", type=int, action="append", default=[], help="an id that ends a sample (repeat)"
+    )
     p.add_argument("--checkpoint", type=int, default=None, help="step (default: the newest)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder")
