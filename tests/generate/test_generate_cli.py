@@ -142,3 +142,10 @@ def test_demo_takes_prompts_from_the_runs_val_documents(run, tmp_path):
     assert Image.open(out / "grid.png").size[0] == 6 * 112
     assert (out / "sample_000_input_image_0.png").is_file()
     assert (out / "sample_002_image_0.png").is_file()
+
+
+def test_checkpoint_option(run, tmp_path, capsys):
+    args = ["generate", str(run), "--prompt", "x", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    assert main([*args, "--checkpoint", "10"]) == 0
+    assert main([*args, "--checkpoint", "5"]) == 1
+    assert "does not exist; the run has ['step_00000010']" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from sparsefusion.config import to_dict
 from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
 from sparsefusion.generate import GenerationRequest, Generator, MissingAuxRouters, write_samples
 from sparsefusion.generate.engine import sequence_inputs
+from sparsefusion.train.checkpoint import save_checkpoint
 from sparsefusion.train.config import TrainConfig
 
 
@@ -25,13 +26,11 @@ def _write_run(tmp_path, tok, model, aux=None):
     cfg.model = model.cfg
     cfg.tokenizer.path = str(tmp_path / "tok")
     run = tmp_path / "run"
-    ckpt = run / "checkpoints" / "step_00000010"
-    ckpt.mkdir(parents=True)
+    run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors")
-    )
-    (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    loader = {k: 0 for k in ("version", "rank", "world_size", "docs_read", "tokens_emitted")}
+    state = {"tokens": 0, "flops": 0, "loader": {**loader, "buffer": []}}
+    save_checkpoint(run, 10, model, torch.optim.SGD(model.parameters(), lr=0.1), state)
     if aux is not None:
         (run / "aux_routers").mkdir()
         save_file(dict(aux.state_dict()), str(run / "aux_routers" / "aux_routers.safetensors"))

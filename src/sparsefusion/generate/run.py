@@ -14,7 +14,13 @@ from sparsefusion.generate.engine import MissingAuxRouters, aux_router_message
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint
+from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
+from sparsefusion.train.resume import (
+    check_checkpoint,
+    model_shapes,
+    select_checkpoint,
+    step_folders,
+)
 
 log = logging.getLogger("sparsefusion")
 
@@ -33,20 +39,20 @@ class LoadedRun:
     config: Any = None
 
 
-def find_checkpoint(run_dir: Path, step: int | None) -> Path:
-    """The newest checkpoint, or ``checkpoints/step_<step>`` (errors list what exists)."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
+def find_checkpoint(run_dir: Path, model: Transformer, step: int | None) -> Path:
+    """The newest valid checkpoint (as resuming picks it), or ``checkpoints/step_<step>``."""
     if step is None:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt, _ = select_checkpoint(run_dir, model)  # warns about damaged newer ones
         if ckpt is None:
             raise CheckpointError(f"{run_dir} holds no complete checkpoint")
         return ckpt
     ckpt = checkpoint_dir(run_dir) / f"step_{step:08d}"
-    if not (ckpt / "state.json").is_file():
-        root = checkpoint_dir(run_dir)
-        have = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if not ckpt.is_dir():
+        have = [p.name for p in reversed(step_folders(run_dir))]
         raise CheckpointError(f"--checkpoint {step}: {ckpt} does not exist; the run has {have}")
+    problem = check_checkpoint(ckpt, model_shapes(model))
+    if problem is not None:
+        raise CheckpointError(f"--checkpoint {step}: {ckpt} is {problem.kind}: {problem.detail}")
     return ckpt
 
 
@@ -61,9 +67,11 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
     from sparsefusion.train.config import TrainConfig
 
     run_dir = Path(run_dir)
-    ckpt = find_checkpoint(run_dir, checkpoint)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = from_dict(TrainConfig, load_yaml(run_dir / "config.yaml"))
     model = Transformer(cfg.model)
+    ckpt = find_checkpoint(run_dir, model, checkpoint)
     aux = None
     if model.router_sites():
         aux = _load_aux(run_dir, model)
