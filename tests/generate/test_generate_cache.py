@@ -120,3 +120,20 @@ def test_bidirectional_span_against_the_cache_matches_full_forward(arch):
     parts.append(dec.extend([ids[lo:hi]], span_ids=[span[lo:hi]])[0])
     parts += [dec.extend([[i]])[0] for i in ids[hi:]]
     torch.testing.assert_close(torch.cat(parts), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mot", "moma_mod", "moe_tc"])
+def test_cached_decoding_matches_full_forward_on_cuda(arch):
+    model, aux = tiny_model(arch)
+    model.cuda()
+    if aux is not None:
+        aux.cuda()
+    seqs = _sequences()
+    cached = _cached_logits(model, aux, seqs, prompt_lens=[7, 4, 2])
+    for ids, got in zip(seqs, cached, strict=True):
+        want = model(
+            sequence_inputs(model, VOCAB, ids).to("cuda"),
+            ForwardContext(routing_mode="causal", aux_routers=aux),
+        ).logits_BTV[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

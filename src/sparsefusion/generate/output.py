@@ -122,8 +122,9 @@ def sample_grid(samples: list[Sample], cell: int = 112, columns: int = 6) -> Ima
         if images:
             grid.paste(images[0].resize((cell - 8, cell - 8), Image.NEAREST), (x + 4, y + 4))
         words = s.prompt if s.mode == "text_to_image" else (s.prompt + " | " + s.text).strip(" |")
-        lines = textwrap.wrap(words, width=cell // 6)[:5]
-        draw.multiline_text((x + 4, y + cell), "\n".join(lines), fill="black", spacing=1)
+        top, room = (y + cell, text_h) if images else (y + 4, cell + text_h - 8)
+        lines = textwrap.wrap(words, width=cell // 6)[: room // 12]
+        draw.multiline_text((x + 4, top), "\n".join(lines), fill="black", spacing=1)
     return grid
 
 
