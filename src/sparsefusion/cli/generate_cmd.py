@@ -47,7 +47,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from sparsefusion.generate.demo import demo_requests
 
         requests = demo_requests(gen.run_config, base, gen.modes, per_kind=args.num)
-        requests = [dataclasses.replace(r, num_samples=1) for r in requests]
+        requests = [  # one sample per document, each with its own random stream
+            dataclasses.replace(r, num_samples=1, seed=base.seed + k)
+            for k, r in enumerate(requests)
+        ]
     elif args.prompts:
         size = gen.tokenizer.image.cfg.image_size
         requests = read_prompts(args.prompts, base, size)
