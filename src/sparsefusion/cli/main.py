@@ -192,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
     from sparsefusion.cli.data_cmd import add_commands
     from sparsefusion.cli.eval_cmd import add_command as add_eval
+    from sparsefusion.cli.generate_cmd import add_commands as add_generate_commands
 
     add_commands(sub)
+    add_generate_commands(sub)
     add_eval(sub)
     return parser
 
