@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsefusion.eval.evaluator_nets import ContrastiveNet, FeatureNet
-from sparsefusion.eval.pairs import Pair, WordVocab, images_to_tensor, read_pairs
+from sparsefusion.eval.pairs import WordVocab, images_to_tensor, read_pairs
 
 FORMAT = "sparsefusion-evaluators-v2"
 RETRIEVAL_GROUP = 32
@@ -318,8 +318,3 @@ def _save_atomically(ev: Evaluators, final: Path) -> None:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pairs_tensor(pairs: list[Pair], size: int) -> torch.Tensor:
-    """The images of ``pairs`` as (N, 3, size, size) floats in [0, 1]."""
-    return images_to_tensor([p.image for p in pairs], size)

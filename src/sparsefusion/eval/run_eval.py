@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +283,3 @@ def evaluate_at_checkpoint(run_dir: str | Path, model: Any, cfg: TrainConfig, st
     with torch.random.fork_rng(devices=cuda):  # training's RNG stream stays as it was
         row, _ = evaluate_run(run_dir, ecfg, checkpoint=step, size="small")
     return row
-
-
-def config_dict(cfg: EvalConfig) -> dict[str, Any]:
-    return asdict(cfg)
