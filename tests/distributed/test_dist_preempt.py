@@ -40,8 +40,8 @@ def test_torchrun_sigterm_on_one_rank_saves_the_same_step_on_all(tmp_path, token
     import subprocess
     import sys
 
-    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint
     from sparsefusion.train.checkpoint import latest_checkpoint
+    from sparsefusion.train.dcp import is_dcp_checkpoint
     from sparsefusion.train.faults import ENV
 
     run_dir = tmp_path / "run"

@@ -133,8 +133,8 @@ def test_export_skips_a_damaged_newest_checkpoint(tmp_path, stopped_at_6, caplog
 
 
 def test_sharded_dcp_checkpoints_are_validated_too(tmp_path, caplog):
-    from sparsefusion.distributed.checkpoint import save_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
+    from sparsefusion.train.dcp import save_dcp_checkpoint
     from sparsefusion.train.resume import select_checkpoint
 
     torch.manual_seed(0)

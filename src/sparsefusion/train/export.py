@@ -30,8 +30,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Raises:
         CheckpointError: when the run has no usable checkpoint or it does not match its config.
     """
-    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
+    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
 
     run_dir = Path(run_dir)
     if not step_folders(run_dir):

@@ -191,7 +191,7 @@ def _check_loader_state(loader: Any) -> None:
 def _dcp_shapes(path: Path, state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from sparsefusion.distributed.checkpoint import safe_load_metadata
+    from sparsefusion.train.dcp import safe_load_metadata
 
     meta_file = path / "dcp" / ".metadata"
     try:

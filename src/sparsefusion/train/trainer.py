@@ -26,7 +26,6 @@ from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
-from sparsefusion.distributed import checkpoint as dist_ckpt
 from sparsefusion.distributed.mesh import (
     DistEnv,
     all_reduce_sum,
@@ -40,6 +39,7 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
+from sparsefusion.train import dcp as dist_ckpt
 from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
