@@ -101,8 +101,8 @@ def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
 
 
 def _load_weights(ckpt: Path, model: Transformer) -> None:
-    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
+    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
 
     if is_dcp_checkpoint(ckpt):
         load_dcp_checkpoint(ckpt, model, None, DistEnv())
