@@ -1,0 +1,79 @@
+"""The pages in a real browser (headless Chromium via selenium) against a live server.
+
+Skipped only where Chromium or chromedriver is not installed (see the ``browser`` fixture).
+"""
+
+from __future__ import annotations
+
+import pytest
+from serve_helpers import FakeBackend, LiveServer
+
+from sparsefusion.serve.app import create_app
+from sparsefusion.serve.runs import RunCatalog
+
+LOADED = "const i = arguments[0]; return i.complete && i.naturalWidth > 0;"
+
+
+def _wait(driver, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def _size(driver, image) -> tuple[int, int]:
+    return tuple(
+        driver.execute_script(
+            "return [arguments[0].naturalWidth, arguments[0].naturalHeight];", image
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def fake_server(tiny_runs):
+    app = create_app(RunCatalog([tiny_runs["mot"], tiny_runs["dense"]]), FakeBackend())
+    with LiveServer(app) as server:
+        yield server
+
+
+def test_run_page_shows_loss_plot_and_compare_report(browser, fake_server):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{fake_server.url}/run/mot")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    plot = browser.find_element(By.ID, "loss-plot")
+    _wait(browser, lambda d: d.execute_script(LOADED, plot))
+    assert _size(browser, plot) == (3 * 360, 320)  # overall, image, text panels
+    assert browser.find_element(By.ID, "run-title").text == "run mot"
+    reports = browser.find_elements(By.CSS_SELECTOR, ".report-plot")
+    assert len(reports) == 4
+    _wait(browser, lambda d: all(d.execute_script(LOADED, r) for r in reports))
+    assert '"arch": "mot"' in browser.find_element(By.ID, "config").text
+
+
+def test_playground_side_by_side_columns(browser, fake_server):
+    """Page plumbing with the fake backend: two runs, same prompt and seed, two columns."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(f"{fake_server.url}/")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    Select(browser.find_element(By.ID, "mode")).select_by_value("text_to_image")
+    browser.find_element(By.ID, "compare").click()
+    assert Select(browser.find_element(By.ID, "run-b")).first_selected_option.text == "dense"
+    browser.find_element(By.ID, "prompt").send_keys("a red circle")
+    seed = browser.find_element(By.ID, "seed")
+    seed.clear()
+    seed.send_keys("9")
+    browser.find_element(By.ID, "generate").click()
+    output = browser.find_element(By.ID, "output")
+    _wait(browser, lambda d: output.get_attribute("data-state") == "done")
+    columns = output.find_elements(By.CSS_SELECTOR, ".column")
+    assert [c.find_element(By.TAG_NAME, "h2").text for c in columns] == [
+        "mot @ step 6",
+        "dense @ step 6",
+    ]
+    for column in columns:
+        image = column.find_element(By.CSS_SELECTOR, "img.generated-image")
+        _wait(browser, lambda d, i=image: d.execute_script(LOADED, i))
+        assert _size(browser, image) == (8, 6)
+        assert "a red circle #0" in column.text and "tokens/s" in column.text
