@@ -208,3 +208,18 @@ def test_modes_endpoint_loads_the_model_once(client, backend):
         {"run": "mot", "checkpoint": 3},
     ]
     assert client.get("/runs/mot/modes?checkpoint=5").status_code == 404
+
+
+class _Broken(FakeBackend):
+    def load(self, run, step):
+        raise RuntimeError("weights do not match the config")
+
+
+def test_a_failing_model_answers_500_json(tiny_runs):
+    client = TestClient(
+        create_app(RunCatalog([tiny_runs["mot"]]), _Broken()), raise_server_exceptions=False
+    )
+    r = client.post("/generate", json={"run": "mot"})
+    assert r.status_code == 500
+    assert r.json()["error"] == "RuntimeError: weights do not match the config"
+    assert client.get("/runs/mot/modes?checkpoint=x").status_code == 422

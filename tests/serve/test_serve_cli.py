@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -67,6 +68,11 @@ def test_cli_serves_runs(tiny_runs):
                 time.sleep(0.2)
         assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
         assert [r["name"] for r in body["runs"]] == ["mot"]
+        rebound = urllib.request.Request(
+            f"http://127.0.0.1:{port}/runs", headers={"Host": "evil.test"}
+        )
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(rebound, timeout=5)
     finally:
         proc.terminate()
         proc.wait(10)

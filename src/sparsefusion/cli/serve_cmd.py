@@ -66,8 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = limits_from_args(args)
     catalog = RunCatalog(args.run_dirs)
-    app = create_app(catalog, GeneratorBackend(args.device), limits)
-    if not _loopback(args.host):
+    loopback = _loopback(args.host)
+    hosts = ["127.0.0.1", "localhost", args.host] if loopback else None
+    app = create_app(catalog, GeneratorBackend(args.device), limits, allowed_hosts=hosts)
+    if not loopback:
         log.warning("serving on %s: anyone who can reach this address can use it", args.host)
     for run in catalog:
         log.info("run %s: %s", run.name, run.path)

@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from sparsefusion.serve.models import Backend, ModelPool, QueueFull
 from sparsefusion.serve.params import (
@@ -46,17 +47,26 @@ STATIC = resources.files("sparsefusion.serve") / "static"
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields, beyond the image itself
 
 
-def create_app(catalog: RunCatalog, backend: Backend, limits: Limits | None = None) -> FastAPI:
+def create_app(
+    catalog: RunCatalog,
+    backend: Backend,
+    limits: Limits | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
     """Build the app over the given runs.
 
     Args:
         catalog: the run folders served.
         backend: loads a run's model at a checkpoint (``sparsefusion.serve.engine`` in the CLI).
         limits: request limits and the per-model queue length.
+        allowed_hosts: accepted ``Host`` headers (None: any). A server bound to 127.0.0.1 passes
+            the loopback names, so a web page cannot reach it through DNS rebinding.
     """
     limits = limits or Limits()
     pool = ModelPool(backend, limits.queue_size)
     app = FastAPI(title="sparsefusion serve", docs_url="/api/docs", redoc_url=None)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.state.catalog, app.state.pool, app.state.limits = catalog, pool, limits
     _add_error_handlers(app)
     _add_pages(app, catalog)
