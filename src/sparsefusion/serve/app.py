@@ -113,22 +113,23 @@ def _add_pages(app: FastAPI, catalog: RunCatalog) -> None:
 
 
 def _add_run_routes(app: FastAPI, catalog: RunCatalog, pool: ModelPool) -> None:
+    # Plain ``def`` routes read files: FastAPI runs them in worker threads, off the event loop.
     @app.get("/runs")
-    async def list_runs() -> dict[str, Any]:
+    def list_runs() -> dict[str, Any]:
         return {"runs": [summary(r) for r in catalog]}
 
     @app.get("/runs/{name}")
-    async def run_detail(name: str) -> dict[str, Any]:
+    def run_detail(name: str) -> dict[str, Any]:
         return _detail(_run(catalog, name))
 
     @app.get("/runs/{name}/metrics")
-    async def run_metrics(name: str) -> dict[str, Any]:
+    def run_metrics(name: str) -> dict[str, Any]:
         return {"curves": _run(catalog, name).curves()}
 
     @app.get("/runs/{name}/plots/loss.png")
-    async def loss_plot(name: str) -> Response:
+    def loss_plot(name: str) -> Response:
         run = _run(catalog, name)
-        png = await run_in_threadpool(loss_plot_png, run.curves(), run.name)
+        png = loss_plot_png(run.curves(), run.name)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     @app.get("/runs/{name}/modes")
@@ -139,7 +140,7 @@ def _add_run_routes(app: FastAPI, catalog: RunCatalog, pool: ModelPool) -> None:
         return {"run": name, "checkpoint": step, "modes": found}
 
     @app.get("/runs/{name}/files/{path:path}")
-    async def run_file(name: str, path: str) -> FileResponse:
+    def run_file(name: str, path: str) -> FileResponse:
         run = _run(catalog, name)
         try:
             target = safe_file(run.path, path)
@@ -148,7 +149,7 @@ def _add_run_routes(app: FastAPI, catalog: RunCatalog, pool: ModelPool) -> None:
         return FileResponse(str(target), media_type=media_type(target))
 
     @app.get("/runs/{name}/compare/{report}/{file}")
-    async def compare_plot(name: str, report: str, file: str) -> FileResponse:
+    def compare_plot(name: str, report: str, file: str) -> FileResponse:
         reports = _run(catalog, name).reports()
         found = next((r for r in reports if str(r.id) == report), None)
         if found is None or file not in found.plots:

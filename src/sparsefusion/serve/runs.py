@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class RunInfo:
 
     name: str
     path: Path
-    _reports: list[CompareReport] | None = field(default=None, repr=False)
 
     def config(self) -> dict[str, Any]:
         """The run's resolved config (``config.yaml``)."""
@@ -116,10 +115,8 @@ class RunInfo:
         return found
 
     def reports(self) -> list[CompareReport]:
-        """Compare reports naming this run (as baseline or compared run), found once."""
-        if self._reports is None:
-            self._reports = _find_reports(self.path)
-        return self._reports
+        """Compare reports naming this run (as baseline or compared run)."""
+        return _find_reports(self.path)
 
 
 def _find_reports(run: Path) -> list[CompareReport]:
