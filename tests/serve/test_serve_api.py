@@ -191,6 +191,9 @@ def test_non_image_and_oversized_uploads(client):
     big = b"\x89PNG" + bytes(30_000)
     r = client.post("/generate", data=form, files={"image": ("big.png", big, "image/png")})
     assert r.status_code == 413 and r.json()["field"] == "image"
+    huge = b"\x89PNG" + bytes(200_000)  # refused from its Content-Length, before parsing
+    r = client.post("/generate", data=form, files={"image": ("huge.png", huge, "image/png")})
+    assert r.status_code == 413 and "upload limit" in r.json()["error"]
     r = client.post("/generate", content=b"run=mot", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and r.json()["field"] == "body"
 
