@@ -15,8 +15,10 @@ Each has a ``<name>-debug`` twin for tests.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from sparsefusion.config import ConfigError, load_yaml, merge, parse_overrides
 from sparsefusion.models.presets import MODEL_SIZES, model_size
 from sparsefusion.nn.mod import MoDConfig, matched_num_layers
 
@@ -105,3 +107,42 @@ def preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; valid presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+DEFAULT_PRESET = "mot"
+
+
+def resolve_config(config: str | None, overrides: list[str]):
+    """Build the TrainConfig from a preset name or YAML path plus dotted overrides.
+
+    Precedence: dataclass defaults < preset < YAML file < overrides. A YAML file may name a
+    preset to start from with a top-level ``preset:`` key.
+    """
+    from sparsefusion.train.config import TrainConfig
+
+    layers: list[tuple[str, dict]] = []
+    if config is None:
+        config = DEFAULT_PRESET
+    if config.endswith((".yaml", ".yml")) or Path(config).is_file():
+        data = load_yaml(config)
+        base = data.pop("preset", None)
+        if base is not None:
+            layers.append((f"preset {base}", _preset(str(base))))
+        layers.append((config, data))
+    else:
+        layers.append((f"preset {config}", _preset(config)))
+    layers.append(("command line", parse_overrides(overrides)))
+    cfg = TrainConfig()
+    for where, data in layers:
+        try:
+            cfg = merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+    return cfg
+
+
+def _preset(name: str) -> dict:
+    try:
+        return preset(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
