@@ -11,7 +11,7 @@ pytest.importorskip("fastapi", reason="needs the serve extra (pip install -e '.[
 
 from serve_helpers import STEPS  # noqa: E402
 
-from sparsefusion.cli.main import resolve_config  # noqa: E402
+from sparsefusion.train.presets import resolve_config  # noqa: E402
 from sparsefusion.train.trainer import train  # noqa: E402
 
 
