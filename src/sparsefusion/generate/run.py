@@ -101,7 +101,7 @@ def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
 
 
 def _load_weights(ckpt: Path, model: Transformer) -> None:
-    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint
+    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
 
     if is_dcp_checkpoint(ckpt):
