@@ -5,7 +5,13 @@ Skipped only where Chromium or chromedriver is not installed (see the ``browser`
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
+import yaml
+from PIL import Image
 from serve_helpers import FakeBackend, LiveServer
 
 from sparsefusion.serve.app import create_app
@@ -77,3 +83,44 @@ def test_playground_side_by_side_columns(browser, fake_server):
         _wait(browser, lambda d, i=image: d.execute_script(LOADED, i))
         assert _size(browser, image) == (8, 6)
         assert "a red circle #0" in column.text and "tokens/s" in column.text
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_runs):
+    """The real engine; ``SPARSEFUSION_SERVE_RUN=RUN_DIR`` serves another run (e.g. the demo) to
+    measure its page-to-image time."""
+    from sparsefusion.serve.engine import GeneratorBackend
+
+    run = Path(os.environ.get("SPARSEFUSION_SERVE_RUN") or tiny_runs["mot"])
+    app = create_app(RunCatalog([run]), GeneratorBackend("cpu"))
+    with LiveServer(app) as server:
+        server.run = run
+        yield server
+
+
+def test_text_to_image_in_the_browser(browser, real_server, tmp_path):
+    """Open the page, submit text -> image, wait for the image to load, check its pixel size.
+
+    The screenshot goes to ``SPARSEFUSION_SERVE_SCREENSHOT`` when set (docs/serve_screenshot.png
+    was taken so), else into the test's temporary folder.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    size = yaml.safe_load((real_server.run / "config.yaml").read_text())["data"]["image_size"]
+    opened = time.perf_counter()
+    browser.get(f"{real_server.url}/")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    Select(browser.find_element(By.ID, "mode")).select_by_value("text_to_image")
+    browser.find_element(By.ID, "prompt").send_keys("a red circle above a blue square")
+    submitted = time.perf_counter()
+    browser.find_element(By.ID, "generate").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "img.generated-image"), 300)
+    image = browser.find_element(By.CSS_SELECTOR, "img.generated-image")
+    _wait(browser, lambda d: d.execute_script(LOADED, image))
+    done = time.perf_counter()
+    assert _size(browser, image) == (size, size)
+    shot = Path(os.environ.get("SPARSEFUSION_SERVE_SCREENSHOT") or tmp_path / "serve.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
+    print(f"page-to-image {done - opened:.2f} s (submit-to-image {done - submitted:.2f} s), {shot}")

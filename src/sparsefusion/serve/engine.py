@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from sparsefusion.serve.params import FieldError, GenerateParams
@@ -51,7 +50,7 @@ def _field_named(message: str, known: set[str]) -> str:
 
 
 class GeneratorBackend:
-    """Loads ``Generator.from_run(run, checkpoint=...)`` on the given device.
+    """Loads ``Generator.from_run(run, checkpoint=step)`` on the given device.
 
     Args:
         device: ``cpu``, ``cuda`` or ``auto``.
@@ -63,7 +62,4 @@ class GeneratorBackend:
     def load(self, run: RunInfo, step: int) -> EngineModel:
         from sparsefusion.generate import Generator
 
-        checkpoint = Path(run.checkpoint_path(step))
-        return EngineModel(
-            Generator.from_run(str(run.path), checkpoint=checkpoint, device=self.device)
-        )
+        return EngineModel(Generator.from_run(run.path, checkpoint=step, device=self.device))

@@ -65,7 +65,7 @@ _NUMBERS: dict[str, tuple[type, Any, float | None, float | None, bool]] = {
     "top_p": (float, 1.0, 0.0, 1.0, False),
     "top_k": (int, 0, 0, None, True),
     "repetition_penalty": (float, 1.0, 0.0, 10.0, False),
-    "cfg_scale": (float, 1.0, 0.0, 20.0, True),
+    "cfg_scale": (float, 1.0, 0.0, 20.0, False),
     "seed": (int, 0, 0, 2**31 - 1, True),
     "num_samples": (int, 1, 1, None, True),
     "max_new_tokens": (int, 256, 1, None, True),

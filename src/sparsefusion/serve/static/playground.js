@@ -2,7 +2,8 @@
 // samples as the model emitted them (text, images inline, audio players) with time and tokens/s.
 "use strict";
 
-const NUMBER_FIELDS = ["temperature", "top_p", "cfg_scale", "seed", "num_samples", "max_new_tokens"];
+const NUMBER_FIELDS = ["temperature", "top_p", "seed", "num_samples", "max_new_tokens"];
+const GUIDED_MODES = ["text_to_image", "text_to_speech"];  // modes whose spans CFG applies to
 let RUNS = [];
 
 function fillSelect(select, options) {
@@ -40,6 +41,9 @@ function formFor(run, checkpoint) {
   form.append("mode", document.getElementById("mode").value);
   form.append("prompt", document.getElementById("prompt").value);
   for (const name of NUMBER_FIELDS) form.append(name, document.getElementById(name).value);
+  if (GUIDED_MODES.includes(document.getElementById("mode").value)) {
+    form.append("cfg_scale", document.getElementById("cfg_scale").value);
+  }
   const image = document.getElementById("image").files[0];
   if (image) form.append("image", image);
   return form;
