@@ -65,12 +65,14 @@ function renderColumn(column, result) {
   const speed = result.tokens_per_s ? `${fmt(result.tokens_per_s, 1)} tokens/s` : "";
   column.append(el("p", {class: "timing"},
     `${result.new_tokens} new tokens in ${fmt(result.seconds, 2)} s ${speed}`));
+  const samples = el("div", {class: "samples"});
   result.samples.forEach((sample, i) => {
     const box = el("div", {class: "sample"}, el("h3", {}, `sample ${i + 1}`));
     for (const segment of sample.segments) box.append(renderSegment(segment));
-    box.append(el("p", {class: "timing"}, `${sample.new_tokens} tokens, ${fmt(sample.seconds, 2)} s`));
-    column.append(box);
+    box.append(el("p", {class: "timing"}, `${sample.new_tokens} tokens`));
+    samples.append(box);
   });
+  column.append(samples);
 }
 
 async function runColumn(output, run, checkpoint) {
