@@ -101,3 +101,30 @@ def test_same_seed_same_output_and_seeds_differ(real_client):
 
     assert ids(5) == ids(5)
     assert ids(5) != ids(6) or ids(5) != ids(7)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"mode": "text_to_image", "max_new_tokens": 10}, "max_new_tokens"),  # < BOI + codes + EOI
+        ({"mode": "text", "cfg_scale": 2}, "cfg_scale"),  # guidance is for image/speech spans
+    ],
+)
+def test_engine_refusals_name_the_field(real_client, fields, field):
+    r = real_client.post("/generate", json={"run": "mot", "prompt": "a red", **fields})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field
+
+
+def test_image_to_text_with_an_upload(real_client):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(buf, format="PNG")
+    r = real_client.post(
+        "/generate",
+        data={"run": "mot", "mode": "image_to_text", "max_new_tokens": "8", "seed": "1"},
+        files={"image": ("red.png", buf.getvalue(), "image/png")},
+    )
+    assert r.status_code == 200, r.text
+    (sample,) = r.json()["samples"]
+    assert 1 <= sample["new_tokens"] <= 8
+    assert all(s["modality"] == "text" for s in sample["segments"])  # no room for an image span
