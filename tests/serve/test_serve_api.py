@@ -83,17 +83,24 @@ def test_metrics_endpoint_and_unknown_run(client):
 
 
 def test_eval_rows_and_samples_are_shown(tiny_runs, run_copy, backend):
-    rows = [{"step": 3, "fid_sf": 40.5, "cider": 0.1}, {"step": 6, "fid_sf": 30.25, "cider": 0.2}]
+    rows = [
+        {"step": 3, "size": "small", "fid_sf": 40.5, "skipped": {"cider": "no captions"}},
+        {"step": 6, "size": "small", "fid_sf": 30.25, "cider": 0.2, "skipped": {}},
+    ]
     (run_copy / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_copy / "eval" / "step_00000006").mkdir(parents=True)
-    (run_copy / "eval" / "step_00000006" / "sample_0.png").write_bytes(_png((7, 3)))
-    (run_copy / "eval" / "step_00000006" / "weights.bin").write_bytes(b"x")
+    folder = run_copy / "eval" / "step_00000006_small"  # where sparsefusion eval writes them
+    folder.mkdir(parents=True)
+    (folder / "text_to_image.png").write_bytes(_png((7, 3)))
+    (folder / "summary.md").write_text("# eval at step 6\n")
+    (folder / "weights.bin").write_bytes(b"x")
     client = TestClient(create_app(RunCatalog([run_copy]), backend))
     run = client.get("/runs/mot_copy").json()
     assert run["eval"] == rows
-    assert [s["path"] for s in run["samples"]] == ["eval/step_00000006/sample_0.png"]
-    image = client.get(run["samples"][0]["url"])
+    paths = [s["path"] for s in run["samples"]]
+    assert paths == [f"eval/step_00000006_small/{n}" for n in ("summary.md", "text_to_image.png")]
+    image = client.get(run["samples"][1]["url"])
     assert Image.open(io.BytesIO(image.content)).size == (7, 3)
+    assert client.get(run["samples"][0]["url"]).text == "# eval at step 6\n"
 
 
 def test_pages_and_static_files_are_served(client):

@@ -18,7 +18,7 @@ SERVED_SUFFIXES = {
     ".txt": "text/plain; charset=utf-8",
     ".md": "text/markdown; charset=utf-8",
     ".json": "application/json",
-    ".jsonl": "application/json",
+    ".jsonl": "text/plain; charset=utf-8",
     ".yaml": "text/plain; charset=utf-8",
 }
 

@@ -1,9 +1,10 @@
 """The run folders being served: what the run page and the playground read from them.
 
 A run folder (``sparsefusion train``'s ``run.dir``) holds ``config.yaml``, ``metrics.jsonl``,
-``checkpoints/step_*``, optionally ``eval.jsonl`` (``sparsefusion eval``), sample files under
-``eval*/`` or ``samples*/``, and compare reports (``compare*/compare.json`` inside the run folder
-or beside it, as ``sparsefusion compare`` and ``sweep`` write them).
+``checkpoints/step_*``, optionally ``eval.jsonl`` (``sparsefusion eval``; its sample grids,
+captions and summaries under ``eval/step_<STEP>_<size>/``), other sample files under
+``samples*/``, and compare reports (``compare*/compare.json`` inside the run folder or beside it,
+as ``sparsefusion compare`` and ``sweep`` write them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sparsefusion.train.metrics import read_metrics
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 SAMPLE_DIRS = ("eval", "samples")
-SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".wav", ".txt", ".md")
+SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".wav", ".txt", ".md", ".jsonl")
 MAX_SAMPLE_FILES = 200
 CURVE_KEYS = re.compile(r"^loss(/[a-z_]+)?$")
 

@@ -10,16 +10,14 @@ function summaryRows(run) {
   return rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v === null ? "" : v)));
 }
 
+// One row per evaluation; nested values (e.g. "skipped": metric -> why) are shown as JSON.
 function evalTable(rows) {
   const keys = [];
-  for (const row of rows) {
-    for (const [k, v] of Object.entries(row)) {
-      if (!keys.includes(k) && (typeof v !== "object" || v === null)) keys.push(k);
-    }
-  }
+  for (const row of rows) for (const k of Object.keys(row)) if (!keys.includes(k)) keys.push(k);
   keys.sort((a, b) => (a === "step" ? -1 : b === "step" ? 1 : a.localeCompare(b)));
+  const cell = (v) => (v !== null && typeof v === "object" ? JSON.stringify(v) : fmt(v));
   const head = el("tr", {}, ...keys.map((k) => el("th", {}, k)));
-  const body = rows.map((row) => el("tr", {}, ...keys.map((k) => el("td", {}, fmt(row[k])))));
+  const body = rows.map((row) => el("tr", {}, ...keys.map((k) => el("td", {}, cell(row[k])))));
   return [head, ...body];
 }
 
