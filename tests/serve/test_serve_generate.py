@@ -34,7 +34,8 @@ def _image(segment: dict) -> Image.Image:
 
 
 def _cli(run: Path, out: Path, *args: str) -> None:
-    cmd = [sys.executable, "-m", "sparsefusion", "generate", str(run), "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "sparsefusion", "generate", str(run), "--out", str(out)]
+    cmd += ["--device", "cpu", *args]  # the same device as the server under test
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -24,7 +24,7 @@ def add_command(sub) -> None:
     p.add_argument("run_dirs", nargs="+", help="run folders to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu", help="device for the models (cpu, cuda, auto)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument("--queue-size", type=int, default=4, help="waiting requests per model")
     p.add_argument("--max-upload-mb", type=float, default=4.0, help="largest image upload")
     p.add_argument("--max-prompt-chars", type=int, default=2000)

@@ -53,10 +53,10 @@ class GeneratorBackend:
     """Loads ``Generator.from_run(run, checkpoint=step)`` on the given device.
 
     Args:
-        device: ``cpu``, ``cuda`` or ``auto``.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
     """
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "auto") -> None:
         self.device = device
 
     def load(self, run: RunInfo, step: int) -> EngineModel:
