@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ from sparsefusion.train.upcycle import upcycle
 from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
+
+CheckpointHook = Callable[[Path, torch.nn.Module, TrainConfig, int], Any]
 
 
 @dataclass
@@ -98,10 +101,13 @@ def finalize_config(cfg: TrainConfig, modalities: list[str], vocab_size: int) ->
     return cfg
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns the last training and validation rows.
 
     Under torchrun (WORLD_SIZE > 1) this joins the process group (and leaves it at the end).
+    ``on_checkpoint(run_dir, model, cfg, step)`` runs on rank 0 after the checkpoint of every
+    ``run.eval_generate_every``-th step is saved (the CLI passes ``sparsefusion eval``'s small
+    evaluation; train/ never imports eval/). Its time is not counted in ``elapsed_s``.
     """
     import torch.distributed as dist
 
@@ -109,13 +115,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = init_distributed(resolve_device(cfg.train.device), timeout_s=cfg.dist.timeout_s)
     try:
         with run_lock.hold(cfg.run.dir, env), preempt.handlers():
-            return _train(cfg, env)
+            return _train(cfg, env, on_checkpoint)
     finally:
         if owns_group:
             teardown()
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +202,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         else NullMetrics()
     )
     try:
-        return _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir)
+        loop = (model, optimizer, loaders, val, state, metrics, env, run_dir)
+        return _loop(cfg, *loop, on_checkpoint=_hook(on_checkpoint, cfg, env))
     finally:
         metrics.close()
 
@@ -233,7 +240,9 @@ def _save(run_dir, step, model, optimizer, state: TrainState, loaders, cfg, env:
         save_checkpoint(run_dir, step, model, optimizer, counters, keep=keep)
 
 
-def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> dict[str, Any]:
+def _loop(
+    cfg, model, optimizer, loaders, val, state, metrics, env, run_dir, *, on_checkpoint=None
+) -> dict[str, Any]:
     device = env.device
     objective = build_objective(cfg.objective, cfg.model)
     amp = _amp(cfg, env)
@@ -270,7 +279,8 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         state.elapsed_s += time.perf_counter() - t0
         stop = preempt.stop_requested(step, env)  # SIGTERM/SIGINT: save this step, then exit
         log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps or stop
-        save_now = step % cfg.run.save_every == 0 or step == end or stop
+        hook_now = on_checkpoint is not None and step % cfg.run.eval_generate_every == 0
+        save_now = step % cfg.run.save_every == 0 or step == end or stop or hook_now
         if log_now or save_now:
             state.flops += _sum_over_ranks(pending_flops)
             pending_flops = 0.0
@@ -289,10 +299,22 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         faults.maybe_pause("pause_at_step", step, run_dir)
         if save_now:
             _save(run_dir, step, model, optimizer, state, loaders, cfg, env)
+        if hook_now:
+            on_checkpoint(run_dir, model, cfg, step)
         if stop and step < end:
             preempt.exit_after_save(step, run_dir)
     progress.close()
     return last
+
+
+def _hook(on_checkpoint, cfg: TrainConfig, env: DistEnv):
+    """The checkpoint hook for this rank, or None (off, or a multi-process run)."""
+    if on_checkpoint is None or not cfg.run.eval_generate_every:
+        return None
+    if env.is_distributed:  # loading a sharded checkpoint on rank 0 alone would hang the group
+        log.warning("run.eval_generate_every is skipped under torchrun; run sparsefusion eval")
+        return None
+    return on_checkpoint
 
 
 def _flops(cfg: TrainConfig, batch: Batch, out: StepOutput) -> float:
