@@ -7,7 +7,8 @@ the counters) is plain JSON, and a loader restored from it yields exactly the ba
 uninterrupted loader would.
 
 Tokenizer contract: ``encode_documents(docs) -> list[(ids, modality_per_id)]``, each document
-beginning with BOS and ending with EOS.
+beginning with BOS and ending with EOS. Documents of a token-shard source (``token_shards.py``)
+are already encoded and skip the tokenizer.
 
 Bad input: a document whose ``source.document(i)`` raises ``BadInput`` (see ``issues.py``), or
 whose encoding exceeds ``max_doc_tokens``, is skipped and counted per reason (``loader_stats``
@@ -89,7 +90,7 @@ class PackedLoader:
                 kept.append(u)
             except BadInput as e:
                 self.issues.record(e)
-        encoded = self.tokenizer.encode_documents(docs) if docs else []
+        encoded = _encode(self.tokenizer, docs)
         if len(encoded) != len(docs):
             raise ValueError(f"encode_documents returned {len(encoded)} results for {len(docs)}")
         if self.max_doc_tokens:
@@ -171,6 +172,15 @@ class PackedLoader:
         self._tokens_emitted = int(state["tokens_emitted"])
         self._modality_tokens = {int(m): int(n) for m, n in state["modality_tokens"].items()}
         self.issues.load_state_dict(state.get("skipped", {}))
+
+
+def _encode(tokenizer: Any, docs: list[Any]) -> list[Any]:
+    """Encode ``docs``; documents of a token-shard source arrive encoded (``.encoded``)."""
+    if not docs:
+        return []
+    if all(hasattr(d, "encoded") for d in docs):
+        return [d.encoded for d in docs]
+    return tokenizer.encode_documents(docs)
 
 
 def validation_batches(

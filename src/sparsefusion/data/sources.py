@@ -27,8 +27,9 @@ class DataConfig:
         doc_mix: relative weight of each document kind (caption_image, image_caption, text_only,
             interleaved).
         val_batches: number of fixed validation batches.
-        path: users' data: a JSONL file of interleaved documents or a folder of WebDataset
-            ``.tar`` shards (used when ``source`` is ``path``, or ``scenes`` left at its default).
+        path: users' data: a JSONL file of interleaved documents, a folder of WebDataset
+            ``.tar`` shards, or a folder of token shards from ``sparsefusion data tokenize``
+            (used when ``source`` is ``path``, or ``scenes`` left at its default).
         mixture: source name -> sampling weight, for ``source=mixture``.
         val_fraction: fraction of a finite user dataset held out for validation.
         strict: fail on the first bad input item instead of skipping and counting it.
@@ -87,8 +88,11 @@ def _build_path(cfg: DataConfig, seed: int, split: str) -> Any:
     from pathlib import Path
 
     from sparsefusion.data.jsonl_source import JsonlSource
+    from sparsefusion.data.token_shards import TokenShardSource, is_token_dir
     from sparsefusion.data.wds_source import WebDatasetSource
 
+    if is_token_dir(cfg.path):  # written by `sparsefusion data tokenize`
+        return TokenShardSource(cfg.path, split=split)
     kw = {"split": split, "image_size": cfg.image_size, "val_fraction": cfg.val_fraction}
     if Path(cfg.path).is_dir():
         return WebDatasetSource(cfg.path, strict=cfg.strict, **kw)

@@ -200,6 +200,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
 
 def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
     """Rank 0 trains (or loads) the tokenizer first; the other ranks then load it from cache."""
+    if hasattr(source, "load_tokenizer"):  # token shards carry the tokenizer of their ids
+        return source.load_tokenizer()
     tok = None
     if env.is_main:
         tok = load_or_train_tokenizer(cfg.tokenizer, source, progress=_use_bar(cfg), log=log.info)
