@@ -73,7 +73,8 @@ def test_training_on_shards_equals_on_the_fly(shards, tmp_path, tokenizer_cache)
 def test_killed_tokenize_resumes_to_identical_shards(shards, tmp_path, tokenizer_cache):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sparsefusion", "data", "tokenize", "scenes", "--out", str(out),
-           "--preset", "mot-debug", *TOKENIZE, f"tokenizer.cache_dir={tokenizer_cache}"]  # fmt: skip
+           "--preset", "mot-debug", *TOKENIZE,
+           f"tokenizer.cache_dir={tokenizer_cache}"]  # fmt: skip
     env = dict(os.environ, **{FAULT_ENV: "kill_after_shards=2"})
     proc = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]

@@ -130,7 +130,8 @@ class TokenShardSource:
         return self._num_docs
 
     def fingerprint(self) -> str:
-        return f"tokens-{self.manifest['source_fingerprint']}-{self.manifest['tokenizer_hash'][:16]}"
+        m = self.manifest
+        return f"tokens-{m['source_fingerprint']}-{m['tokenizer_hash'][:16]}"
 
     def load_tokenizer(self) -> Any:
         """The tokenizer the ids were made with (its hash checked against the manifest)."""
