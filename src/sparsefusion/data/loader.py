@@ -141,18 +141,24 @@ class PackedLoader:
         """``data/skipped`` and ``data/skipped/<reason>`` counters."""
         return self.issues.metrics()
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable state: documents read, the carried-over buffer and the counters."""
+    def snapshot(self) -> dict[str, Any]:
+        """The state as of now, cheaply (the buffer's tensors are shared, never mutated); turn
+        it into :meth:`state_dict`'s form with :func:`state_from_snapshot`."""
+        b = self._buffer
         return {
             "version": STATE_VERSION,
             "rank": self.rank,
             "world_size": self.world_size,
             "docs_read": self._docs_read,
-            "buffer": self._buffer.state_dict(),
+            "buffer": PackBuffer(b.ids_N, b.modality_N, b.position_N, b.document_N),
             "tokens_emitted": self._tokens_emitted,
             "modality_tokens": {str(m): n for m, n in self._modality_tokens.items()},
             "skipped": self.issues.state_dict(),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state: documents read, the carried-over buffer and the counters."""
+        return state_from_snapshot(self.snapshot())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (after a JSON round trip is fine).
@@ -172,6 +178,11 @@ class PackedLoader:
         self._tokens_emitted = int(state["tokens_emitted"])
         self._modality_tokens = {int(m): int(n) for m, n in state["modality_tokens"].items()}
         self.issues.load_state_dict(state.get("skipped", {}))
+
+
+def state_from_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-serializable loader state of a :meth:`PackedLoader.snapshot`."""
+    return {**snapshot, "buffer": snapshot["buffer"].state_dict()}
 
 
 def _encode(tokenizer: Any, docs: list[Any]) -> list[Any]:

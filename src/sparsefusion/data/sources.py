@@ -34,6 +34,9 @@ class DataConfig:
         val_fraction: fraction of a finite user dataset held out for validation.
         strict: fail on the first bad input item instead of skipping and counting it.
         max_doc_tokens: documents longer than this (in tokens) are skipped as oversize (0: never).
+        workers: background threads producing batches ahead of the step (0: load in the
+            training thread); see ``data/prefetch.py``.
+        prefetch: ready batches queued per stream when ``workers`` >= 1.
     """
 
     source: str = "scenes"
@@ -47,6 +50,8 @@ class DataConfig:
     val_fraction: float = 0.05
     strict: bool = False
     max_doc_tokens: int = 16384
+    workers: int = 1
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         if self.path and self.source == "scenes":
@@ -78,6 +83,11 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_doc_tokens < 0:
             raise ValueError(f"data.max_doc_tokens must be >= 0, got {self.max_doc_tokens}")
+        if self.workers < 0 or self.prefetch < 1:
+            raise ValueError(
+                f"data.workers must be >= 0 and data.prefetch >= 1, got {self.workers}, "
+                f"{self.prefetch}"
+            )
 
 
 def _build_scenes(cfg: DataConfig, seed: int, split: str) -> SceneCorpus:

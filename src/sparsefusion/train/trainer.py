@@ -24,6 +24,7 @@ import torch
 from sparsefusion.config import dump_yaml, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
+from sparsefusion.data.prefetch import BatchStream
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
 from sparsefusion.distributed import checkpoint as dist_ckpt
@@ -154,6 +155,14 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         grad_accum=cfg.train.grad_accum,
         **bad_input,
     )
+    towers = (cfg.model.tower_of_modality, cfg.model.num_towers)
+    loaders = BatchStream(
+        loaders,
+        prepare=lambda b: b.with_plan(*towers),
+        workers=cfg.data.workers,
+        prefetch=cfg.data.prefetch,
+        pin_memory=device.type == "cuda",
+    )
     val = validation_batches(
         val_source,
         tokenizer,
@@ -195,6 +204,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     try:
         return _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir)
     finally:
+        loaders.close()
         metrics.close()
 
 
@@ -250,7 +260,7 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             group["lr"] = lr
         outs = []
         for micro in range(accum):
-            batch = loaders.next_batch(micro).with_plan(*towers)
+            batch = loaders.next_batch(micro)  # with its plan (BatchStream's prepare)
             pending_flops += train_flops(
                 cfg.model, batch.document_BT, tower_counts=batch.plan.counts
             )
