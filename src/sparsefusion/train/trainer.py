@@ -194,7 +194,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         cfg.model.tower_names,
         device,
         env.world_size,
-        cfg.dist.strategy if env.is_distributed else "none",
+        cfg.dist.resolved_strategy(env.is_distributed),
     )
     metrics = (
         MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
@@ -309,7 +309,7 @@ def _amp(cfg: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
     """Autocast, except under FSDP with bf16 parameters (its mixed-precision policy casts)."""
     fsdp_bf16 = (
         env.is_distributed
-        and cfg.dist.strategy == "fsdp"
+        and cfg.dist.resolved_strategy(env.is_distributed) == "fsdp"
         and cfg.dist.param_dtype(env.device) == torch.bfloat16
     )
     if fsdp_bf16:
