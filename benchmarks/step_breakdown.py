@@ -1,0 +1,120 @@
+"""Where a demo training step's time goes: data, host bookkeeping (routing plan and FLOPs
+count), forward (with the loss), backward, optimizer (gradient clip, AdamW step) and logging.
+
+The phases are the trainer's own functions (``train/trainer.py``) called in the trainer's order
+with a clock between them, on the synchronous loader (the ``data`` phase is what background
+loading takes off the step). Dense and MoT are timed in turn, ``rounds`` times.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsefusion.cli.main import resolve_config
+from sparsefusion.data.shards import ShardedLoaders
+from sparsefusion.data.sources import build_source
+from sparsefusion.models.flops import train_flops
+from sparsefusion.models.transformer import Transformer
+from sparsefusion.tokenizers.build import load_or_train_tokenizer
+from sparsefusion.train import trainer as T
+from sparsefusion.train.optim import build_optimizer
+
+PHASES = ("data", "plan_flops", "forward", "backward", "optimizer", "logging")
+
+
+@dataclass
+class _Setup:
+    cfg: Any
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    loaders: ShardedLoaders
+    window: Any
+    state: Any
+    times: dict[str, list[float]]
+
+
+def _setup(preset: str, args: Any) -> _Setup:
+    over = [f"tokenizer.cache_dir={args.cache}", "train.threads=1"]
+    cfg = resolve_config(preset, over)
+    source = build_source(cfg.data, seed=cfg.seed, split="train")
+    tok = load_or_train_tokenizer(
+        cfg.tokenizer, build_source(cfg.data, seed=0, split="train"), progress=False,
+        log=lambda m: None,
+    )  # fmt: skip
+    cfg = T.finalize_config(cfg, tok.modalities, tok.vocab.padded_size())
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model)
+    model.init_weights()
+    loaders = ShardedLoaders(source, tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size)
+    window = T._Window(len(cfg.model.modalities), 0)
+    times: dict[str, list[float]] = {p: [] for p in PHASES}
+    return _Setup(cfg, model, build_optimizer(model, cfg.optim), loaders, window, T.TrainState(),
+                  times)  # fmt: skip
+
+
+def _step(s: _Setup, *, timed: bool) -> None:
+    cfg = s.cfg
+    amp = T.autocast_context(cfg.train.precision, torch.device("cpu"))
+    towers = (cfg.model.tower_of_modality, cfg.model.num_towers)
+    clock = [time.perf_counter()]
+    batch = s.loaders.next_batch(0)
+    clock.append(time.perf_counter())
+    batch = batch.with_plan(*towers)
+    s.state.flops += train_flops(cfg.model, batch.document_BT, tower_counts=batch.plan.counts)
+    clock.append(time.perf_counter())
+    out, model_out = T._forward(s.model, batch, cfg, amp)
+    clock.append(time.perf_counter())
+    out.loss.backward()
+    clock.append(time.perf_counter())
+    grad_norm = T._clip(s.model, cfg.optim.grad_clip)
+    if bool(torch.isfinite(grad_norm)):
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    clock.append(time.perf_counter())
+    s.state.step += 1
+    s.state.tokens += batch.num_tokens
+    s.window.add(out, model_out)
+    if s.state.step % cfg.run.log_every == 0:
+        s.window.row(s.state, lr=0.0, grad_norm=float(grad_norm), modalities=cfg.model.modalities)
+    clock.append(time.perf_counter())
+    if timed:
+        for name, a, b in zip(PHASES, clock[:-1], clock[1:], strict=True):
+            s.times[name].append((b - a) * 1e3)
+
+
+def breakdown_rows(args: Any) -> dict[str, Any]:
+    """Median milliseconds per phase and per step for dense and MoT, and MoT / dense ratios.
+
+    ``args``: ``tiny`` (debug presets), ``rounds``, ``steps`` (timed steps per round),
+    ``cache`` (tokenizer cache).
+    """
+    archs = ("dense", "mot")
+    setups = {a: _setup(f"{a}-debug" if args.tiny else a, args) for a in archs}
+    for s in setups.values():
+        for _ in range(2):
+            _step(s, timed=False)
+    for _ in range(args.rounds):
+        for a in archs:
+            for _ in range(args.steps):
+                _step(setups[a], timed=True)
+    out: dict[str, Any] = {}
+    for a, s in setups.items():
+        totals = [sum(v) for v in zip(*s.times.values(), strict=True)]
+        out[a] = {p: statistics.median(v) for p, v in s.times.items()}
+        out[a]["step"] = statistics.median(totals)
+        out[a]["params"] = sum(p.numel() for p in s.model.parameters())
+    out["mot_over_dense_time"] = {k: out["mot"][k] / out["dense"][k] for k in (*PHASES, "step")}
+    out["mot_throughput_vs_dense"] = out["dense"]["step"] / out["mot"]["step"]
+    out["without_data"] = {
+        a: out[a]["step"] - out[a]["data"] for a in archs
+    }  # the step with background loading (data off the critical path)
+    out["mot_throughput_vs_dense_without_data"] = (
+        out["without_data"]["dense"] / out["without_data"]["mot"]
+    )
+    out["timed_steps"] = args.rounds * args.steps
+    return out
