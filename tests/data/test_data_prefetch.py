@@ -109,6 +109,20 @@ def _args(run_dir: Path, cache: str, workers: int) -> list[str]:
     ]  # fmt: skip
 
 
+def test_sigterm_with_background_workers_does_not_hang(tmp_path, tokenizer_cache):
+    run_dir = tmp_path / "term"
+    cmd = [sys.executable, "-m", "sparsefusion", "train", "mot-debug",
+           *_args(run_dir, tokenizer_cache, 2)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **{ENV: "pause_at_step=1"}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run_dir / "fault_pause_at_step").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) != 0
+
+
 def test_sigkilled_background_run_resumes_exactly(tmp_path, tokenizer_cache):
     train(resolve_config("mot-debug", _args(tmp_path / "sync", tokenizer_cache, 0)))
     run_dir = tmp_path / "bg"
