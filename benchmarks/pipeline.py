@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-px", type=int, default=256, help="user JSONL: PNG side in pixels")
     p.add_argument("--rounds", type=int, default=2, help="repetitions, interleaved")
     p.add_argument("--steps", type=int, default=12, help="breakdown: timed steps per round")
+    p.add_argument("--optim-impls", default="fused,for_loop", help="breakdown: AdamW variants")
     p.add_argument("--trainer-steps", type=int, default=60, help="trainer: steps per run")
     p.add_argument("--mfu", type=float, default=0.4, help="gpu: assumed model FLOPs utilisation")
     p.add_argument("--cache", default=".cache/sparsefusion/tokenizers", help="tokenizer cache")

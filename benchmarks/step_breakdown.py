@@ -3,7 +3,8 @@ count), forward (with the loss), backward, optimizer (gradient clip, AdamW step)
 
 The phases are the trainer's own functions (``train/trainer.py``) called in the trainer's order
 with a clock between them, on the synchronous loader (the ``data`` phase is what background
-loading takes off the step). Dense and MoT are timed in turn, ``rounds`` times.
+loading takes off the step). Dense and MoT, with each AdamW implementation asked for, take one
+step each in turn.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class _Setup:
     times: dict[str, list[float]]
 
 
-def _setup(preset: str, args: Any) -> _Setup:
-    over = [f"tokenizer.cache_dir={args.cache}", "train.threads=1"]
+def _setup(preset: str, impl: str, args: Any) -> _Setup:
+    over = [f"tokenizer.cache_dir={args.cache}", "train.threads=1", f"optim.impl={impl}"]
     cfg = resolve_config(preset, over)
     source = build_source(cfg.data, seed=cfg.seed, split="train")
     tok = load_or_train_tokenizer(
@@ -88,33 +89,37 @@ def _step(s: _Setup, *, timed: bool) -> None:
 
 
 def breakdown_rows(args: Any) -> dict[str, Any]:
-    """Median milliseconds per phase and per step for dense and MoT, and MoT / dense ratios.
+    """Median milliseconds per phase and per step for dense and MoT (for each AdamW
+    implementation in ``args.optim_impls``), and the MoT / dense ratios.
 
-    ``args``: ``tiny`` (debug presets), ``rounds``, ``steps`` (timed steps per round),
-    ``cache`` (tokenizer cache).
+    The variants take one step each in turn (``rounds x steps`` times), so that a shared
+    machine's slow spells hit them alike. ``args``: ``tiny`` (debug presets), ``rounds``,
+    ``steps``, ``optim_impls`` (comma-separated), ``cache`` (tokenizer cache).
     """
-    archs = ("dense", "mot")
-    setups = {a: _setup(f"{a}-debug" if args.tiny else a, args) for a in archs}
+    impls = [i for i in args.optim_impls.split(",") if i]
+    keys = [(a, i) for i in impls for a in ("dense", "mot")]
+    setups = {k: _setup(f"{k[0]}-debug" if args.tiny else k[0], k[1], args) for k in keys}
     for s in setups.values():
         for _ in range(2):
             _step(s, timed=False)
-    for _ in range(args.rounds):
-        for a in archs:
-            for _ in range(args.steps):
-                _step(setups[a], timed=True)
-    out: dict[str, Any] = {}
-    for a, s in setups.items():
+    for _ in range(args.rounds * args.steps):
+        for k in keys:
+            _step(setups[k], timed=True)
+    out: dict[str, Any] = {"timed_steps": args.rounds * args.steps}
+    for (arch, impl), s in setups.items():
         totals = [sum(v) for v in zip(*s.times.values(), strict=True)]
-        out[a] = {p: statistics.median(v) for p, v in s.times.items()}
-        out[a]["step"] = statistics.median(totals)
-        out[a]["params"] = sum(p.numel() for p in s.model.parameters())
-    out["mot_over_dense_time"] = {k: out["mot"][k] / out["dense"][k] for k in (*PHASES, "step")}
-    out["mot_throughput_vs_dense"] = out["dense"]["step"] / out["mot"]["step"]
-    out["without_data"] = {
-        a: out[a]["step"] - out[a]["data"] for a in archs
-    }  # the step with background loading (data off the critical path)
-    out["mot_throughput_vs_dense_without_data"] = (
-        out["without_data"]["dense"] / out["without_data"]["mot"]
-    )
-    out["timed_steps"] = args.rounds * args.steps
+        row = {p: statistics.median(v) for p, v in s.times.items()}
+        row["step"] = statistics.median(totals)
+        row["step_without_data"] = statistics.median(
+            [t - d for t, d in zip(totals, s.times["data"], strict=True)]
+        )  # the step with background loading (data off the critical path)
+        row["params"] = sum(p.numel() for p in s.model.parameters())
+        out[f"{arch}/{impl}"] = row
+    for impl in impls:
+        d, m = out[f"dense/{impl}"], out[f"mot/{impl}"]
+        out[f"mot_over_dense_time/{impl}"] = {k: m[k] / d[k] for k in (*PHASES, "step")}
+        out[f"mot_throughput_vs_dense/{impl}"] = d["step"] / m["step"]
+        out[f"mot_throughput_vs_dense_without_data/{impl}"] = (
+            d["step_without_data"] / m["step_without_data"]
+        )
     return out

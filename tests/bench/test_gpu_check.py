@@ -26,4 +26,4 @@ def test_gpu_check_dry_run(tmp_path, tokenizer_cache):
     pipeline = json.loads((tmp_path / "pipeline.json").read_text())
     assert set(pipeline) >= {"loader", "gpu", "breakdown", "trainer"}
     assert pipeline["loader"]["token_shards"]["tokens_per_s"] > 0
-    assert set(pipeline["breakdown"]["dense"]) >= {"data", "forward", "backward", "optimizer"}
+    assert set(pipeline["breakdown"]["dense/fused"]) >= {"data", "forward", "backward", "optimizer"}
