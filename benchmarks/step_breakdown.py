@@ -1,10 +1,10 @@
 """Where a demo training step's time goes: data, host bookkeeping (routing plan and FLOPs
 count), forward (with the loss), backward, optimizer (gradient clip, AdamW step) and logging.
 
-The phases are the trainer's own functions (``train/trainer.py``) called in the trainer's order
-with a clock between them, on the synchronous loader (the ``data`` phase is what background
-loading takes off the step). Dense and MoT, with each AdamW implementation asked for, take one
-step each in turn.
+The phases are the pieces of ``train/step.py``'s ``forward_loss`` and the trainer's loop, in
+their order, with a clock between them, on the synchronous loader (the ``data`` phase is what
+background loading takes off the step). Dense and MoT, with each AdamW implementation asked
+for, take one step each in turn.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ from typing import Any
 
 import torch
 
-from sparsefusion.cli.main import resolve_config
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
+from sparsefusion.distributed.mesh import DistEnv
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
+from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train import trainer as T
+from sparsefusion.train.metrics import LogWindow
 from sparsefusion.train.optim import build_optimizer
+from sparsefusion.train.presets import resolve_config
+from sparsefusion.train.step import StepOutput, global_counts
 
 PHASES = ("data", "plan_flops", "forward", "backward", "optimizer", "logging")
 
@@ -34,8 +38,10 @@ class _Setup:
     model: Transformer
     optimizer: torch.optim.Optimizer
     loaders: ShardedLoaders
-    window: Any
-    state: Any
+    objective: Any
+    window: LogWindow
+    step: int
+    tokens: int
     times: dict[str, list[float]]
 
 
@@ -52,36 +58,44 @@ def _setup(preset: str, impl: str, args: Any) -> _Setup:
     model = Transformer(cfg.model)
     model.init_weights()
     loaders = ShardedLoaders(source, tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size)
-    window = T._Window(len(cfg.model.modalities), 0)
     times: dict[str, list[float]] = {p: [] for p in PHASES}
-    return _Setup(cfg, model, build_optimizer(model, cfg.optim), loaders, window, T.TrainState(),
-                  times)  # fmt: skip
+    objective = build_objective(cfg.objective, cfg.model)
+    return _Setup(cfg, model, build_optimizer(model, cfg.optim), loaders, objective, LogWindow(0),
+                  0, 0, times)  # fmt: skip
 
 
 def _step(s: _Setup, *, timed: bool) -> None:
-    cfg = s.cfg
-    amp = T.autocast_context(cfg.train.precision, torch.device("cpu"))
-    towers = (cfg.model.tower_of_modality, cfg.model.num_towers)
+    """One step as ``train/step.py``'s ``accumulate_gradients`` and the trainer's loop run it."""
+    cfg, env = s.cfg, DistEnv()
+    amp = T.autocast_context(cfg.train.precision, env.device)
     clock = [time.perf_counter()]
     batch = s.loaders.next_batch(0)
     clock.append(time.perf_counter())
-    batch = batch.with_plan(*towers)
-    s.state.flops += train_flops(cfg.model, batch.document_BT, tower_counts=batch.plan.counts)
+    norms = global_counts(s.objective, [batch], env)
+    counts = s.objective.counts(batch)
+    inputs = s.objective.prepare(batch)  # the routing plan
+    flops = train_flops(cfg.model, batch.document_BT, tower_counts=inputs.plan.counts)
     clock.append(time.perf_counter())
-    out, model_out = T._forward(s.model, batch, cfg, amp)
+    with amp:
+        out = s.model(inputs.to(env.device), None)
+    result = s.objective.loss(out, batch, inputs)
+    result.counts = counts
+    step_out = StepOutput(result, out, inputs)
+    loss = step_out.loss(norms, micro_batches=1)
     clock.append(time.perf_counter())
-    out.loss.backward()
+    loss.backward()
     clock.append(time.perf_counter())
     grad_norm = T._clip(s.model, cfg.optim.grad_clip)
     if bool(torch.isfinite(grad_norm)):
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     clock.append(time.perf_counter())
-    s.state.step += 1
-    s.state.tokens += batch.num_tokens
-    s.window.add(out, model_out)
-    if s.state.step % cfg.run.log_every == 0:
-        s.window.row(s.state, lr=0.0, grad_norm=float(grad_norm), modalities=cfg.model.modalities)
+    s.step += 1
+    s.tokens += batch.num_tokens
+    s.window.add(step_out, 1)
+    if s.step % cfg.run.log_every == 0:
+        position = {"step": s.step, "tokens": s.tokens, "flops": flops}
+        s.window.row(position, lr=0.0, grad_norm=float(grad_norm))
     clock.append(time.perf_counter())
     if timed:
         for name, a, b in zip(PHASES, clock[:-1], clock[1:], strict=True):

@@ -10,7 +10,6 @@ import torch
 from sparsefusion.bench.naive_mot import NaiveMoT
 from sparsefusion.bench.step import BenchSettings, synthetic_batch
 from sparsefusion.models.transformer import ModelConfig, Transformer
-from sparsefusion.nn.routing import build_plan
 
 
 def test_naive_mot_equals_the_plan_path():
@@ -21,13 +20,12 @@ def test_naive_mot_equals_the_plan_path():
     model = Transformer(cfg)
     model.init_weights()
     s = BenchSettings(archs=["mot"], seq_len=96, batch_size=2, vocab_size=64)
-    data = synthetic_batch(s)
-    assert 0.2 < data["modality_BT"].float().mean() < 0.8
-    tower_BT = data["modality_BT"]
-    plan = build_plan(tower_BT.reshape(-1), cfg.num_towers)
-    kwargs = {"position_BT": data["position_BT"], "document_BT": data["document_BT"]}
-    fast = model(data["tokens_BT"], plan=plan, **kwargs).logits_BTV
-    naive = NaiveMoT(model)(data["tokens_BT"], tower_BT=tower_BT, **kwargs).logits_BTV
+    batch = synthetic_batch(s)
+    assert 0.2 < batch.modality_BT.float().mean() < 0.8
+    inputs = batch.model_inputs(cfg.tower_of_modality, cfg.num_towers)
+    assert not inputs.plan.is_identity
+    fast = model(inputs).logits_BTV
+    naive = NaiveMoT(model)(inputs).logits_BTV
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
 
 

@@ -90,7 +90,7 @@ def test_data_pack_rows_exact():
     assert b.target_modality_BT.tolist() == [[0, 1, 0, -1], [1, 0, -1, 0]]
     assert b.position_BT.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0]]
     assert b.document_BT.tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
-    assert b.plan is None and b.tokens_BT.dtype == torch.long
+    assert b.span_BT is None and b.tokens_BT.dtype == torch.long
     # The last target (8) stays buffered as the next row's first input.
     assert buf.ids_N.tolist() == [8, 9, 2] and buf.position_N.tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="needed"):

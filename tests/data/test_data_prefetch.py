@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsefusion.cli.main import resolve_config
 from sparsefusion.data.documents import TEXT, Document, Segment
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.prefetch import BatchStream
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.train.faults import ENV
 from sparsefusion.train.metrics import read_metrics
+from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
 
 

@@ -10,6 +10,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 
 from sparsefusion.distributed.mesh import DistEnv
 from sparsefusion.distributed.parallelize import DistConfig, parallelize_model, unwrap
+from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig, Transformer
 from sparsefusion.nn.routing import build_plan
 
@@ -38,10 +39,12 @@ def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, tor
     modality = torch.randint(0, 2, (B, T), generator=gen)
     towers = unwrap(model).cfg.tower_of_modality
     out = model(
-        tokens,
-        position_BT=torch.arange(T).expand(B, T),
-        document_BT=torch.zeros(B, T, dtype=torch.long),
-        plan=build_plan(torch.tensor(towers)[modality.reshape(-1)], max(towers) + 1),
+        ModelInputs(
+            tokens,
+            position_BT=torch.arange(T).expand(B, T),
+            document_BT=torch.zeros(B, T, dtype=torch.long),
+            plan=build_plan(torch.tensor(towers)[modality.reshape(-1)], max(towers) + 1),
+        )
     )
     loss = out.logits_BTV.float().logsumexp(-1).mean()
     loss.backward()

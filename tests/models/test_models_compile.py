@@ -67,9 +67,9 @@ def test_token_choice_block_compiles_without_graph_breaks():
 def test_compiled_block_equals_eager(preset):
     block, x, kwargs = _block_inputs(preset, torch.float32)
     x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_eager = block(x_eager, **kwargs)
+    y_eager = block(x_eager, **kwargs)[0]
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    y_comp = compiled(x_comp, **{**kwargs, "ctx": RoutingContext(mode="batch")})
+    y_comp = compiled(x_comp, **{**kwargs, "ctx": RoutingContext(mode="batch")})[0]
     torch.testing.assert_close(y_comp, y_eager, atol=1e-5, rtol=1e-5)
     grads = []
     for y, inp in ((y_eager, x_eager), (y_comp, x_comp)):

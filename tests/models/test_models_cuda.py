@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.routing import build_plan
 
@@ -33,8 +34,7 @@ def _setup(impl: str, dtype: torch.dtype = torch.bfloat16):
 
 
 def _step(model, batch):
-    tokens = batch.pop("tokens_BT")
-    out = model(tokens, **batch)
+    out = model(ModelInputs(**batch))
     out.logits_BTV.float().square().mean().backward()
     return out.logits_BTV
 

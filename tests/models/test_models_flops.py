@@ -15,6 +15,7 @@ from sparsefusion.models.flops import (
     num_params,
     train_flops,
 )
+from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.presets import MODEL_SIZES, model_size, preset_config
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.attention import build_attention_mask
@@ -46,7 +47,7 @@ def test_train_flops_match_flop_counter(kw):
     position = torch.tensor([list(range(6)) + list(range(10)), list(range(16))])
     plan = build_plan(torch.tensor(cfg.tower_of_modality)[modality].reshape(-1), cfg.num_towers)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = model(tokens, position_BT=position, document_BT=document, plan=plan)
+        out = model(ModelInputs(tokens, position_BT=position, document_BT=document, plan=plan))
         out.logits_BTV.square().mean().backward()
     measured = counter.get_total_flops()
     expected = train_flops(cfg, document, dense_attention=True)

@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparsefusion.models.flops import train_flops
+from sparsefusion.models.inputs import ForwardContext, ModelInputs
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.nn.mod import MoDConfig, SequenceLayout, matched_num_layers
@@ -46,7 +47,8 @@ def _batch(seed: int = 0):
 
 def _forward(model, tokens, modality, document, position, **kw):
     plan = model.build_plan(modality)
-    return model(tokens, position_BT=position, document_BT=document, plan=plan, **kw)
+    inputs = ModelInputs(tokens, position_BT=position, document_BT=document, plan=plan)
+    return model(inputs, ForwardContext(**kw))
 
 
 def _layout(cfg, document, position):
@@ -69,9 +71,11 @@ def test_mod_at_capacity_one_equals_the_gated_dense_block(arch):
     plan = model.build_plan(modality)
     x = plan.sort(torch.randn(B * T, cfg.dim))
     layer, router = model.layers[0], model.mod_routers["0"]
-    got = router(layer, x, plan=plan, layout=_layout(cfg, document, position), ctx=RoutingContext())
+    got, _ = router(
+        layer, x, plan=plan, layout=_layout(cfg, document, position), ctx=RoutingContext()
+    )
     mask = model.attention_mask(document)
-    full = layer(x, plan=plan, mask=mask, rope=rope_angles(position, cfg.head_dim))
+    full, _ = layer(x, plan=plan, mask=mask, rope=rope_angles(position, cfg.head_dim))
     gate = torch.sigmoid(x @ router.weight[0])[:, None]
     torch.testing.assert_close(got, x + gate * (full - x), rtol=1e-5, atol=1e-6)
 
@@ -83,12 +87,17 @@ def test_mod_subset_equals_a_per_row_reference():
     plan = model.build_plan(modality)
     x = torch.randn(B * T, cfg.dim)  # original order
     layer, router = model.layers[0], model.mod_routers["0"]
-    ctx = RoutingContext(trace=[])
+    ctx = RoutingContext(trace=True)
     layout = _layout(cfg, document, position)
-    got = plan.unsort(router(layer, plan.sort(x), plan=plan, layout=layout, ctx=ctx))
-    selected = ctx.trace[0].target_nE[:, 0]  # plan-sorted
+    got, stats = router(layer, plan.sort(x), plan=plan, layout=layout, ctx=ctx)
+    got = plan.unsort(got)
+    selected = stats.records[0].target_nE[:, 0]  # plan-sorted
     selected = plan.unsort(selected[:, None])[:, 0].bool()
     assert int(selected.sum()) == B * T // 2
+    gate_BT = torch.sigmoid(x @ router.weight[0]).view(B, T)
+    for b in range(B):  # every row keeps its own top-k (k = capacity * T)
+        row = set(selected.view(B, T)[b].nonzero().flatten().tolist())
+        assert row == set(gate_BT[b].topk(T // 2).indices.tolist())
     expected = x.clone()
     gate = torch.sigmoid(x @ router.weight[0])
     for b in range(B):
@@ -98,7 +107,7 @@ def test_mod_subset_equals_a_per_row_reference():
         xs = sub_plan.sort(x[sub])
         mask = model.attention_mask(document.reshape(-1)[sub][None])
         rope = rope_angles(position.reshape(-1)[sub][None], cfg.head_dim)
-        out = sub_plan.unsort(layer(xs, plan=sub_plan, mask=mask, rope=rope))
+        out = sub_plan.unsort(layer(xs, plan=sub_plan, mask=mask, rope=rope)[0])
         expected[sub] = x[sub] + gate[sub, None] * (out - x[sub])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -219,7 +228,7 @@ def _count(model, cfg, data):
     tokens, modality, document, position = data
     plan = model.build_plan(modality)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = model(tokens, position_BT=position, document_BT=document, plan=plan)
+        out = model(ModelInputs(tokens, position_BT=position, document_BT=document, plan=plan))
         out.logits_BTV.square().mean().backward()
     return counter.get_total_flops(), plan.counts
 
@@ -278,3 +287,19 @@ def test_moma_with_an_absent_modality_and_bf16_autocast(router):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _forward(model, tokens, _batch()[1], document, position)
     assert torch.isfinite(out.logits_BTV.float()).all()
+
+
+def test_mod_reports_the_pairs_its_selected_tokens_attend():
+    cfg = _cfg(arch="dense", num_layers=2, mod=MoDConfig(enabled=True, capacity=0.5))
+    model = _model(cfg)
+    tokens, modality, document, position = _batch()
+    out = _forward(model, tokens, modality, document, position, trace=True)
+    plan = model.build_plan(modality)
+    selected = plan.unsort(out.records[0].target_nE)[:, 0].bool().view(B, T)
+    expected = 0
+    for b in range(B):
+        for d in document[b].unique():
+            m = int((selected[b] & (document[b] == d)).sum())
+            expected += m * (m + 1) // 2
+    assert out.metrics["mod/layer0_mod/pairs"].item() == expected
+    assert selected.sum(1).tolist() == [T // 2] * B  # per-row capacity

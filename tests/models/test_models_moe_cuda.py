@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.mod import MoDConfig
 from sparsefusion.nn.moe import MoEConfig
@@ -40,10 +41,12 @@ def test_moma_mod_cuda_matches_cpu(router):
         m = model.to(device)
         plan = m.build_plan(modality)
         out = m(
-            tokens.to(device),
-            position_BT=position.to(device),
-            document_BT=document.to(device),
-            plan=plan,
+            ModelInputs(
+                tokens.to(device),
+                position_BT=position.to(device),
+                document_BT=document.to(device),
+                plan=plan,
+            )
         )
         outs.append(out.logits_BTV.cpu())
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)

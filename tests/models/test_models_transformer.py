@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparsefusion.models.flops import num_params
+from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig, Transformer
 from sparsefusion.nn.routing import build_plan
 
@@ -36,9 +37,10 @@ def _run(model, tokens, modality, position=None, document=None, span=None):
     position = torch.arange(t).expand(b, t) if position is None else position
     document = torch.zeros(b, t, dtype=torch.long) if document is None else document
     plan = _plan(model.cfg, modality)
-    return model(
+    inputs = ModelInputs(
         tokens, position_BT=position, document_BT=document, plan=plan, span_BT=span
-    ).logits_BTV
+    )
+    return model(inputs).logits_BTV
 
 
 def _batch(seed: int = 0, num_modalities: int = 2):
@@ -161,11 +163,13 @@ def test_model_equals_naive_per_position_reference(kw):
     span = torch.full((B, T), -1)
     span[1, 3:7] = 0  # a bidirectional span in row 1
     got = model(
-        tokens,
-        position_BT=position,
-        document_BT=document,
-        plan=_plan(model.cfg, modality),
-        span_BT=span,
+        ModelInputs(
+            tokens,
+            position_BT=position,
+            document_BT=document,
+            plan=_plan(model.cfg, modality),
+            span_BT=span,
+        )
     ).logits_BTV
     want = naive_forward(model, tokens, modality, position, document, span)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -372,7 +376,7 @@ def test_forward_rejects_a_plan_of_the_wrong_shape():
     tokens, modality = _batch(9)
     wrong = build_plan(torch.zeros(B * T - 1, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="plan"):
-        model(tokens, position_BT=tokens, document_BT=tokens * 0, plan=wrong)
+        model(ModelInputs(tokens, position_BT=tokens, document_BT=tokens * 0, plan=wrong))
     plan = model.build_plan(modality)
     assert plan.counts == tuple(torch.bincount(modality.reshape(-1), minlength=2).tolist())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.attention import build_attention_mask, sdpa
 from sparsefusion.nn.mod import MoDConfig
@@ -68,8 +69,8 @@ def test_flex_model_forward_equals_sdpa(kw):
     sdpa_model, flex_model = _model_pair("cpu", **kw)
     batch, tokens = _inputs(sdpa_model, "cpu")
     with torch.no_grad():
-        ref = sdpa_model(tokens, **batch).logits_BTV
-        out = flex_model(tokens, **batch).logits_BTV
+        ref = sdpa_model(ModelInputs(tokens, **batch)).logits_BTV
+        out = flex_model(ModelInputs(tokens, **batch)).logits_BTV
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -84,7 +85,7 @@ def test_cuda_flex_training_step_equals_sdpa():
     sdpa_model, flex_model = _model_pair("cuda", arch="mot", mod=MoDConfig(enabled=True))
     batch, tokens = _inputs(sdpa_model, "cuda")
     for model in (sdpa_model, flex_model):
-        model(tokens, **batch).logits_BTV.square().mean().backward()
+        model(ModelInputs(tokens, **batch)).logits_BTV.square().mean().backward()
     for (name, p_s), p_f in zip(
         sdpa_model.named_parameters(), flex_model.parameters(), strict=True
     ):

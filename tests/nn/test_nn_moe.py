@@ -20,7 +20,7 @@ def _group(E: int, **kw) -> ExpertGroup:
 
 def _run_with_grads(g: ExpertGroup, x: torch.Tensor):
     x = x.clone().requires_grad_(True)
-    y = g(x, RoutingContext())
+    y, _ = g(x, RoutingContext())
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = [p.grad.clone() for p in g.parameters()] + [x.grad.clone()]
     g.zero_grad()
@@ -43,9 +43,8 @@ def test_expert_choice_equals_every_expert_then_mask(gate, n, E, capacity):
 def test_expert_choice_selection_is_top_k_per_expert_and_unchosen_tokens_get_zero():
     g = _group(2, capacity=0.5)  # k = ceil(10 * 0.5 / 2) = 3 per expert: >= 4 tokens unrouted
     x = torch.randn(10, 8)
-    ctx = RoutingContext(trace=[])
-    y = g(x, ctx)
-    target = ctx.trace[0].target_nE
+    y, stats = g(x, RoutingContext(trace=True))
+    target = stats.records[0].target_nE
     assert target.shape == (10, 2) and target.sum(0).tolist() == [3.0, 3.0]
     scores = torch.sigmoid(x @ g.router.detach().T)
     for e in range(2):
@@ -54,7 +53,7 @@ def test_expert_choice_selection_is_top_k_per_expert_and_unchosen_tokens_get_zer
         )
     unrouted = target.sum(1) == 0
     assert unrouted.any() and torch.all(y[unrouted] == 0)
-    metrics = ctx.finish_metrics()
+    metrics = stats.resolved_metrics()
     assert metrics["moe/unrouted_frac"].item() == pytest.approx(unrouted.float().mean().item())
 
 
@@ -63,7 +62,7 @@ def test_one_expert_at_capacity_one_is_the_plain_ffn():
     assert not g.routed and g.router is None
     x = torch.randn(7, 8)
     a, b = F.linear(x, g.w13[0]).chunk(2, dim=-1)
-    torch.testing.assert_close(g(x, RoutingContext()), F.linear(F.silu(a) * b, g.w2[0]))
+    torch.testing.assert_close(g(x, RoutingContext())[0], F.linear(F.silu(a) * b, g.w2[0]))
     assert _group(1, capacity=0.5).routed  # below capacity 1 a single expert does route
 
 
@@ -74,9 +73,9 @@ def test_moe_ffn_routes_inside_each_tower_slice():
     ffn.init_weights(0.3, 0.3)
     plan = build_plan(torch.tensor([1, 0, 1, 1, 0, 1, 1]), 2)
     x = torch.randn(7, 8)
-    y = ffn(x, plan)
+    y, _ = ffn(x, plan)
     s, e = plan.slices()[1]
-    torch.testing.assert_close(y[s:e], ffn.groups[1](x[s:e], RoutingContext()))
+    torch.testing.assert_close(y[s:e], ffn.groups[1](x[s:e], RoutingContext())[0])
 
 
 @pytest.mark.parametrize(
@@ -102,11 +101,10 @@ def test_empty_group_and_fewer_tokens_than_experts_do_not_crash():
     for groups in ([0, 0, 0], [1, 0, 0], [0]):
         plan = build_plan(torch.tensor(groups), 2)
         x = torch.randn(len(groups), 8, requires_grad=True)
-        ctx = RoutingContext()
-        y = ffn(x, plan, ctx)
+        y, stats = ffn(x, plan, RoutingContext())
         y.sum().backward()
         assert torch.isfinite(y).all() and y.shape == x.shape
-        assert all(torch.isfinite(v).all() for v in ctx.finish_metrics().values())
+        assert all(torch.isfinite(v).all() for v in stats.resolved_metrics().values())
 
 
 def _per_token_reference(g: ExpertGroup, x: torch.Tensor) -> torch.Tensor:
@@ -125,18 +123,17 @@ def _per_token_reference(g: ExpertGroup, x: torch.Tensor) -> torch.Tensor:
 def test_token_choice_dropless_equals_per_token_reference(impl, top_k):
     g = _group(4, router="token_choice", gate="softmax", top_k=top_k, impl=impl)
     x = torch.randn(11, 8, generator=torch.Generator().manual_seed(3))
-    ctx = RoutingContext()
-    y = g(x, ctx)
+    y, stats = g(x, RoutingContext())
     torch.testing.assert_close(y, _per_token_reference(g, x), rtol=1e-5, atol=1e-6)
-    assert set(ctx.aux_losses) == {"moe/load_balance", "moe/router_z"}
+    assert set(stats.losses) == {"moe/load_balance", "moe/router_z"}
     logits = x @ g.router.T
     probs = torch.softmax(logits, dim=-1)
     frac = torch.bincount(probs.topk(top_k).indices.flatten(), minlength=4) / (11 * top_k)
     expected = 0.01 * 4 * (frac * probs.mean(0)).sum()
-    torch.testing.assert_close(ctx.aux_losses["moe/load_balance"], expected)
+    torch.testing.assert_close(stats.losses["moe/load_balance"], expected)
     z = 0.001 * torch.logsumexp(logits, -1).square().mean()
-    torch.testing.assert_close(ctx.aux_losses["moe/router_z"], z)
-    (y.sum() + sum(ctx.aux_losses.values())).backward()
+    torch.testing.assert_close(stats.losses["moe/router_z"], z)
+    (y.sum() + sum(stats.losses.values())).backward()
     assert g.router.grad is not None and g.router.grad.abs().sum() > 0
 
 
@@ -148,7 +145,7 @@ def test_causal_mode_uses_aux_decisions_and_main_gate():
             return torch.tensor([[1.0, -1.0, 1.0]]).expand(x.shape[0], 3)
 
     x = torch.randn(6, 8)
-    y = g(x, RoutingContext(mode="causal", aux_routers=Fixed()))
+    y, _ = g(x, RoutingContext(mode="causal", aux_routers=Fixed()))
     scores = torch.sigmoid(x @ g.router.T) * torch.tensor([1.0, 0.0, 1.0])
     torch.testing.assert_close(y, g._every_expert_masked(x, scores))
     with pytest.raises(ValueError, match="aux_routers"):
@@ -161,6 +158,14 @@ def test_bad_moe_config_values():
         (dict(router="hash"), "router"),
         (dict(experts={"text": 0}), "experts"),
         (dict(top_k=0), "top_k"),
+        (dict(gate="relu"), "gate"),
     ]:
         with pytest.raises(ValueError, match=match):
             MoEConfig(**kw)
+
+
+def test_gate_default_follows_the_router():
+    """Token choice is a softmax router (Switch/Mixtral); expert choice keeps MoMa's sigmoid."""
+    assert MoEConfig(router="token_choice").gate == "softmax"
+    assert MoEConfig(router="expert_choice").gate == "sigmoid"
+    assert MoEConfig(router="token_choice", gate="sigmoid").gate == "sigmoid"  # explicit wins

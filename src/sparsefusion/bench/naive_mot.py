@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefusion.models.inputs import ForwardContext, ModelInputs
 from sparsefusion.models.transformer import ModelOutput, Transformer
 from sparsefusion.nn.attention import sdpa
 from sparsefusion.nn.rope import apply_rope, rope_angles
@@ -32,21 +33,14 @@ class NaiveMoT(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        tokens_BT: torch.Tensor,
-        *,
-        position_BT: torch.Tensor,
-        document_BT: torch.Tensor,
-        tower_BT: torch.Tensor,
-    ) -> ModelOutput:
-        """Logits in original order; ``tower_BT`` is each position's tower index."""
+    def forward(self, inputs: ModelInputs, ctx: ForwardContext | None = None) -> ModelOutput:
+        """Logits in original order; each position's tower is read from ``inputs.plan``."""
         m, cfg = self.model, self.model.cfg
-        B, T = tokens_BT.shape
-        masks = [(tower_BT.reshape(-1) == g) for g in range(cfg.num_towers)]
-        mask = m.attention_mask(document_BT)
-        rope = rope_angles(position_BT, cfg.head_dim, cfg.rope_theta)
-        x_ND = m.embedding(tokens_BT).view(B * T, -1)
+        B, T = inputs.shape
+        masks = [(inputs.plan.group_N == g) for g in range(cfg.num_towers)]
+        mask = m.attention_mask(inputs.document_BT)
+        rope = rope_angles(inputs.position_BT, cfg.head_dim, cfg.rope_theta)
+        x_ND = m.embedding(inputs.tokens_BT).view(B * T, -1)
         for layer in m.layers:
             x_ND = _block(layer, x_ND, masks, mask, rope, B, T)
         logits_NV = m.output(m.norm(x_ND))

@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sparsefusion.bench.naive_mot import NaiveMoT
+from sparsefusion.data.batch import Batch
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.presets import model_size
 from sparsefusion.models.transformer import ModelConfig, Transformer
-from sparsefusion.nn.routing import build_plan
+from sparsefusion.objectives.base import ObjectiveConfig, build_objective
 from sparsefusion.train.optim import OptimConfig, build_optimizer
+from sparsefusion.train.step import forward_loss
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -77,7 +78,7 @@ class BenchSettings:
             raise ValueError("bench needs steps >= 1, warmup >= 0 and rounds >= 1")
 
 
-def synthetic_batch(s: BenchSettings, *, seed: int = 0) -> dict[str, torch.Tensor]:
+def synthetic_batch(s: BenchSettings, *, seed: int = 0) -> Batch:
     """Packed rows of documents (about 4 per row) mixing text runs and 64-token image spans."""
     g = torch.Generator().manual_seed(seed)
     B, T = s.batch_size, s.seq_len
@@ -94,18 +95,19 @@ def synthetic_batch(s: BenchSettings, *, seed: int = 0) -> dict[str, torch.Tenso
     doc_len = max(1, T // 4)
     document_BT = (torch.arange(T) // doc_len).expand(B, T).contiguous()
     position_BT = (torch.arange(T) % doc_len).expand(B, T).contiguous()
-    return {
-        "tokens_BT": tokens_BT,
-        "targets_BT": torch.roll(tokens_BT, -1, dims=1),
-        "modality_BT": modality_BT,
-        "document_BT": document_BT,
-        "position_BT": position_BT,
-    }
+    return Batch(
+        tokens_BT=tokens_BT,
+        targets_BT=torch.roll(tokens_BT, -1, dims=1),
+        modality_BT=modality_BT,
+        target_modality_BT=torch.roll(modality_BT, -1, dims=1),
+        position_BT=position_BT,
+        document_BT=document_BT,
+    )
 
 
 def model_config(arch: str, s: BenchSettings) -> ModelConfig:
     """The model config of a bench row: a training preset's model at the bench size."""
-    from sparsefusion.cli.main import resolve_config
+    from sparsefusion.train.presets import resolve_config
 
     preset = "mot" if arch == "naive-mot" else arch
     cfg = resolve_config(preset, []).model
@@ -142,9 +144,14 @@ def _setup_row(arch: str, s: BenchSettings, device: torch.device) -> _Row:
             layer.compile()
     runner = NaiveMoT(model) if arch == "naive-mot" else model
     opt = build_optimizer(model, OptimConfig(lr=1e-4))  # the training optimizer (fused AdamW)
-    data = {k: v.to(device) for k, v in synthetic_batch(s).items()}
-    step, plan = _step_fn(arch, runner, cfg, data, device)
-    return _Row(arch, cfg, model, opt, step, data["document_BT"], plan.counts, [])
+    batch = synthetic_batch(s)
+    objective = build_objective(ObjectiveConfig(z_loss=0.0), cfg)
+
+    def step() -> torch.Tensor:
+        return forward_loss(runner, batch, objective, device=device).loss()
+
+    counts = objective.prepare(batch).plan.counts
+    return _Row(arch, cfg, model, opt, step, batch.document_BT, counts, [])
 
 
 def _run_steps(row: _Row, n: int, s: BenchSettings, device: torch.device, *, timed: bool) -> None:
@@ -206,27 +213,6 @@ def _bench_interleaved(s: BenchSettings, device: torch.device) -> list[dict[str,
         for row in rows:
             _run_steps(row, s.steps, s, device, timed=True)
     return [_result(row, s, device, own_peak=False) for row in rows]
-
-
-def _step_fn(arch, runner, cfg: ModelConfig, data, device):
-    lut = torch.tensor(cfg.tower_of_modality, dtype=torch.long)
-    tower_BT = lut[data["modality_BT"].cpu()]
-    plan = build_plan(tower_BT.reshape(-1), cfg.num_towers).to(device)
-    tower_BT = tower_BT.to(device)
-
-    def step() -> torch.Tensor:
-        kwargs = {"position_BT": data["position_BT"], "document_BT": data["document_BT"]}
-        if arch == "naive-mot":
-            out = runner(data["tokens_BT"], tower_BT=tower_BT, **kwargs)
-        else:
-            out = runner(data["tokens_BT"], plan=plan, **kwargs)
-        logits = out.logits_BTV.float()
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), data["targets_BT"].view(-1))
-        for aux in out.aux_losses.values():
-            loss = loss + aux
-        return loss
-
-    return step, plan
 
 
 def _now(device: torch.device) -> float:

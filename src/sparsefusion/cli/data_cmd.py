@@ -24,8 +24,8 @@ TEXT_H = 40
 
 
 def _config(target: str, preset: str, overrides: list[str]):
-    from sparsefusion.cli.main import resolve_config
     from sparsefusion.data.sources import SOURCES
+    from sparsefusion.train.presets import resolve_config
 
     if target in SOURCES:
         extra = [f"data.source={target}"]

@@ -15,45 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from sparsefusion.config import ConfigError, load_yaml, merge, parse_overrides, to_dict
-
-DEFAULT_PRESET = "mot"
-
-
-def resolve_config(config: str | None, overrides: list[str]):
-    """Build the TrainConfig from a preset name or YAML path plus overrides.
-
-    A YAML file may name a preset to start from with a top-level ``preset:`` key.
-    """
-    from sparsefusion.train.config import TrainConfig
-    from sparsefusion.train.presets import preset
-
-    layers: list[tuple[str, dict]] = []
-    if config is None:
-        config = DEFAULT_PRESET
-    if config.endswith((".yaml", ".yml")) or Path(config).is_file():
-        data = load_yaml(config)
-        base = data.pop("preset", None)
-        if base is not None:
-            layers.append((f"preset {base}", _preset(preset, str(base))))
-        layers.append((config, data))
-    else:
-        layers.append((f"preset {config}", _preset(preset, config)))
-    layers.append(("command line", parse_overrides(overrides)))
-    cfg = TrainConfig()
-    for where, data in layers:
-        try:
-            cfg = merge(cfg, data)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
-    return cfg
-
-
-def _preset(lookup, name: str) -> dict:
-    try:
-        return lookup(name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+from sparsefusion.config import ConfigError, merge, parse_overrides, to_dict
+from sparsefusion.train.presets import DEFAULT_PRESET, resolve_config  # noqa: F401
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:

@@ -5,18 +5,18 @@ Shape legend: B = rows in the batch, T = sequence length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
-from sparsefusion.nn.routing import RoutingPlan, build_plan
+from sparsefusion.models.inputs import ModelInputs, plan_for
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class Batch:
-    """A batch of packed rows.
+    """A batch of packed rows (on the host until an objective turns it into model inputs).
 
     Attributes:
         tokens_BT: unified-vocabulary input ids (int64).
@@ -28,8 +28,7 @@ class Batch:
             Decides which per-modality loss a position counts towards.
         position_BT: position inside its document (restarts at 0 for every document).
         document_BT: document index inside the row (0, 1, 2, ...); attention never crosses it.
-        plan: the tower routing plan over the flattened B*T positions (``None`` until
-            :meth:`with_plan` is called).
+        span_BT: bidirectional span ids (-1 = none; e.g. the patches of one image), or None.
     """
 
     tokens_BT: torch.Tensor
@@ -38,25 +37,31 @@ class Batch:
     target_modality_BT: torch.Tensor
     position_BT: torch.Tensor
     document_BT: torch.Tensor
-    plan: RoutingPlan | None = None
+    span_BT: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.tokens_BT.numel()
 
-    def with_plan(self, tower_of_modality: list[int], num_towers: int) -> Batch:
-        """Attach the tower routing plan (built on the host, before moving to a device)."""
-        lut = torch.tensor(tower_of_modality, dtype=torch.long)
-        tower_N = lut[self.modality_BT.reshape(-1).cpu()]
-        return replace(self, plan=build_plan(tower_N, num_towers))
+    @property
+    def num_targets(self) -> int:
+        """Valid next-token targets (a host count when the batch is on the host)."""
+        return int((self.targets_BT != IGNORE_INDEX).sum())
+
+    def model_inputs(self, tower_of_modality: list[int], num_towers: int) -> ModelInputs:
+        """The model's inputs for this batch, with its tower routing plan (built on the host)."""
+        return ModelInputs(
+            tokens_BT=self.tokens_BT,
+            modality_BT=self.modality_BT,
+            position_BT=self.position_BT,
+            document_BT=self.document_BT,
+            plan=plan_for(tower_of_modality, num_towers, self.modality_BT),
+            span_BT=self.span_BT,
+        )
 
     def to(self, device: torch.device | str) -> Batch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device, non_blocking=True)
-            elif v is not None:
-                v = v.to(device)
-            out[f.name] = v
-        return Batch(**out)
+            out[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        return type(self)(**out)

@@ -4,8 +4,8 @@
 ``workers=0`` it reads synchronously in the training thread. With ``workers >= 1``, worker
 threads own the ``grad_accum`` streams (stream ``j`` belongs to worker ``j % workers``) and
 keep up to ``prefetch`` ready batches per stream in a bounded queue: reading, encoding (the BPE
-and the VQ encoder release the GIL), packing, the routing plan (``prepare``) and, on CUDA, the
-copy into pinned memory all happen off the step. Each stream is still read in order by one
+and the VQ encoder release the GIL), packing, an optional ``prepare`` and, on CUDA, the copy
+into pinned memory all happen off the step. Each stream is still read in order by one
 thread, so the batches are exactly those of the synchronous path.
 
 Exact resume: every queued batch travels with a snapshot of its loader's state taken right after
@@ -192,19 +192,10 @@ def _drain(q: queue.Queue) -> None:
 
 
 def _pin(batch: Batch) -> Batch:
-    """``batch`` with its tensors (and its plan's) in pinned host memory."""
+    """``batch`` with its tensors in pinned host memory."""
     pinned = {
         f.name: getattr(batch, f.name).pin_memory()
         for f in fields(batch)
         if isinstance(getattr(batch, f.name), torch.Tensor)
     }
-    plan = batch.plan
-    if plan is not None:
-        plan = replace(
-            plan,
-            perm_N=plan.perm_N.pin_memory(),
-            inv_perm_N=plan.inv_perm_N.pin_memory(),
-            group_N=plan.group_N.pin_memory(),
-            offsets_G=plan.offsets_G.pin_memory(),
-        )
-    return replace(batch, plan=plan, **pinned)
+    return replace(batch, **pinned)

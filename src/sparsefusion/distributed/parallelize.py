@@ -139,7 +139,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         raise ValueError(f"dist.activation_checkpointing must be full or selective, got {mode!r}")
     context_fn = _selective_context if mode == "selective" else None
     for i, layer in enumerate(model.layers):
-        kwargs = {"preserve_rng_state": False}
+        # The recompute must replay the forward exactly: routers that draw noise (Gumbel
+        # expert choice) need the same random numbers, so the RNG state is stashed and restored.
+        kwargs = {"preserve_rng_state": True}
         if context_fn is not None:
             kwargs["context_fn"] = context_fn
         model.layers[i] = checkpoint_wrapper(layer, **kwargs)

@@ -110,8 +110,8 @@ class SweepOutcome:
 
 def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") -> SweepOutcome:
     """Train every run (skipping finished ones), then compare the finished runs to the baseline."""
-    from sparsefusion.cli.main import resolve_config
     from sparsefusion.eval.report import run_compare
+    from sparsefusion.train.presets import resolve_config
 
     root = Path(cfg.out)
     outcome = SweepOutcome()

@@ -22,16 +22,20 @@ Sparse layers count only the tokens actually processed (pass the plan's per-towe
   (k_g = ceil(n_g * capacity / E_g)), token choice ``top_k * n_g``, a plain group n_g; each pair
   costs 2 * 3 * D * F, plus the router 2 * D * E_g * n_g;
 - Mixture-of-Depths layer: the router 2 * D * N, then attention projections and FFN for the
-  K = ceil(capacity * N) selected tokens only, attention over K^2 pairs with
-  ``dense_attention`` (what the subset's dense mask computes) and P * (K / N)^2 otherwise (the
-  expected causal pairs). The selected tokens' per-tower split is estimated proportionally
-  (exact when the towers' shares are kept; it only moves FLOPs between groups of equal cost
-  except through the rounding of k).
+  selected tokens only (per-row selection: k = ceil(capacity * T) of every row, n = B * k;
+  batch selection: n = ceil(capacity * N)); attention over the pairs the selected tokens
+  actually attended (causal, in-document among the selected: the model reports them per layer
+  as ``mod/<site>/pairs`` and the trainer passes them in as ``mod_pairs``), P * (n / N)^2 in
+  expectation when they are not given, and B * k^2 (or n^2) with ``dense_attention``. The
+  selected tokens' per-tower split is estimated proportionally (exact when the towers' shares
+  are kept; it only moves FLOPs between groups of equal cost except through the rounding of k).
 
 Shape legend: B = batch rows, T = sequence length.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -86,6 +90,7 @@ def forward_flops(
     *,
     dense_attention: bool = False,
     tower_counts: tuple[int, ...] | None = None,
+    mod_pairs: dict[int, float] | None = None,
 ) -> int:
     """Forward FLOPs of one batch (see the module docstring).
 
@@ -95,11 +100,15 @@ def forward_flops(
         dense_attention: count attention over every pair the dense mask computes.
         tower_counts: tokens per tower (``plan.counts``); needed when the FFN has per-tower
             expert groups.
+        mod_pairs: routed layer -> the (query, key) pairs its selected tokens attended, as the
+            model reports them (``mod/<site>/pairs``); without it the expected number under
+            uniform selection is used.
 
     Returns:
         FLOPs as an int.
     """
-    N = document_BT.numel()
+    B, T = document_BT.shape
+    N = B * T
     pairs = attended_pairs(document_BT, dense_attention=dense_attention)
     if not cfg.has_experts and not cfg.mod.enabled:
         attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
@@ -110,14 +119,32 @@ def forward_flops(
     for layer in range(cfg.num_layers):
         n, layer_counts, layer_pairs = N, counts, pairs
         if layer in routed:
-            n = mod_capacity(N, cfg.mod.capacity)
+            n, layer_pairs = mod_subset(cfg, B, T, pairs, dense_attention)
+            if mod_pairs is not None and layer in mod_pairs and not dense_attention:
+                layer_pairs = mod_pairs[layer]
             layer_counts = _proportional(counts, n)
-            layer_pairs = n * n if dense_attention else round(pairs * (n / N) ** 2)
             total += 2 * cfg.dim * N
         total += 2 * _attention_params(cfg) * n
-        total += 4 * cfg.num_heads * cfg.head_dim * layer_pairs
+        total += round(4 * cfg.num_heads * cfg.head_dim * layer_pairs)
         total += _ffn_flops(cfg, layer_counts)
     return total
+
+
+def mod_subset(cfg: ModelConfig, B: int, T: int, pairs: int, dense_attention: bool):
+    """Tokens a routed MoD layer processes and its (expected) attended pairs.
+
+    Per-row selection keeps ``k = ceil(c * T)`` tokens of every row and attends (B, k) rows;
+    batch selection keeps ``ceil(c * B * T)`` tokens as one row. A pair survives when both of
+    its tokens are selected: ``pairs * (n / N)^2`` in expectation.
+    """
+    N = B * T
+    if cfg.mod.selection == "row":
+        k = mod_capacity(T, cfg.mod.capacity)
+        n, dense_pairs = B * k, B * k * k
+    else:
+        n = mod_capacity(N, cfg.mod.capacity)
+        dense_pairs = n * n
+    return n, dense_pairs if dense_attention else pairs * (n / N) ** 2
 
 
 def _attention_params(cfg: ModelConfig) -> int:
@@ -166,6 +193,7 @@ def train_flops(
     *,
     dense_attention: bool = False,
     tower_counts: tuple[int, ...] | None = None,
+    mod_pairs: dict[int, float] | None = None,
 ) -> int:
     """Training (forward + backward) FLOPs of one batch: 3 x :func:`forward_flops`.
 
@@ -175,13 +203,54 @@ def train_flops(
         dense_attention: count attention over all B * T * T pairs (matches a FLOP counter on
             dense-mask SDPA) instead of the causal in-document pairs actually needed.
         tower_counts: tokens per tower (``plan.counts``), for per-tower expert groups.
+        mod_pairs: attended pairs of each routed MoD layer (see :func:`forward_flops`).
 
     Returns:
         Total FLOPs as an int.
     """
     return 3 * forward_flops(
-        cfg, document_BT, dense_attention=dense_attention, tower_counts=tower_counts
+        cfg,
+        document_BT,
+        dense_attention=dense_attention,
+        tower_counts=tower_counts,
+        mod_pairs=mod_pairs,
     )
+
+
+def mod_matched_capacity(
+    dense: ModelConfig, mod: ModelConfig, *, seq_len: int, doc_len: int, tower_share: list[float]
+) -> float:
+    """The MoD capacity at which ``mod`` costs what ``dense`` costs, attention included.
+
+    MoMa restores the compute of MoD by adding layers at a fixed capacity (25%); with whole
+    layers that lands a few percent off, and more so once attention is counted (a routed layer
+    keeps ``c`` of the projections but only about ``c^2`` of the attention pairs). This solves
+    for the capacity (bisection on :func:`forward_flops`, expected pairs) that matches the
+    forward FLOPs of ``dense`` exactly for rows of ``seq_len`` tokens in documents of ``doc_len``
+    tokens, with the towers' token shares ``tower_share``.
+
+    Returns:
+        The capacity in (0, 1] (``mod.mod.capacity`` unchanged if no capacity can match).
+    """
+    document_1T = (torch.arange(seq_len) // max(1, doc_len))[None]
+    counts = _proportional([round(1000 * s) for s in tower_share], seq_len)
+    groups = len(mod.ffn_group_names) if mod.has_experts else 1
+    towers = tuple(counts) if groups > 1 else None
+    dense_towers = tuple(counts) if dense.has_experts and len(dense.ffn_group_names) > 1 else None
+    target = forward_flops(dense, document_1T, tower_counts=dense_towers)
+
+    def cost(c: float) -> int:
+        return forward_flops(
+            replace(mod, mod=replace(mod.mod, capacity=c)), document_1T, tower_counts=towers
+        )
+
+    lo, hi = 1.0 / seq_len, 1.0
+    if not cost(lo) <= target <= cost(hi):
+        return mod.mod.capacity
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) < target else (lo, mid)
+    return round(hi, 4)
 
 
 def num_params(model: nn.Module, *, exclude_embedding: bool = False) -> int:

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sparsefusion.models.inputs import ForwardContext, ModelInputs, plan_for
 from sparsefusion.nn.attention import AttentionMask, TowerAttention, build_attention_mask
 from sparsefusion.nn.embeddings import OutputHead, TokenEmbedding
 from sparsefusion.nn.feed_forward import TowerFFN, ffn_hidden_dim
@@ -29,8 +30,8 @@ from sparsefusion.nn.mod import MoDConfig, MoDRouter, SequenceLayout
 from sparsefusion.nn.moe import MoEConfig, MoEFeedForward
 from sparsefusion.nn.norms import TowerRMSNorm
 from sparsefusion.nn.rope import RopeAngles, rope_angles
-from sparsefusion.nn.routing import RoutingPlan, build_plan
-from sparsefusion.nn.routing_context import AuxRouterLookup, RouterRecord, RoutingContext
+from sparsefusion.nn.routing import RoutingPlan
+from sparsefusion.nn.routing_context import RouterRecord, RouterStats, RoutingContext
 
 
 @dataclass(kw_only=True)
@@ -251,17 +252,21 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelOutput:
-    """What the model returns.
+    """What the model returns (fresh values, never aliases of state that layers mutate).
 
     Attributes:
         logits_BTV: next-token logits over the unified vocabulary, original order.
+        predictions: other predictions by name (e.g. a diffusion head's noise per patch).
         aux_losses: named auxiliary losses to add to the objective (routers; empty for MoT).
         metrics: named values to log.
+        records: the batch routers' inputs and decisions (when the context traces).
     """
 
     logits_BTV: torch.Tensor
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    records: list[RouterRecord] = field(default_factory=list)
 
 
 class TransformerBlock(nn.Module):
@@ -313,21 +318,27 @@ class TransformerBlock(nn.Module):
         mask: AttentionMask,
         rope: RopeAngles,
         ctx: RoutingContext | None = None,
-    ) -> torch.Tensor:
-        """One block, pre- or post-norm, on the plan-sorted residual stream."""
+    ) -> tuple[torch.Tensor, RouterStats]:
+        """One block, pre- or post-norm, on the plan-sorted residual stream.
+
+        Returns:
+            The new residual stream and the router stats of the block's FFN (values).
+        """
         if self.post_norm:
             h_ND = x_ND + self.attention_norm(
                 self.attention(x_ND, plan=plan, mask=mask, rope=rope), plan
             )
-            return h_ND + self.ffn_norm(self._ffn(h_ND, plan, ctx), plan)
+            f_ND, stats = self._ffn(h_ND, plan, ctx)
+            return h_ND + self.ffn_norm(f_ND, plan), stats
         a_ND = self.attention(self.attention_norm(x_ND, plan), plan=plan, mask=mask, rope=rope)
         h_ND = x_ND + a_ND
-        return h_ND + self._ffn(self.ffn_norm(h_ND, plan), plan, ctx)
+        f_ND, stats = self._ffn(self.ffn_norm(h_ND, plan), plan, ctx)
+        return h_ND + f_ND, stats
 
     def _ffn(self, x_ND: torch.Tensor, plan: RoutingPlan, ctx: RoutingContext | None):
         if isinstance(self.feed_forward, MoEFeedForward):
             return self.feed_forward(x_ND, plan, ctx)
-        return self.feed_forward(x_ND, plan)
+        return self.feed_forward(x_ND, plan), RouterStats.empty()
 
 
 class Transformer(nn.Module):
@@ -346,7 +357,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.num_layers))
         routed = cfg.mod.routed_layers(cfg.num_layers)
         self.mod_routers = nn.ModuleDict(
-            {str(i): MoDRouter(cfg.dim, cfg.mod.capacity, f"layer{i}_mod") for i in routed}
+            {
+                str(i): MoDRouter(cfg.dim, cfg.mod.capacity, f"layer{i}_mod", cfg.mod.selection)
+                for i in routed
+            }
         )
         self.norm = TowerRMSNorm(cfg.dim, 1, cfg.norm_eps)
         self.output = OutputHead(cfg.dim, cfg.vocab_size)
@@ -376,8 +390,7 @@ class Transformer(nn.Module):
 
     def build_plan(self, modality_BT: torch.Tensor) -> RoutingPlan:
         """Routing plan for ``modality_BT`` on the model's device (host work; not a hot path)."""
-        lut = torch.tensor(self.cfg.tower_of_modality, dtype=torch.long)
-        plan = build_plan(lut[modality_BT.reshape(-1).cpu().long()], self.cfg.num_towers)
+        plan = plan_for(self.cfg.tower_of_modality, self.cfg.num_towers, modality_BT)
         return plan.to(self.output.weight.device)
 
     def attention_mask(
@@ -391,61 +404,54 @@ class Transformer(nn.Module):
             return AttentionMask.causal()
         return build_attention_mask(torch.zeros_like(document_BT), span_BT, backend)
 
-    def forward(
-        self,
-        tokens_BT: torch.Tensor,
-        *,
-        position_BT: torch.Tensor,
-        document_BT: torch.Tensor,
-        plan: RoutingPlan,
-        span_BT: torch.Tensor | None = None,
-        routing_mode: str = "batch",
-        aux_routers: AuxRouterLookup | None = None,
-        trace: list[RouterRecord] | None = None,
-    ) -> ModelOutput:
-        """Compute next-token logits.
+    def forward(self, inputs: ModelInputs, ctx: ForwardContext | None = None) -> ModelOutput:
+        """Compute next-token logits (and the routers' losses and metrics).
 
         Args:
-            tokens_BT: unified-vocabulary ids.
-            position_BT: position of each token inside its document (RoPE).
-            document_BT: document index inside the row (attention never crosses it).
-            plan: tower routing plan over the flattened B*T positions (``Batch.with_plan``).
-            span_BT: bidirectional span ids (-1 = none), e.g. Transfusion image spans.
-            routing_mode: "batch" (top-k over the batch, as in training) or "causal" (the
-                auxiliary routers decide per token; no information from other tokens).
-            aux_routers: the auxiliary routers (required for "causal" with batch-routed sites).
-            trace: a list to receive every batch router's inputs and decisions.
+            inputs: the sequence (``ModelInputs``; build one with ``Batch.model_inputs``).
+            ctx: routing mode, auxiliary routers, tracing (``ForwardContext``; default: batch
+                routing, no trace).
 
         Returns:
-            The logits in original order, (B, T, V), with router losses and metrics.
+            The logits in original order, (B, T, V), with router losses, metrics and records.
         """
-        B, T = tokens_BT.shape
+        ctx = ctx if ctx is not None else ForwardContext()
+        B, T = inputs.shape
+        plan = inputs.plan
         if plan.num_positions != B * T or plan.num_groups != self.cfg.num_towers:
             raise ValueError(
                 f"plan covers {plan.num_positions} positions in {plan.num_groups} groups; "
                 f"expected {B * T} positions in {self.cfg.num_towers} towers"
             )
-        mask = self.attention_mask(document_BT, span_BT)
-        rope = rope_angles(position_BT, self.cfg.head_dim, self.cfg.rope_theta)
-        ctx = RoutingContext(mode=routing_mode, aux_routers=aux_routers, trace=trace)
-        layout = SequenceLayout(
-            position_BT=position_BT,
-            document_BT=document_BT,
-            span_BT=span_BT,
+        mask = self.attention_mask(inputs.document_BT, inputs.span_BT)
+        rope = rope_angles(inputs.position_BT, self.cfg.head_dim, self.cfg.rope_theta)
+        routing = ctx.routing()
+        layout = self.layout(inputs)
+        x_ND = plan.sort(self.embedding(inputs.tokens_BT).view(B * T, -1))
+        stats = RouterStats.empty()
+        for i, layer in enumerate(self.layers):
+            if str(i) in self.mod_routers:  # Mixture-of-Depths: the block sees a subset
+                router = self.mod_routers[str(i)]
+                x_ND, layer_stats = router(layer, x_ND, plan=plan, layout=layout, ctx=routing)
+            else:
+                x_ND, layer_stats = layer(x_ND, plan=plan, mask=mask, rope=rope, ctx=routing)
+            stats = stats.merge(layer_stats)
+        logits_NV = self.output(self.norm(plan.unsort(x_ND)))
+        return ModelOutput(
+            logits_BTV=logits_NV.view(B, T, -1),
+            aux_losses=dict(stats.losses),
+            metrics=dict(stats.resolved_metrics()),
+            records=list(stats.records),
+        )
+
+    def layout(self, inputs: ModelInputs) -> SequenceLayout:
+        """Where every position sits (what a Mixture-of-Depths subset rebuilds its mask from)."""
+        return SequenceLayout(
+            position_BT=inputs.position_BT,
+            document_BT=inputs.document_BT,
+            span_BT=inputs.span_BT,
             document_masking=self.cfg.document_masking,
             attention_backend=self.cfg.attention_backend,
             head_dim=self.cfg.head_dim,
             rope_theta=self.cfg.rope_theta,
-        )
-        x_ND = plan.sort(self.embedding(tokens_BT).view(B * T, -1))
-        for i, layer in enumerate(self.layers):
-            if str(i) in self.mod_routers:  # Mixture-of-Depths: the block sees a subset
-                x_ND = self.mod_routers[str(i)](layer, x_ND, plan=plan, layout=layout, ctx=ctx)
-            else:
-                x_ND = layer(x_ND, plan=plan, mask=mask, rope=rope, ctx=ctx)
-        logits_NV = self.output(self.norm(plan.unsort(x_ND)))
-        return ModelOutput(
-            logits_BTV=logits_NV.view(B, T, -1),
-            aux_losses=ctx.aux_losses,
-            metrics=dict(ctx.finish_metrics()),
         )

@@ -1,34 +1,44 @@
 """Mixture-of-Depths (arXiv 2404.02258; MoMa's MoD, arXiv 2407.21770 section 2.3).
 
-At a routed layer a router ``r = sigmoid(w . x)`` scores every position; the top
-``k = max(1, ceil(capacity * N))`` of ALL N = B*T positions of the batch are selected (before the
-modality split). The selected tokens run the whole block (attention among themselves only, and
-the FFN / expert groups) with their ORIGINAL positions (RoPE), documents and causal order; the
-block's delta is scaled by the gate and added once: ``x_i + r_i * (block(X_sel)_i - x_i)``.
-Unselected tokens skip the block. The gate puts the router on the gradient path.
+At a routed layer a router ``r = sigmoid(w . x)`` scores every position. With
+``selection="row"`` (the default, as the MoD paper routes per sequence) every row keeps its own
+top ``k = max(1, ceil(capacity * T))`` positions; with ``selection="batch"`` (MoMa's wording: top-k
+of the whole batch before the modality split) the top ``ceil(capacity * B * T)`` positions of the
+batch are taken, so rows keep different numbers. Either way the selected tokens run the whole
+block (attention among the selected tokens of their own row only, and the FFN / expert groups)
+with their ORIGINAL positions (RoPE), documents and causal order; the block's delta is scaled by
+the gate and added once: ``x_i + r_i * (block(X_sel)_i - x_i)``. Unselected tokens skip the
+block. The gate puts the router on the gradient path.
+
+Per-row subsets attend as a (B, k) batch: about ``B * k^2`` score pairs. Batch selection has
+uneven rows, so its subset runs as one row of K tokens under a row-and-document mask (K^2 pairs
+computed for a dense mask; only in-row pairs are attended).
 
 The subset needs its own routing plan (its per-tower counts). Those counts come from device
 indices, so building the sub-plan costs ONE device-to-host sync per MoD layer (documented
-exception to the no-sync rule). In causal mode the selection is ``aux(x) > 0.5`` per token, so
-k is data-dependent (another sync; inference only).
+exception to the no-sync rule); the same transfer brings the per-document selected counts, from
+which the layer reports the (query, key) pairs it attended (``mod/<site>/pairs``, for the FLOPs
+count). In causal mode the selection is ``aux(x) > 0.5`` per token, so k is data-dependent
+(inference only); such a subset always runs as one row of K tokens.
 
 Shape legend: B = batch rows, T = sequence length, N = B*T positions, K = selected positions,
-D = model width.
+k = selected positions per row, D = model width.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefusion.nn.attention import build_attention_mask
+from sparsefusion.nn.attention import AttentionMask, build_attention_mask
 from sparsefusion.nn.rope import rope_angles
 from sparsefusion.nn.routing import RoutingPlan
-from sparsefusion.nn.routing_context import RoutingContext
+from sparsefusion.nn.routing_context import RouterStats, RoutingContext, ratio
 
 
 @dataclass(kw_only=True)
@@ -39,14 +49,17 @@ class MoDConfig:
         enabled: wrap the routed layers in a MoD router.
         interval: route every ``interval``-th layer (MoMa: 2).
         first_layer: the first routed layer (MoMa: 0); routed = first_layer, +interval, ...
-        capacity: fraction of the batch's positions a routed layer processes, in (0, 1]
-            (MoMa: 0.25).
+        capacity: fraction of the positions a routed layer processes, in (0, 1] (MoMa: 0.25).
+        selection: "row" (every row keeps its top ceil(capacity * T) positions: the MoD paper's
+            per-sequence routing; attention cost B * k^2) or "batch" (top ceil(capacity * B * T)
+            of the whole batch, MoMa's wording; rows keep uneven counts).
     """
 
     enabled: bool = False
     interval: int = 2
     first_layer: int = 0
     capacity: float = 0.25
+    selection: Literal["row", "batch"] = "row"
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -55,6 +68,10 @@ class MoDConfig:
             raise ValueError(f"model.mod.first_layer must be >= 0, got {self.first_layer}")
         if not 0 < self.capacity <= 1:
             raise ValueError(f"model.mod.capacity must be in (0, 1], got {self.capacity}")
+        if self.selection not in ("row", "batch"):
+            raise ValueError(
+                f"model.mod.selection must be 'row' or 'batch', got {self.selection!r}"
+            )
 
     def routed_layers(self, num_layers: int) -> list[int]:
         """Indices of the routed layers (empty when disabled)."""
@@ -106,21 +123,26 @@ class SequenceLayout:
 
 
 class MoDRouter(nn.Module):
-    """The router of one MoD layer: ``r = sigmoid(x . w)``, batch top-k, gated residual.
+    """The router of one MoD layer: ``r = sigmoid(x . w)``, top-k, gated residual.
 
     Args:
         dim: model width D.
         capacity: fraction of positions processed.
         site: router site name (``layer{i}_mod``).
+        selection: "row" or "batch" (see :class:`MoDConfig`).
     """
 
-    def __init__(self, dim: int, capacity: float, site: str):
+    def __init__(self, dim: int, capacity: float, site: str, selection: str = "row"):
         super().__init__()
-        self.capacity, self.site = capacity, site
+        self.capacity, self.site, self.selection = capacity, site, selection
         self.weight = nn.Parameter(torch.empty(1, dim))
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)
+
+    def gate(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The gate ``sigmoid(x . w)`` of every position (N,)."""
+        return torch.sigmoid(F.linear(x_ND.float(), self.weight.float())[:, 0])
 
     def forward(
         self,
@@ -130,60 +152,105 @@ class MoDRouter(nn.Module):
         plan: RoutingPlan,
         layout: SequenceLayout,
         ctx: RoutingContext,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, RouterStats]:
         """Run ``block`` on the selected positions only and add the gated delta.
 
         Args:
-            block: the transformer block (called as ``block(x, plan=, mask=, rope=, ctx=)``).
+            block: the transformer block (``block(x, plan=, mask=, rope=, ctx=) -> (x, stats)``).
             x_ND: residual stream, plan-sorted.
             plan: the batch's tower plan.
             layout: positions, documents and spans of the batch.
             ctx: the forward's routing context.
 
         Returns:
-            The new residual stream, plan-sorted.
+            The new residual stream, plan-sorted, and the router stats of the layer.
         """
         N = x_ND.shape[0]
-        gate_N = torch.sigmoid(F.linear(x_ND.float(), self.weight.float())[:, 0])
-        ctx.metrics[f"mod/{self.site}/score_mean"] = gate_N.detach().mean()
-        if ctx.causal:
-            chosen_N = ctx.causal_selection(self.site, x_ND)[:, 0]
-            slot_K = torch.nonzero(chosen_N).reshape(-1)  # data-dependent size: a sync
-        else:
-            k = mod_capacity(N, self.capacity)
-            slot_K = torch.topk(gate_N.detach(), k).indices
-            if ctx.trace is not None:
-                target_N = torch.zeros(N, device=x_ND.device).index_fill_(0, slot_K, 1.0)
-                ctx.record(self.site, x_ND, target_N[:, None])
-        ctx.add_ratio("mod/selected_frac", torch.tensor(float(slot_K.numel())), N)
-        if slot_K.numel() == 0:
-            return x_ND
-        # Selected positions in ORIGINAL order (causality), then the subset's own tower plan.
-        orig_K = torch.sort(plan.perm_N.index_select(0, slot_K)).values
+        gate_N = self.gate(x_ND)
+        stats = RouterStats({}, {f"mod/{self.site}/score_mean": gate_N.detach().mean()}, {}, ())
+        orig_K, rows = self._select(gate_N, x_ND, plan, layout, ctx)
+        if ctx.trace:
+            target_N = torch.zeros(N, device=x_ND.device)
+            target_N.index_fill_(0, plan.inv_perm_N.index_select(0, orig_K), 1.0)
+            stats = stats._replace(records=ctx.records(self.site, x_ND, target_N[:, None]))
+        stats = stats.merge(ratio("mod/selected_frac", torch.tensor(float(orig_K.numel())), N))
+        if orig_K.numel() == 0:
+            return x_ND, stats
+        # The subset's own tower plan and attended pairs, from one device-to-host transfer.
         group_K = plan.group_N.index_select(0, orig_K)
-        counts = tuple(torch.bincount(group_K, minlength=plan.num_groups).tolist())  # the sync
+        doc_key_K = _document_key(layout).index_select(0, orig_K)
+        counts, pairs = _host_counts(group_K, doc_key_K, plan.num_groups, N)
+        stats.metrics[f"mod/{self.site}/pairs"] = torch.tensor(float(pairs))
         sub = plan.subset(orig_K, counts)
         parent_K = plan.inv_perm_N.index_select(0, orig_K.index_select(0, sub.perm_N))
         x_KD = x_ND.index_select(0, parent_K)
-        mask, rope = _subset_mask_and_rope(layout, orig_K)
-        out_KD = block(x_KD, plan=sub, mask=mask, rope=rope, ctx=ctx)
+        mask, rope = _subset_mask_and_rope(layout, orig_K, rows)
+        out_KD, block_stats = block(x_KD, plan=sub, mask=mask, rope=rope, ctx=ctx)
         delta_KD = (out_KD - x_KD) * gate_N.index_select(0, parent_K)[:, None]
-        return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype))
+        return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype)), stats.merge(block_stats)
+
+    def _select(self, gate_N, x_ND, plan, layout, ctx) -> tuple[torch.Tensor, int]:
+        """Selected positions (original order, ascending) and the subset rows (0: one row)."""
+        N = x_ND.shape[0]
+        if ctx.causal:
+            chosen_N = ctx.causal_selection(self.site, x_ND)[:, 0]
+            slot_K = torch.nonzero(chosen_N).reshape(-1)  # data-dependent size: a sync
+            return torch.sort(plan.perm_N.index_select(0, slot_K)).values, 0
+        if self.selection == "batch":
+            slot_K = torch.topk(gate_N.detach(), mod_capacity(N, self.capacity)).indices
+            return torch.sort(plan.perm_N.index_select(0, slot_K)).values, 0
+        B, T = layout.document_BT.shape
+        gate_BT = plan.unsort(gate_N.detach()).view(B, T)
+        pos_Bk = torch.sort(
+            torch.topk(gate_BT, mod_capacity(T, self.capacity), dim=1).indices
+        ).values
+        row_B1 = torch.arange(B, device=pos_Bk.device)[:, None] * T
+        return (pos_Bk + row_B1).reshape(-1), B
 
 
-def _subset_mask_and_rope(layout: SequenceLayout, orig_K: torch.Tensor):
-    """Mask and RoPE of the selected positions, as one row of length K in original order.
+def _document_key(layout: SequenceLayout) -> torch.Tensor:
+    """A key per original position that is equal exactly for positions of one row and document."""
+    B, T = layout.document_BT.shape
+    row_N = torch.arange(B * T, device=layout.document_BT.device) // T
+    doc_N = layout.document_BT.reshape(-1) if layout.document_masking else 0
+    return row_N * T + doc_N
 
-    Two selected positions may attend iff they share the original row and document (or row only
-    without document masking) and the key does not come later (or they share a span).
+
+def _host_counts(group_K, doc_key_K, num_groups: int, N: int) -> tuple[tuple[int, ...], int]:
+    """Per-group counts of the subset and its causal in-document pairs (one sync)."""
+    per_group = torch.bincount(group_K, minlength=num_groups)
+    per_doc = torch.bincount(doc_key_K, minlength=1)
+    host = torch.cat([per_group, per_doc]).tolist()  # the sync
+    per_doc_host = host[num_groups:]
+    return tuple(host[:num_groups]), sum(m * (m + 1) // 2 for m in per_doc_host if m)
+
+
+def _subset_mask_and_rope(layout: SequenceLayout, orig_K: torch.Tensor, rows: int):
+    """Mask and RoPE of the selected positions, in original order.
+
+    ``rows`` > 0: the subset is ``rows`` rows of K / rows tokens each (per-row selection), with the
+    rows' own documents. ``rows`` = 0: one row of K tokens, where two selected positions may
+    attend iff they share the original row and document (or row only without document masking).
+    Either way a key never comes later than its query unless both share a span.
     """
     B, T = layout.document_BT.shape
-    row_N = torch.arange(B * T, device=orig_K.device) // T
-    key_N = row_N * T + (layout.document_BT.reshape(-1) if layout.document_masking else 0)
-    document_1K = key_N.index_select(0, orig_K)[None]
-    span_1K = None
+    if rows:
+        shape = (rows, orig_K.numel() // rows)
+        document = (
+            layout.document_BT.reshape(-1)
+            if layout.document_masking
+            else torch.zeros(B * T, dtype=torch.long, device=orig_K.device)
+        )
+    else:
+        shape = (1, orig_K.numel())
+        document = _document_key(layout)
+    document_RK = document.index_select(0, orig_K).view(shape)
+    span_RK = None
     if layout.span_BT is not None:
-        span_1K = layout.span_BT.reshape(-1).index_select(0, orig_K)[None]
-    position_1K = layout.position_BT.reshape(-1).index_select(0, orig_K)[None]
-    mask = build_attention_mask(document_1K, span_1K, layout.attention_backend)
-    return mask, rope_angles(position_1K, layout.head_dim, layout.rope_theta)
+        span_RK = layout.span_BT.reshape(-1).index_select(0, orig_K).view(shape)
+    position_RK = layout.position_BT.reshape(-1).index_select(0, orig_K).view(shape)
+    if rows and not layout.document_masking and span_RK is None:
+        mask = AttentionMask.causal()
+    else:
+        mask = build_attention_mask(document_RK, span_RK, layout.attention_backend)
+    return mask, rope_angles(position_RK, layout.head_dim, layout.rope_theta)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefusion.nn.routing import RoutingPlan
-from sparsefusion.nn.routing_context import RoutingContext
+from sparsefusion.nn.routing_context import RouterStats, RoutingContext, ratio
 from sparsefusion.nn.tower_linear import _ContiguousGrad, grouped_mm_usable
 
 
@@ -46,8 +46,10 @@ class MoEConfig:
     Attributes:
         router: "expert_choice" (experts pick tokens; MoMa, MoE-8x) or "token_choice" (tokens pick
             their top_k experts; dropless, with load-balancing and z losses).
-        gate: "sigmoid" (MoMa; per-token independent scores) or "softmax" (over the group's
-            experts, as in the original expert-choice paper).
+        gate: "sigmoid" (MoMa; per-token independent scores), "softmax" (over the group's
+            experts: the original expert-choice paper, Switch/Mixtral token choice) or "auto"
+            (the default: softmax for token choice, sigmoid for expert choice; resolved when the
+            config is built, so a run's config.yaml names the gate it trained with).
         experts: tower (= modality, with default towers) -> experts in that tower's group, for
             arch "moma" (every tower) and "mot" (chosen towers; the others keep a plain FFN),
             e.g. ``{text: 4, image: 4}``. Must be empty for arch "moe".
@@ -65,7 +67,7 @@ class MoEConfig:
     """
 
     router: Literal["expert_choice", "token_choice"] = "expert_choice"
-    gate: Literal["sigmoid", "softmax"] = "sigmoid"
+    gate: Literal["auto", "sigmoid", "softmax"] = "auto"
     experts: dict[str, int] = field(default_factory=dict)
     num_experts: int = 8
     capacity: float = 1.0
@@ -77,7 +79,9 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         _check("router", self.router, ("expert_choice", "token_choice"))
-        _check("gate", self.gate, ("sigmoid", "softmax"))
+        _check("gate", self.gate, ("auto", "sigmoid", "softmax"))
+        if self.gate == "auto":
+            self.gate = "softmax" if self.router == "token_choice" else "sigmoid"
         _check("impl", self.impl, ("grouped", "reference"))
         if self.num_experts < 1:
             raise ValueError(f"model.moe.num_experts must be >= 1, got {self.num_experts}")
@@ -147,28 +151,35 @@ class ExpertGroup(nn.Module):
         if self.router is not None:
             nn.init.normal_(self.router, std=std)
 
-    def forward(self, x_nD: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        """Route the group's tokens to its experts (or apply the plain FFN)."""
+    def forward(self, x_nD: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, RouterStats]:
+        """Route the group's tokens to its experts (or apply the plain FFN).
+
+        Returns:
+            The group's output (n, D) and its router stats (fresh values).
+        """
         if not self.routed:
-            return _swiglu(x_nD, self.w13[0], self.w2[0])
+            return _swiglu(x_nD, self.w13[0], self.w2[0]), RouterStats.empty()
         if x_nD.shape[0] == 0:
             # An empty group still joins the graph (zero gradients), so every rank of a
             # data-parallel job reduces the same parameters (FSDP2/DDP collectives must match).
-            return x_nD.new_zeros(x_nD.shape) + 0.0 * sum(p.sum() for p in self.parameters())
+            zero = 0.0 * sum(p.sum() for p in self.parameters())
+            return x_nD.new_zeros(x_nD.shape) + zero, RouterStats.empty()
         logits_nE = F.linear(x_nD.float(), self.router.float())
         scores_nE = _activate(logits_nE, self.cfg.gate)
-        self._score_metrics(scores_nE, ctx)
+        stats = self._score_metrics(scores_nE)
         if self.cfg.router == "token_choice":
-            return self._token_choice(x_nD, logits_nE, scores_nE, ctx)
-        if ctx.causal:
+            y_nD, more = self._token_choice(x_nD, logits_nE, scores_nE)
+        elif ctx.causal:
             selected_nE = ctx.causal_selection(self.site, x_nD)
-            ctx.add_ratio("moe/unrouted_frac", (~selected_nE.any(-1)).sum(), x_nD.shape[0])
-            return self._every_expert_masked(x_nD, scores_nE * selected_nE)
-        return self._expert_choice(x_nD, logits_nE, scores_nE, ctx)
+            more = ratio("moe/unrouted_frac", (~selected_nE.any(-1)).sum(), x_nD.shape[0])
+            y_nD = self._every_expert_masked(x_nD, scores_nE * selected_nE)
+        else:
+            y_nD, more = self._expert_choice(x_nD, logits_nE, scores_nE, ctx)
+        return y_nD, stats.merge(more)
 
     def _expert_choice(
         self, x_nD: torch.Tensor, logits_nE: torch.Tensor, scores_nE: torch.Tensor, ctx
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, RouterStats]:
         n, E = scores_nE.shape
         k = expert_capacity(n, E, self.cfg.capacity)
         select_nE = scores_nE
@@ -179,20 +190,21 @@ class ExpertGroup(nn.Module):
         hits_n = torch.zeros(n, device=x_nD.device).index_add_(
             0, idx_Ek.reshape(-1), torch.ones(E * k, device=x_nD.device)
         )
-        ctx.add_ratio("moe/unrouted_frac", (hits_n == 0).sum(), n)
-        ctx.metrics[f"moe/{self.site}/load_max"] = torch.tensor(k * E / (n * self.cfg.capacity))
-        if ctx.trace is not None:
-            ctx.record(self.site, x_nD, (hits_n.new_zeros(E, n).scatter_(1, idx_Ek, 1.0)).T)
+        stats = ratio("moe/unrouted_frac", (hits_n == 0).sum(), n)
+        stats.metrics[f"moe/{self.site}/load_max"] = torch.tensor(k * E / (n * self.cfg.capacity))
+        if ctx.trace:
+            selected_nE = hits_n.new_zeros(E, n).scatter_(1, idx_Ek, 1.0).T
+            stats = stats._replace(records=ctx.records(self.site, x_nD, selected_nE))
         if self.cfg.impl == "reference":
             mask_En = torch.zeros(E, n, device=x_nD.device).scatter_(1, idx_Ek, 1.0)
-            return self._every_expert_masked(x_nD, scores_nE * mask_En.T)
+            return self._every_expert_masked(x_nD, scores_nE * mask_En.T), stats
         D = x_nD.shape[1]
         xin_EkD = x_nD.index_select(0, idx_Ek.reshape(-1)).view(E, k, D)
         h_EkF2 = torch.bmm(xin_EkD, self.w13.transpose(1, 2).to(xin_EkD.dtype))
         a_EkF, b_EkF = h_EkF2.chunk(2, dim=-1)
         y_EkD = torch.bmm(F.silu(a_EkF) * b_EkF, self.w2.transpose(1, 2).to(a_EkF.dtype))
         contrib_AD = (y_EkD * gate_Ek[..., None]).reshape(E * k, D).to(x_nD.dtype)
-        return x_nD.new_zeros(n, D).index_add(0, idx_Ek.reshape(-1), contrib_AD)
+        return x_nD.new_zeros(n, D).index_add(0, idx_Ek.reshape(-1), contrib_AD), stats
 
     def _every_expert_masked(self, x_nD: torch.Tensor, weight_nE: torch.Tensor) -> torch.Tensor:
         """Reference: y = sum_e weight[:, e] * FFN_e(x) with every expert run on every token."""
@@ -203,8 +215,8 @@ class ExpertGroup(nn.Module):
         return (y_EnD * weight_nE.T[..., None]).sum(0).to(x_nD.dtype)
 
     def _token_choice(
-        self, x_nD: torch.Tensor, logits_nE: torch.Tensor, scores_nE: torch.Tensor, ctx
-    ) -> torch.Tensor:
+        self, x_nD: torch.Tensor, logits_nE: torch.Tensor, scores_nE: torch.Tensor
+    ) -> tuple[torch.Tensor, RouterStats]:
         n, E = scores_nE.shape
         K = min(self.cfg.top_k, E)
         gate_nK, expert_nK = torch.topk(scores_nE, K, dim=-1)
@@ -215,8 +227,8 @@ class ExpertGroup(nn.Module):
         counts_E = torch.zeros(E, dtype=torch.long, device=x_nD.device).scatter_add_(
             0, expert_A, torch.ones_like(expert_A)
         )
-        self._balance_losses(logits_nE, counts_E, n * K, ctx)
-        ctx.metrics[f"moe/{self.site}/load_max"] = counts_E.max().float() * E / (n * K)
+        stats = self._balance_losses(logits_nE, counts_E, n * K)
+        stats.metrics[f"moe/{self.site}/load_max"] = counts_E.max().float() * E / (n * K)
         xin_AD = x_nD.index_select(0, token_A)
         if torch.is_autocast_enabled(xin_AD.device.type):  # grouped_mm is not autocast-aware
             xin_AD = xin_AD.to(torch.get_autocast_dtype(xin_AD.device.type))
@@ -236,24 +248,27 @@ class ExpertGroup(nn.Module):
             y_AD = torch.cat(parts, dim=0)
         gate_A = gate_nK.reshape(-1)[order_A]
         contrib_AD = (y_AD * gate_A[:, None]).to(x_nD.dtype)
-        return x_nD.new_zeros(x_nD.shape).index_add(0, token_A, contrib_AD)
+        return x_nD.new_zeros(x_nD.shape).index_add(0, token_A, contrib_AD), stats
 
-    def _balance_losses(self, logits_nE, counts_E, num_assign: int, ctx: RoutingContext) -> None:
+    def _balance_losses(self, logits_nE, counts_E, num_assign: int) -> RouterStats:
         """Switch load balance E * sum_e f_e * P_e and router z-loss mean(logsumexp^2)."""
         E = logits_nE.shape[1]
         probs_nE = torch.softmax(logits_nE, dim=-1)
         frac_E = counts_E.float() / num_assign
+        losses = {}
         if self.cfg.load_balance_weight > 0:
             balance = E * (frac_E * probs_nE.mean(0)).sum()
-            ctx.add_loss("moe/load_balance", self.cfg.load_balance_weight * balance)
+            losses["moe/load_balance"] = self.cfg.load_balance_weight * balance
         if self.cfg.router_z_weight > 0:
             z = torch.logsumexp(logits_nE, dim=-1).square().mean()
-            ctx.add_loss("moe/router_z", self.cfg.router_z_weight * z)
+            losses["moe/router_z"] = self.cfg.router_z_weight * z
+        return RouterStats(losses, {}, {}, ())
 
-    def _score_metrics(self, scores_nE: torch.Tensor, ctx: RoutingContext) -> None:
+    def _score_metrics(self, scores_nE: torch.Tensor) -> RouterStats:
         s = scores_nE.detach()
-        ctx.metrics[f"moe/{self.site}/score_mean"] = s.mean()
-        ctx.metrics[f"moe/{self.site}/score_std"] = s.std() if s.numel() > 1 else s.new_zeros(())
+        std = s.std() if s.numel() > 1 else s.new_zeros(())
+        metrics = {f"moe/{self.site}/score_mean": s.mean(), f"moe/{self.site}/score_std": std}
+        return RouterStats({}, metrics, {}, ())
 
 
 def _activate(logits_nE: torch.Tensor, gate: str) -> torch.Tensor:
@@ -303,12 +318,16 @@ class MoEFeedForward(nn.Module):
 
     def forward(
         self, x_ND: torch.Tensor, plan: RoutingPlan, ctx: RoutingContext | None = None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, RouterStats]:
         """Apply each tower's expert group to its contiguous slice (plan-sorted in and out)."""
         ctx = ctx if ctx is not None else RoutingContext()
         if len(self.groups) == 1:
             return self.groups[0](x_ND, ctx)
         if plan.num_groups != len(self.groups):
             raise ValueError(f"plan has {plan.num_groups} groups, FFN has {len(self.groups)}")
-        parts = [g(x_ND[s:e], ctx) for g, (s, e) in zip(self.groups, plan.slices(), strict=True)]
-        return torch.cat(parts, dim=0)
+        parts, stats = [], RouterStats.empty()
+        for g, (s, e) in zip(self.groups, plan.slices(), strict=True):
+            y_nD, group_stats = g(x_ND[s:e], ctx)
+            parts.append(y_nD)
+            stats = stats.merge(group_stats)
+        return torch.cat(parts, dim=0), stats

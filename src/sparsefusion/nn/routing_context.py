@@ -1,18 +1,21 @@
-"""Per-forward routing state shared by the learned routers (experts, Mixture-of-Depths).
+"""How learned routers decide in one forward, and what they report back as values.
 
-One :class:`RoutingContext` is created by the model for every forward pass and handed to each
-router. It says how selections are made (``"batch"``: top-k over the batch, as in training;
-``"causal"``: per-token auxiliary routers, arXiv 2407.21770 section 2.4), optionally records the
-batch decisions (the targets of auxiliary-router training), and collects auxiliary losses and
-metrics, which leave the model through ``ModelOutput`` (never through globals).
+A :class:`RoutingContext` is read-only: it says how selections are made (``"batch"``: top-k over the
+batch, as in training; ``"causal"``: per-token auxiliary routers, arXiv 2407.21770 section 2.4) and
+whether to record the batch decisions (the targets of auxiliary-router training). Routers never
+write into it. Each router returns a :class:`RouterStats` beside its output: auxiliary losses,
+metrics, ratio sums and decision records as fresh values, merged layer by layer by the model. So a
+block that activation checkpointing recomputes in backward cannot duplicate a loss, a metric or a
+record (the recompute's return values are discarded), and the recompute performs exactly the same
+operations as the forward (no accumulation into state the forward already filled).
 
 Shape legend: n = tokens at one router site, D = model width, E = router outputs (experts, or 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 
@@ -27,8 +30,7 @@ class AuxRouterLookup(Protocol):
         ...
 
 
-@dataclass
-class RouterRecord:
+class RouterRecord(NamedTuple):
     """The inputs and batch decisions of one router site in one forward (detached).
 
     Attributes:
@@ -42,24 +44,69 @@ class RouterRecord:
     target_nE: torch.Tensor
 
 
-@dataclass
+class RouterStats(NamedTuple):
+    """What routers report from one forward, as values (never accumulated in place).
+
+    Attributes:
+        losses: named, already weighted, auxiliary losses (summed over sites when merged).
+        metrics: named detached scalars (tensors: no device-to-host sync).
+        ratios: name -> (numerator, denominator) sums over sites, resolved by :meth:`resolved`.
+        records: the batch decisions of every site, when the context traces.
+    """
+
+    losses: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
+    ratios: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    records: tuple[RouterRecord, ...]
+
+    @staticmethod
+    def empty() -> RouterStats:
+        return RouterStats({}, {}, {}, ())
+
+    def merge(self, other: RouterStats) -> RouterStats:
+        """A new value holding both (losses and ratio sums add; metrics of ``other`` win)."""
+        losses = dict(self.losses)
+        for k, v in other.losses.items():
+            losses[k] = losses[k] + v if k in losses else v
+        ratios = dict(self.ratios)
+        for k, (num, den) in other.ratios.items():
+            if k in ratios:
+                ratios[k] = (ratios[k][0] + num, ratios[k][1] + den)
+            else:
+                ratios[k] = (num, den)
+        return RouterStats(
+            losses, {**self.metrics, **other.metrics}, ratios, self.records + other.records
+        )
+
+    def resolved_metrics(self) -> dict[str, torch.Tensor]:
+        """The metrics with every ratio resolved to ``sum(num) / max(1, sum(den))``."""
+        out = dict(self.metrics)
+        for name, (num, den) in self.ratios.items():
+            out[name] = num.float() / den.float().clamp(min=1)
+        return out
+
+
+def ratio(name: str, numerator: torch.Tensor, denominator: float) -> RouterStats:
+    """Stats holding one ratio term (e.g. unrouted tokens over tokens at a site)."""
+    num = numerator.detach().float()
+    return RouterStats(
+        {}, {}, {name: (num, torch.tensor(float(denominator), device=num.device))}, ()
+    )
+
+
+@dataclass(frozen=True)
 class RoutingContext:
-    """Routing mode, optional decision trace, and the auxiliary losses and metrics of a forward.
+    """How routers decide in one forward (read-only).
 
     Attributes:
         mode: "batch" (batch-level top-k) or "causal" (auxiliary routers decide per token).
         aux_routers: required in causal mode for expert-choice and MoD sites.
-        trace: when a list, every batch-mode router appends a :class:`RouterRecord`.
-        aux_losses: named, already weighted, losses to add to the objective.
-        metrics: named detached scalars (tensors: no device-to-host sync here).
+        trace: every batch-mode router returns a :class:`RouterRecord` of its decisions.
     """
 
     mode: RoutingMode = "batch"
     aux_routers: AuxRouterLookup | None = None
-    trace: list[RouterRecord] | None = None
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    _sums: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    trace: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("batch", "causal"):
@@ -75,26 +122,8 @@ class RoutingContext:
             raise ValueError("routing_mode='causal' needs aux_routers (sparsefusion train-aux)")
         return self.aux_routers.logits(site, x_nD) > 0  # sigmoid(z) > 0.5  <=>  z > 0
 
-    def record(self, site: str, x_nD: torch.Tensor, selected_nE: torch.Tensor) -> None:
-        """Keep the batch decisions of ``site`` when tracing (auxiliary-router targets)."""
-        if self.trace is not None:
-            self.trace.append(RouterRecord(site, x_nD.detach(), selected_nE.detach().float()))
-
-    def add_loss(self, name: str, value: torch.Tensor) -> None:
-        """Accumulate a weighted auxiliary loss (summed over layers and groups)."""
-        self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
-
-    def add_ratio(self, name: str, numerator: torch.Tensor, denominator: float) -> None:
-        """Accumulate ``sum(numerator) / sum(denominator)`` over sites under ``name``."""
-        num, den = self._sums.setdefault(name, [torch.zeros(()), torch.zeros(())])[:2]
-        self._sums[name] = [
-            num.to(numerator.device) + numerator.detach().float(),
-            den + denominator,
-        ]
-
-    def finish_metrics(self) -> dict[str, torch.Tensor]:
-        """The metrics, with the accumulated ratios resolved."""
-        out = dict(self.metrics)
-        for name, (num, den) in self._sums.items():
-            out[name] = num / den.clamp(min=1).to(num.device)
-        return out
+    def records(self, site: str, x_nD: torch.Tensor, selected_nE: torch.Tensor):
+        """The record tuple of one site's batch decisions (empty unless tracing)."""
+        if not self.trace:
+            return ()
+        return (RouterRecord(site, x_nD.detach(), selected_nE.detach().float()),)

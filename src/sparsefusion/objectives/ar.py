@@ -1,74 +1,80 @@
-"""Next-token cross-entropy with z-loss, broken down per modality.
+"""Next-token cross-entropy with z-loss over the unified vocabulary, broken down per modality.
 
 A position's loss counts toward the modality of its *target* token (the token being predicted), so
 ``loss/image`` is the cross-entropy of predicting image codes; sentinels (BOS/EOS/BOI/EOI) are text.
+Both the cross-entropy and the z-loss are sums over valid targets, normalised by the global count
+of valid targets (see ``objectives/base.py``).
 
-Shape legend: B = batch rows, T = sequence length, V = vocabulary, M = modalities, N = B*T.
+Shape legend: B = batch rows, T = sequence length, V = vocabulary, N = B*T.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from sparsefusion.data.batch import IGNORE_INDEX
+from sparsefusion.data.batch import IGNORE_INDEX, Batch
+from sparsefusion.models.inputs import ModelInputs
+from sparsefusion.models.transformer import ModelConfig, ModelOutput
+from sparsefusion.objectives.base import (
+    LossTerm,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    per_modality_logged,
+    register_objective,
+)
 
 
-@dataclass(kw_only=True)
-class ARObjectiveConfig:
-    """Autoregressive objective settings.
+def token_cross_entropy(
+    logits_BTV: torch.Tensor, targets_BT: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy and log-partition (0 where the target is ignored), and validity.
 
-    Attributes:
-        z_loss: weight of the Chameleon z-loss ``(log Z)^2`` per token (0 disables it).
+    Returns:
+        ``(ce_N, lse_N, valid_N)``.
     """
-
-    z_loss: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.z_loss < 0:
-            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
-
-
-@dataclass
-class LossOutput:
-    """The differentiable loss and what to log.
-
-    Attributes:
-        loss: scalar to backpropagate (mean CE over valid targets + z-loss term).
-        ce_sum_M: summed cross-entropy per modality (detached, float64).
-        count_M: number of valid targets per modality (detached).
-        z_loss: the mean z-loss term (detached).
-    """
-
-    loss: torch.Tensor
-    ce_sum_M: torch.Tensor
-    count_M: torch.Tensor
-    z_loss: torch.Tensor
-
-
-def ar_loss(
-    logits_BTV: torch.Tensor,
-    targets_BT: torch.Tensor,
-    target_modality_BT: torch.Tensor,
-    *,
-    num_modalities: int,
-    z_loss: float,
-) -> LossOutput:
-    """Cross-entropy (+ z-loss) over valid targets, with per-modality sums for logging."""
     logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1]).float()
     targets_N = targets_BT.reshape(-1)
     valid_N = targets_N != IGNORE_INDEX
-    safe_targets_N = torch.where(valid_N, targets_N, torch.zeros_like(targets_N))
+    safe_N = torch.where(valid_N, targets_N, torch.zeros_like(targets_N))
     lse_N = torch.logsumexp(logits_NV, dim=-1)
-    ce_N = (lse_N - logits_NV.gather(1, safe_targets_N[:, None]).squeeze(1)) * valid_N
-    num_valid = valid_N.sum().clamp(min=1)
-    loss = ce_N.sum() / num_valid
-    z_term = ((lse_N**2) * valid_N).sum() / num_valid
-    if z_loss > 0:
-        loss = loss + z_loss * z_term
-    bucket_N = torch.where(valid_N, target_modality_BT.reshape(-1), num_modalities)
-    ce_sum = torch.zeros(num_modalities + 1, dtype=torch.float64, device=ce_N.device)
-    ce_sum.scatter_add_(0, bucket_N, ce_N.detach().double())
-    count = torch.bincount(bucket_N, minlength=num_modalities + 1)
-    return LossOutput(loss, ce_sum[:num_modalities], count[:num_modalities], z_term.detach())
+    ce_N = (lse_N - logits_NV.gather(1, safe_N[:, None]).squeeze(1)) * valid_N
+    return ce_N, lse_N * valid_N, valid_N
+
+
+class NextTokenObjective:
+    """Cross-entropy (+ z-loss) over every valid next-token target.
+
+    Args:
+        modalities: modality names in index order (for the per-modality breakdown).
+        z_loss: weight of the z-loss term.
+        towers: ``(tower_of_modality, num_towers)`` of the model (the routing plan).
+    """
+
+    def __init__(self, modalities: list[str], z_loss: float, towers: tuple[list[int], int]):
+        self.modalities, self.z_loss, self.towers = list(modalities), z_loss, towers
+
+    def counts(self, batch: Batch) -> dict[str, int]:
+        return {"targets": batch.num_targets}
+
+    def prepare(self, batch: Batch, *, generator: torch.Generator | None = None) -> ModelInputs:
+        return batch.model_inputs(*self.towers)
+
+    def loss(self, output: ModelOutput, batch: Batch, inputs: ModelInputs) -> ObjectiveOutput:
+        ce_N, lse_N, valid_N = token_cross_entropy(output.logits_BTV, batch.targets_BT)
+        z_N = lse_N.square()
+        terms = {"ce": LossTerm(ce_N.sum(), "targets")}
+        if self.z_loss > 0:
+            terms["z_loss"] = LossTerm(z_N.sum(), "targets", self.z_loss)
+        count = valid_N.sum()
+        logged = per_modality_logged(
+            "loss", ce_N, batch.target_modality_BT, valid_N, self.modalities
+        )
+        logged["z_loss"] = (z_N.detach().double().sum(), count)
+        return ObjectiveOutput(terms, {}, logged)
+
+
+@register_objective("ar")
+def _build(cfg: ObjectiveConfig, model: ModelConfig) -> NextTokenObjective:
+    return NextTokenObjective(
+        model.modalities, cfg.z_loss, (model.tower_of_modality, model.num_towers)
+    )

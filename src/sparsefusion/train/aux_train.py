@@ -27,14 +27,17 @@ from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
-from sparsefusion.eval.loss_eval import evaluate
+from sparsefusion.models.inputs import ForwardContext
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.nn.routing_context import RouterRecord
+from sparsefusion.objectives.base import Objective, build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparsefusion.train.config import TrainConfig
-from sparsefusion.train.trainer import _forward_loss, autocast_context, resolve_device
+from sparsefusion.train.device import autocast_context, resolve_device
+from sparsefusion.train.step import forward_loss
+from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
 
@@ -104,15 +107,14 @@ def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
         source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, grad_accum=accum
     )
     loader.load_state_dict(saved["loader"])  # unseen data after the main run
-    towers = (run_cfg.model.tower_of_modality, run_cfg.model.num_towers)
+    objective = build_objective(run_cfg.objective, run_cfg.model)
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
-        batch = loader.next_batch(step % accum).with_plan(*towers).to(device)
-        records: list[RouterRecord] = []
+        batch = loader.next_batch(step % accum)
         with torch.no_grad():
-            _model_call(model, batch, trace=records)
+            records = _trace(model, batch, objective, device)
         loss, _ = aux_bce(aux, records)
         loss.backward()
         optimizer.step()
@@ -132,14 +134,10 @@ def _lr(step: int, cfg: AuxTrainConfig) -> float:
     return cfg.lr * (1.0 - 0.99 * min(1.0, frac))
 
 
-def _model_call(model: Transformer, batch, **routing):
-    return model(
-        batch.tokens_BT,
-        position_BT=batch.position_BT,
-        document_BT=batch.document_BT,
-        plan=batch.plan,
-        **routing,
-    )
+def _trace(model: Transformer, batch, objective: Objective, device) -> list[RouterRecord]:
+    """The batch routers' inputs and decisions on one host batch (batch routing)."""
+    ctx = ForwardContext(trace=True)
+    return forward_loss(model, batch, objective, device=device, ctx=ctx).model.records
 
 
 @torch.no_grad()
@@ -157,25 +155,19 @@ def validate_aux(
         batch_size=data.batch_size,
         num_batches=data.val_batches,
     )
-    towers = (run_cfg.model.tower_of_modality, run_cfg.model.num_towers)
+    objective = build_objective(run_cfg.objective, run_cfg.model)
     amp = autocast_context(run_cfg.train.precision, device)
     row: dict[str, Any] = {}
     for mode in ("batch", "causal"):
-
-        def loss_fn(batch, mode=mode):
-            b = batch.with_plan(*towers).to(device)
-            return _forward_loss(model, b, run_cfg, amp, routing_mode=mode, aux_routers=aux)
-
-        res = evaluate(model, val, loss_fn, run_cfg.model.modalities)
+        ctx = ForwardContext(routing_mode=mode, aux_routers=aux)
+        res = evaluate(model, val, objective, device=device, amp=amp, ctx=ctx)
         row.update({f"{mode}/{k}": v for k, v in res.items() if k.startswith("loss")})
     for k in [k for k in row if k.startswith("batch/")]:
         row[f"gap/{k[6:]}"] = row[f"causal/{k[6:]}"] - row[k]
     correct: dict[str, float] = {}
     total: dict[str, int] = {}
     for batch in val:
-        records: list[RouterRecord] = []
-        _model_call(model, batch.with_plan(*towers).to(device), trace=records)
-        for site, (c, n) in aux_bce(aux, records)[1].items():
+        for site, (c, n) in aux_bce(aux, _trace(model, batch, objective, device))[1].items():
             correct[site] = correct.get(site, 0.0) + float(c)
             total[site] = total.get(site, 0) + n
     for site in correct:

@@ -8,7 +8,7 @@ from typing import Literal
 from sparsefusion.data.sources import DataConfig
 from sparsefusion.distributed.parallelize import DistConfig
 from sparsefusion.models.transformer import ModelConfig
-from sparsefusion.objectives.ar import ARObjectiveConfig
+from sparsefusion.objectives.base import ObjectiveConfig
 from sparsefusion.tokenizers.build import TokenizerConfig
 from sparsefusion.train.optim import OptimConfig
 
@@ -83,7 +83,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    objective: ARObjectiveConfig = field(default_factory=ARObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)

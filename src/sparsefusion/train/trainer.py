@@ -37,18 +37,20 @@ from sparsefusion.distributed.mesh import (
     teardown,
 )
 from sparsefusion.distributed.parallelize import parallelize_model
-from sparsefusion.eval.loss_eval import evaluate
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
-from sparsefusion.objectives.ar import ar_loss
+from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train import faults
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
-from sparsefusion.train.metrics import MetricsLogger
+from sparsefusion.train.device import autocast_context, resolve_device
+from sparsefusion.train.metrics import LogWindow, MetricsLogger, NullMetrics
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
+from sparsefusion.train.step import StepOutput, accumulate_gradients
 from sparsefusion.train.upcycle import upcycle
+from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
 
@@ -61,22 +63,26 @@ class TrainState:
     tokens: int = 0
     flops: float = 0.0
     skipped_steps: int = 0
+    elapsed_s: float = 0.0  # wall-clock seconds spent in training steps, across resumes
 
+    def counters(self) -> dict[str, Any]:
+        """What a checkpoint stores beside the weights (``state.json``)."""
+        return {
+            "tokens": self.tokens,
+            "flops": self.flops,
+            "skipped_steps": self.skipped_steps,
+            "elapsed_s": self.elapsed_s,
+        }
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available")
-    return torch.device(name)
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for (or ``auto`` on CUDA), else a no-op context."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(
+            step=saved["step"],
+            tokens=saved["tokens"],
+            flops=saved["flops"],
+            skipped_steps=saved.get("skipped_steps", 0),
+            elapsed_s=saved.get("elapsed_s", 0.0),
+        )
 
 
 def finalize_config(cfg: TrainConfig, modalities: list[str], vocab_size: int) -> TrainConfig:
@@ -155,10 +161,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         grad_accum=cfg.train.grad_accum,
         **bad_input,
     )
-    towers = (cfg.model.tower_of_modality, cfg.model.num_towers)
     loaders = BatchStream(
         loaders,
-        prepare=lambda b: b.with_plan(*towers),
         workers=cfg.data.workers,
         prefetch=cfg.data.prefetch,
         pin_memory=device.type == "cuda",
@@ -176,12 +180,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     if ckpt is not None:
         saved = _load(ckpt, model, optimizer, env)
         loaders.load_state_dict(saved["loader"])
-        state = TrainState(
-            step=saved["step"],
-            tokens=saved["tokens"],
-            flops=saved["flops"],
-            skipped_steps=saved.get("skipped_steps", 0),
-        )
+        state = TrainState.from_saved(saved)
         log.info("resumed from %s (step %d)", ckpt, state.step)
     elif seed_state is not None:  # keep the seed's data position (no data is repeated)
         loaders.load_state_dict(seed_state["loader"])
@@ -199,7 +198,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     metrics = (
         MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
         if env.is_main
-        else _NullMetrics()
+        else NullMetrics()
     )
     try:
         return _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir)
@@ -231,7 +230,7 @@ def _load(ckpt: Path, model, optimizer, env: DistEnv) -> dict[str, Any]:
 
 
 def _save(run_dir, step, model, optimizer, state: TrainState, loaders, cfg, env: DistEnv) -> None:
-    counters = {"tokens": state.tokens, "flops": state.flops, "skipped_steps": state.skipped_steps}
+    counters = state.counters()
     keep = cfg.run.keep_checkpoints
     if env.is_distributed:
         dist_ckpt.save_dcp_checkpoint(
@@ -244,32 +243,27 @@ def _save(run_dir, step, model, optimizer, state: TrainState, loaders, cfg, env:
 
 def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> dict[str, Any]:
     device = env.device
-    modalities = cfg.model.modalities
-    towers = (cfg.model.tower_of_modality, cfg.model.num_towers)
+    objective = build_objective(cfg.objective, cfg.model)
     amp = _amp(cfg, env)
     last: dict[str, Any] = {}
-    window = _Window(len(modalities), state.tokens)
+    window = LogWindow(state.tokens)
     progress = Progress(total=cfg.train.steps, start=state.step, bar=_use_bar(cfg) and env.is_main)
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     accum = cfg.train.grad_accum
     pending_flops = 0.0  # this rank's FLOPs since the last sum over ranks
     while state.step < end:
+        t0 = time.perf_counter()
         step = state.step + 1
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        outs = []
-        for micro in range(accum):
-            batch = loaders.next_batch(micro)  # with its plan (BatchStream's prepare)
-            pending_flops += train_flops(
-                cfg.model, batch.document_BT, tower_counts=batch.plan.counts
-            )
+        batches = [loaders.next_batch(micro) for micro in range(accum)]
+        outs = accumulate_gradients(
+            model, batches, objective, env=env, amp=amp, poison=faults.nan_at(step)
+        )
+        for batch, out in zip(batches, outs, strict=True):
+            pending_flops += _flops(cfg, batch, out)
             state.tokens += batch.num_tokens * env.world_size
-            with _maybe_no_sync(model, last_micro=micro == accum - 1):
-                out, model_out = _forward(model, batch.to(device), cfg, amp)
-                loss = out.loss * float("nan") if faults.nan_at(step) else out.loss
-                (loss / accum).backward()
-            outs.append((out, model_out))
         grad_norm = _clip(model, cfg.optim.grad_clip)
         state.step = step
         if not bool(torch.isfinite(grad_norm)):  # one host sync per step: never apply a NaN
@@ -279,23 +273,24 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for out, model_out in outs:
-                window.add(out, model_out)
+            for out in outs:
+                window.add(out, accum)
+        state.elapsed_s += time.perf_counter() - t0
         log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps
         save_now = step % cfg.run.save_every == 0 or step == end
         if log_now or save_now:
             state.flops += _sum_over_ranks(pending_flops)
             pending_flops = 0.0
         if log_now and window.n:
-            last["train"] = window.row(
-                state, lr=lr, grad_norm=float(grad_norm), modalities=modalities
-            )
+            position = {"step": step, **_position(state), "skipped_steps": state.skipped_steps}
+            last["train"] = window.row(position, lr=lr, grad_norm=float(grad_norm))
             last["train"].update(loaders.issue_metrics())
             _check_finite(last["train"], step)
             metrics.log(last["train"])
             progress.update(step, last["train"])
         if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.train.steps:
-            last["val"] = _validate(model, val, cfg, towers, amp, state, device)
+            row = evaluate(model, val, objective, device=device, amp=amp)
+            last["val"] = {"step": state.step, "split": "val", **_position(state), **row}
             metrics.log(last["val"])
             progress.write(_format_row(last["val"]))
         faults.maybe_pause("pause_at_step", step, run_dir)
@@ -303,6 +298,25 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             _save(run_dir, step, model, optimizer, state, loaders, cfg, env)
     progress.close()
     return last
+
+
+def _flops(cfg: TrainConfig, batch: Batch, out: StepOutput) -> float:
+    """Training FLOPs of one micro-batch (MoD layers count the pairs they attended)."""
+    mod_pairs = {
+        int(k.split("/")[1][5:].split("_")[0]): float(v)
+        for k, v in out.model.metrics.items()
+        if k.startswith("mod/") and k.endswith("/pairs")
+    }
+    return train_flops(
+        cfg.model,
+        batch.document_BT,
+        tower_counts=out.inputs.plan.counts,
+        mod_pairs=mod_pairs or None,
+    )
+
+
+def _position(state: TrainState) -> dict[str, Any]:
+    return {"tokens": state.tokens, "flops": state.flops, "elapsed_s": state.elapsed_s}
 
 
 def _amp(cfg: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
@@ -315,13 +329,6 @@ def _amp(cfg: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
     if fsdp_bf16:
         return contextlib.nullcontext()
     return autocast_context(cfg.train.precision, env.device)
-
-
-def _maybe_no_sync(model, *, last_micro: bool) -> contextlib.AbstractContextManager:
-    """DDP: skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if not last_micro and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 def _sum_over_ranks(value: float) -> float:
@@ -342,40 +349,6 @@ def _nonfinite(cfg: TrainConfig, step: int, grad_norm: float, run_dir: Path) -> 
     )
 
 
-def _forward(model, batch: Batch, cfg: TrainConfig, amp, **routing):
-    """Forward and loss; the model's auxiliary (router) losses are added to the objective."""
-    with amp:
-        out = model(
-            batch.tokens_BT,
-            position_BT=batch.position_BT,
-            document_BT=batch.document_BT,
-            plan=batch.plan,
-            **routing,
-        )
-    loss = ar_loss(
-        out.logits_BTV,
-        batch.targets_BT,
-        batch.target_modality_BT,
-        num_modalities=len(cfg.model.modalities),
-        z_loss=cfg.objective.z_loss,
-    )
-    if out.aux_losses:
-        loss = replace(loss, loss=loss.loss + sum(out.aux_losses.values()))
-    return loss, out
-
-
-def _forward_loss(model, batch: Batch, cfg: TrainConfig, amp, **routing):
-    return _forward(model, batch, cfg, amp, **routing)[0]
-
-
-def _validate(model, val, cfg, towers, amp, state, device) -> dict[str, Any]:
-    def loss_fn(batch: Batch):
-        return _forward_loss(model, batch.with_plan(*towers).to(device), cfg, amp)
-
-    row = evaluate(model, val, loss_fn, cfg.model.modalities)
-    return {"step": state.step, "split": "val", "tokens": state.tokens, "flops": state.flops, **row}
-
-
 def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Global gradient norm (over all ranks' shards under FSDP), clipped to ``max_norm`` if > 0."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -385,76 +358,6 @@ def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-class _Window:
-    """Accumulates per-modality loss sums between two logged steps (on device, no syncs)."""
-
-    def __init__(self, num_modalities: int, tokens: int) -> None:
-        self.num_modalities = num_modalities
-        self.reset(tokens)
-
-    def reset(self, tokens: int) -> None:
-        self.ce_sum = None
-        self.count = None
-        self.z = 0.0
-        self.n = 0
-        self.aux: dict[str, Any] = {}
-        self.metrics: dict[str, Any] = {}
-        self.t0 = time.perf_counter()
-        self.tokens0 = tokens
-
-    def add(self, out, model_out=None) -> None:
-        self.ce_sum = out.ce_sum_M if self.ce_sum is None else self.ce_sum + out.ce_sum_M
-        self.count = out.count_M if self.count is None else self.count + out.count_M
-        self.z = self.z + out.z_loss
-        self.n += 1
-        if model_out is not None:  # router losses (averaged), metrics of the last micro-batch
-            for k, v in model_out.aux_losses.items():
-                self.aux[k] = self.aux.get(k, 0.0) + v.detach()
-            self.metrics = model_out.metrics
-
-    def row(self, state: TrainState, *, lr: float, grad_norm: float, modalities) -> dict[str, Any]:
-        """The logged row (sums over ranks), then reset for the next window."""
-        ce = all_reduce_sum(self.ce_sum.clone()).cpu().tolist()
-        count = all_reduce_sum(self.count.clone()).cpu().tolist()
-        z = all_reduce_sum(torch.as_tensor(self.z, dtype=torch.float64).reshape(1).to(self.ce_sum))
-        ranks = _world_size()
-        elapsed = time.perf_counter() - self.t0
-        row: dict[str, Any] = {
-            "step": state.step,
-            "tokens": state.tokens,
-            "flops": state.flops,
-            "loss": sum(ce) / max(1, sum(count)),
-        }
-        for name, s, c in zip(modalities, ce, count, strict=True):
-            if c > 0:
-                row[f"loss/{name}"] = s / c
-        row["z_loss"] = float(z) / max(1, self.n * ranks)
-        row.update({k: float(v) / max(1, self.n) for k, v in self.aux.items()})
-        row.update({k: float(v) for k, v in self.metrics.items()})
-        row["lr"] = lr
-        row["grad_norm"] = grad_norm
-        row["tokens_per_s"] = (state.tokens - self.tokens0) / elapsed if elapsed > 0 else 0.0
-        row["skipped_steps"] = state.skipped_steps
-        self.reset(state.tokens)
-        return row
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-class _NullMetrics:
-    """Metrics sink of ranks other than 0 (rank 0 alone writes files)."""
-
-    def log(self, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _check_finite(row: dict[str, Any], step: int) -> None:
