@@ -49,27 +49,27 @@ class _Source:
         return Document([Segment(TEXT, chr(97 + index % 26) * (3 + index % 11))], meta={})
 
 
-def _stream(workers: int, accum: int = 2, source=None, prefetch: int = 3) -> BatchStream:
+def _stream(workers: int, kind="thread", accum=2, source=None, prefetch=3) -> BatchStream:
     loaders = ShardedLoaders(
         source or _Source(), _Tok(), seq_len=16, batch_size=2, grad_accum=accum, docs_per_chunk=4
     )
-    return BatchStream(loaders, workers=workers, prefetch=prefetch)
+    return BatchStream(loaders, workers=workers, prefetch=prefetch, kind=kind)
 
 
 def _take(stream: BatchStream, steps: int, accum: int = 2) -> list[torch.Tensor]:
     return [stream.next_batch(j).tokens_BT for _ in range(steps) for j in range(accum)]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_background_batches_and_state_equal_synchronous(workers):
-    sync, bg = _stream(0), _stream(workers)
+@pytest.mark.parametrize("kind, workers", [("thread", 1), ("thread", 2), ("process", 2)])
+def test_background_batches_and_state_equal_synchronous(kind, workers):
+    sync, bg = _stream(0), _stream(workers, kind)
     for a, b in zip(_take(sync, 6), _take(bg, 6), strict=True):
         assert torch.equal(a, b)
     time.sleep(0.3)  # let the workers run ahead: the state must not move with them
     state = json.loads(json.dumps(bg.state_dict()))
     assert state == json.loads(json.dumps(sync.state_dict()))
     assert bg.issue_metrics() == sync.issue_metrics() and bg.issue_metrics()["data/skipped"] > 0
-    resumed = _stream(workers)
+    resumed = _stream(workers, kind)
     resumed.load_state_dict(state)
     for a, b in zip(_take(sync, 4), _take(resumed, 4), strict=True):
         assert torch.equal(a, b)
@@ -77,35 +77,54 @@ def test_background_batches_and_state_equal_synchronous(workers):
         s.close()
 
 
-def test_worker_exception_reaches_the_consumer_with_its_message():
-    stream = _stream(1, source=_Source(fail_at=40))
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_worker_exception_reaches_the_consumer_with_its_message(kind):
+    stream = _stream(1, kind, source=_Source(fail_at=40))
     with pytest.raises(RuntimeError, match="disk on fire at document 40") as err:
         _take(stream, 50)
-    assert any("data worker 0" in n for n in err.value.__notes__)
+    assert any("data worker 0" in n and "Traceback" in n for n in err.value.__notes__)
 
 
-def test_dead_worker_is_a_clear_error(monkeypatch):
-    stream = _stream(1)
-    monkeypatch.setattr(BatchStream, "_work", lambda self, worker: None)  # dies silently
-    with pytest.raises(RuntimeError, match="stopped without producing"):
-        stream.next_batch(0)
+def test_strict_bad_input_keeps_its_type_across_processes():
+    loaders = ShardedLoaders(_Source(), _Tok(), seq_len=16, batch_size=2, strict=True)
+    stream = BatchStream(loaders, workers=1, kind="process")
+    with pytest.raises(BadInput, match="docs.jsonl:3"):
+        _take(stream, 5, accum=1)
 
 
-def test_close_does_not_hang_with_full_queues():
-    stream = _stream(2, prefetch=1)
+def test_killed_worker_process_is_a_clear_error():
+    stream = _stream(1, "process", prefetch=1)
+    stream.next_batch(0)
+    os.kill(stream._procs[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"data worker 0 .*died.*exit code -9"):
+        _take(stream, 20)
+
+
+def test_silent_thread_death_is_a_clear_error(monkeypatch):
+    from sparsefusion.data import prefetch
+
+    monkeypatch.setattr(prefetch, "_work", lambda *args: None)
+    with pytest.raises(RuntimeError, match="died without producing"):
+        _stream(1).next_batch(0)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_close_does_not_hang_with_full_queues(kind):
+    stream = _stream(2, kind, prefetch=1)
     stream.next_batch(0)
     time.sleep(0.3)  # both workers now block on full queues
     t0 = time.monotonic()
     stream.close()
     assert time.monotonic() - t0 < 2.0
-    assert not any(t.is_alive() for t in stream._threads)
+    assert not any(p.is_alive() for p in stream._procs)
 
 
-def _args(run_dir: Path, cache: str, workers: int) -> list[str]:
+def _args(run_dir: Path, cache: str, workers: int, kind: str = "process") -> list[str]:
     return [
         f"run.dir={run_dir}", f"tokenizer.cache_dir={cache}", "run.progress=log",
         "run.log_every=1", "run.eval_every=0", "run.save_every=2", "train.steps=6",
         "train.threads=1", "train.grad_accum=2", f"data.workers={workers}", "data.prefetch=3",
+        f"data.worker_kind={kind}",
     ]  # fmt: skip
 
 
@@ -119,15 +138,29 @@ def test_sigterm_with_background_workers_does_not_hang(tmp_path, tokenizer_cache
     while not (run_dir / "fault_pause_at_step").exists():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
+    kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert kids, "the background workers are child processes"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) != 0
+    deadline = time.monotonic() + 10  # orphaned workers notice and exit
+    while any(Path(f"/proc/{k}").exists() and "zombie" not in _state(k) for k in kids):
+        assert time.monotonic() < deadline, "a data worker outlived the trainer"
+        time.sleep(0.1)
 
 
-def test_sigkilled_background_run_resumes_exactly(tmp_path, tokenizer_cache):
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_sigkilled_background_run_resumes_exactly(tmp_path, tokenizer_cache, kind):
     train(resolve_config("mot-debug", _args(tmp_path / "sync", tokenizer_cache, 0)))
     run_dir = tmp_path / "bg"
     cmd = [sys.executable, "-m", "sparsefusion", "train", "mot-debug",
-           *_args(run_dir, tokenizer_cache, 2)]  # fmt: skip
+           *_args(run_dir, tokenizer_cache, 2, kind)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=dict(os.environ, **{ENV: "pause_at_step=3"}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 120

@@ -34,9 +34,10 @@ class DataConfig:
         val_fraction: fraction of a finite user dataset held out for validation.
         strict: fail on the first bad input item instead of skipping and counting it.
         max_doc_tokens: documents longer than this (in tokens) are skipped as oversize (0: never).
-        workers: background threads producing batches ahead of the step (0: load in the
+        workers: background workers producing batches ahead of the step (0: load in the
             training thread); see ``data/prefetch.py``.
         prefetch: ready batches queued per stream when ``workers`` >= 1.
+        worker_kind: ``process`` (forked workers, no GIL shared with training) or ``thread``.
     """
 
     source: str = "scenes"
@@ -52,6 +53,7 @@ class DataConfig:
     max_doc_tokens: int = 16384
     workers: int = 1
     prefetch: int = 2
+    worker_kind: str = "process"
 
     def __post_init__(self) -> None:
         if self.path and self.source == "scenes":
@@ -87,6 +89,10 @@ class DataConfig:
             raise ValueError(
                 f"data.workers must be >= 0 and data.prefetch >= 1, got {self.workers}, "
                 f"{self.prefetch}"
+            )
+        if self.worker_kind not in ("process", "thread"):
+            raise ValueError(
+                f"data.worker_kind must be 'process' or 'thread', got {self.worker_kind!r}"
             )
 
 

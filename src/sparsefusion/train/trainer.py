@@ -166,6 +166,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         workers=cfg.data.workers,
         prefetch=cfg.data.prefetch,
         pin_memory=device.type == "cuda",
+        kind=cfg.data.worker_kind,
     )
     val = validation_batches(
         val_source,
