@@ -179,3 +179,22 @@ def test_sigkilled_background_run_resumes_exactly(tmp_path, tokenizer_cache, kin
     for step in ref:
         for key in ("loss", "tokens", "flops", "grad_norm"):
             assert rows[step][key] == ref[step][key], (step, key)
+
+
+def test_resume_may_change_the_loading_settings(tmp_path, tokenizer_cache):
+    train(resolve_config("mot-debug", _args(tmp_path / "straight", tokenizer_cache, 0)))
+    run_dir = tmp_path / "switch"
+    train(resolve_config("mot-debug", [*_args(run_dir, tokenizer_cache, 0), "train.stop_at=3"]))
+    train(resolve_config("mot-debug", _args(run_dir, tokenizer_cache, 1, "thread")))
+    a = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert len(a) == 7 and a == b  # 6 train rows + val
+
+
+@pytest.mark.gpu
+def test_batches_arrive_pinned_on_cuda():
+    for kind in ("thread", "process"):
+        loaders = ShardedLoaders(_Source(), _Tok(), seq_len=16, batch_size=2)
+        stream = BatchStream(loaders, workers=1, kind=kind, pin_memory=True)
+        assert stream.next_batch(0).tokens_BT.is_pinned()
+        stream.close()

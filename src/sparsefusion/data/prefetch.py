@@ -41,6 +41,7 @@ from sparsefusion.data.packing import PackBuffer
 
 _POLL_S = 0.2  # how often blocked queue operations look at the stop flag / worker liveness
 KINDS = ("process", "thread")
+LOADING_KEYS = ("workers", "prefetch", "worker_kind")  # data.* keys a resumed run may change
 
 
 class _Failure:

@@ -24,7 +24,7 @@ import torch
 from sparsefusion.config import dump_yaml, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
-from sparsefusion.data.prefetch import BatchStream
+from sparsefusion.data.prefetch import LOADING_KEYS, BatchStream
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
 from sparsefusion.distributed import checkpoint as dist_ckpt
@@ -391,6 +391,9 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
         return
     old = load_yaml(path)
     new = to_dict(cfg)
+    for d in (old.get("data", {}), new["data"]):  # how batches are loaded, not which ones
+        for key in LOADING_KEYS:
+            d.pop(key, None)
     for section in ("model", "data", "tokenizer"):
         if old.get(section) != new.get(section):
             raise ValueError(
