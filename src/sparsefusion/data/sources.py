@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsefusion.data.limits import InputLimits
 from sparsefusion.data.scenes import DEFAULT_DOC_MIX, SceneCorpus, validate_doc_mix
 
 SPLITS = ("train", "val")
@@ -34,6 +35,13 @@ class DataConfig:
         val_fraction: fraction of a finite user dataset held out for validation.
         strict: fail on the first bad input item instead of skipping and counting it.
         max_doc_tokens: documents longer than this (in tokens) are skipped as oversize (0: never).
+        max_doc_bytes: users' data: a JSONL line or caption longer than this (in bytes) is
+            skipped as oversize before it is parsed or tokenized.
+        max_file_bytes: users' data: an image or audio file larger than this is skipped.
+        max_image_pixels: users' data: an image with more pixels (width x height, read from its
+            header) is skipped before it is decoded.
+        max_audio_seconds: users' data: an audio clip longer than this (from its header) is
+            skipped before it is decoded.
         workers: background workers producing batches ahead of the step (0: load in the
             training thread); see ``data/prefetch.py``.
         prefetch: ready batches queued per stream when ``workers`` >= 1.
@@ -51,6 +59,10 @@ class DataConfig:
     val_fraction: float = 0.05
     strict: bool = False
     max_doc_tokens: int = 16384
+    max_doc_bytes: int = InputLimits.max_doc_bytes
+    max_file_bytes: int = InputLimits.max_file_bytes
+    max_image_pixels: int = InputLimits.max_image_pixels
+    max_audio_seconds: float = InputLimits.max_audio_seconds
     workers: int = 1
     prefetch: int = 2
     worker_kind: str = "process"
@@ -85,6 +97,9 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_doc_tokens < 0:
             raise ValueError(f"data.max_doc_tokens must be >= 0, got {self.max_doc_tokens}")
+        for name in ("max_doc_bytes", "max_file_bytes", "max_image_pixels", "max_audio_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"data.{name} must be > 0, got {getattr(self, name)}")
         if self.workers < 0 or self.prefetch < 1:
             raise ValueError(
                 f"data.workers must be >= 0 and data.prefetch >= 1, got {self.workers}, "
@@ -94,6 +109,15 @@ class DataConfig:
             raise ValueError(
                 f"data.worker_kind must be 'process' or 'thread', got {self.worker_kind!r}"
             )
+
+    def limits(self) -> InputLimits:
+        """The per-record limits of users' data."""
+        return InputLimits(
+            max_file_bytes=self.max_file_bytes,
+            max_doc_bytes=self.max_doc_bytes,
+            max_image_pixels=self.max_image_pixels,
+            max_audio_seconds=self.max_audio_seconds,
+        )
 
 
 def _build_scenes(cfg: DataConfig, seed: int, split: str) -> SceneCorpus:
@@ -110,6 +134,7 @@ def _build_path(cfg: DataConfig, seed: int, split: str) -> Any:
     if is_token_dir(cfg.path):  # written by `sparsefusion data tokenize`
         return TokenShardSource(cfg.path, split=split)
     kw = {"split": split, "image_size": cfg.image_size, "val_fraction": cfg.val_fraction}
+    kw["limits"] = cfg.limits()
     if Path(cfg.path).is_dir():
         return WebDatasetSource(cfg.path, strict=cfg.strict, **kw)
     return JsonlSource(cfg.path, **kw)

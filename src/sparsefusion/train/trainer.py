@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
-from sparsefusion.config import dump_yaml, load_yaml, to_dict
+from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.prefetch import LOADING_KEYS, BatchStream
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
-from sparsefusion.distributed import checkpoint as dist_ckpt
 from sparsefusion.distributed.mesh import (
     DistEnv,
     all_reduce_sum,
@@ -41,13 +40,15 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train import faults
+from sparsefusion.train import dcp as dist_ckpt
+from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context, resolve_device
 from sparsefusion.train.metrics import LogWindow, MetricsLogger, NullMetrics
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
+from sparsefusion.train.resume import resume_checkpoint, step_folders
 from sparsefusion.train.step import StepOutput, accumulate_gradients
 from sparsefusion.train.upcycle import upcycle
 from sparsefusion.train.validate import evaluate
@@ -108,7 +109,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     owns_group = launched_by_torchrun() and not dist.is_initialized()
     env = init_distributed(resolve_device(cfg.train.device), timeout_s=cfg.dist.timeout_s)
     try:
-        return _train(cfg, env)
+        with run_lock.hold(cfg.run.dir, env), preempt.handlers():
+            return _train(cfg, env)
     finally:
         if owns_group:
             teardown()
@@ -142,7 +144,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
 
     model = Transformer(cfg.model)
     model.init_weights()
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = resume_checkpoint(run_dir, model, env)  # validated; damaged ones moved aside
     seed_state = None
     if ckpt is None and cfg.model.upcycle_from:  # fresh run only: a resumed run never copies again
         seed_state = upcycle(model, cfg.model.upcycle_from)
@@ -277,8 +279,9 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             for out in outs:
                 window.add(out, accum)
         state.elapsed_s += time.perf_counter() - t0
-        log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps
-        save_now = step % cfg.run.save_every == 0 or step == end
+        stop = preempt.stop_requested(step, env)  # SIGTERM/SIGINT: save this step, then exit
+        log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps or stop
+        save_now = step % cfg.run.save_every == 0 or step == end or stop
         if log_now or save_now:
             state.flops += _sum_over_ranks(pending_flops)
             pending_flops = 0.0
@@ -297,6 +300,8 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         faults.maybe_pause("pause_at_step", step, run_dir)
         if save_now:
             _save(run_dir, step, model, optimizer, state, loaders, cfg, env)
+        if stop and step < end:
+            preempt.exit_after_save(step, run_dir)
     progress.close()
     return last
 
@@ -387,9 +392,11 @@ def _use_bar(cfg: TrainConfig) -> bool:
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a run whose model or data settings changed."""
     path = run_dir / "config.yaml"
-    if not path.exists() or latest_checkpoint(run_dir) is None:
+    if not path.exists() or not step_folders(run_dir):
         return
     old = load_yaml(path)
+    with contextlib.suppress(ValueError):  # keys added since then compare at their defaults
+        old = to_dict(from_dict(TrainConfig, old))
     new = to_dict(cfg)
     for d in (old.get("data", {}), new["data"]):  # how batches are loaded, not which ones
         for key in LOADING_KEYS:
