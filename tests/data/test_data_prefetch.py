@@ -128,24 +128,28 @@ def _args(run_dir: Path, cache: str, workers: int, kind: str = "process") -> lis
     ]  # fmt: skip
 
 
-def test_sigterm_with_background_workers_does_not_hang(tmp_path, tokenizer_cache):
+def test_sigterm_with_worker_processes_saves_exits_and_resumes_exactly(tmp_path, tokenizer_cache):
+    train(resolve_config("mot-debug", _args(tmp_path / "sync", tokenizer_cache, 0)))
     run_dir = tmp_path / "term"
     cmd = [sys.executable, "-m", "sparsefusion", "train", "mot-debug",
            *_args(run_dir, tokenizer_cache, 2)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=dict(os.environ, **{ENV: "pause_at_step=1"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (run_dir / "fault_pause_at_step").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **{ENV: "sigterm_at_step=3"}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    kids: list[str] = []
+    while proc.poll() is None:  # the worker processes, seen while the run is alive
+        path = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        kids = sorted(set(kids) | set(path.read_text().split() if path.exists() else []))
         time.sleep(0.05)
-    kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert proc.wait(timeout=60) == 143, proc.stderr.read().decode()[-3000:]
     assert kids, "the background workers are child processes"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) != 0
-    deadline = time.monotonic() + 10  # orphaned workers notice and exit
+    deadline = time.monotonic() + 10
     while any(Path(f"/proc/{k}").exists() and "zombie" not in _state(k) for k in kids):
         assert time.monotonic() < deadline, "a data worker outlived the trainer"
         time.sleep(0.1)
+    done = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert losses == [r["loss"] for r in read_metrics(tmp_path / "sync" / "metrics.jsonl")]
 
 
 def _state(pid: str) -> str:

@@ -17,7 +17,8 @@ consumed, never of those still queued, so a checkpoint resumes at the next uncon
 Skipped-record counters are reported the same way. A worker's exception is raised again in the
 trainer with its message and the worker's traceback; a worker that dies (killed, out of memory)
 raises a ``RuntimeError`` naming it and its exit code. Workers are daemons, stopped by
-:meth:`close`; a worker process whose parent is gone (SIGKILL, SIGTERM) exits by itself.
+:meth:`close`; worker processes ignore SIGTERM/SIGINT (the trainer's preemption save handles
+them and then stops the workers) and exit by themselves when the trainer is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -216,6 +218,10 @@ def _work(worker, loaders, queues, stop, prepare, pin, parent_pid) -> None:
     """
     if parent_pid is not None:
         torch.set_num_threads(1)
+        # SIGTERM/SIGINT sent to the whole job are the trainer's to handle (it finishes the step,
+        # saves, then stops us); a worker keeps feeding it meanwhile.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     current, failed = 0, False
     try:
         while not stop.is_set():
