@@ -128,8 +128,17 @@ def _args(run_dir: Path, cache: str, workers: int, kind: str = "process") -> lis
     ]  # fmt: skip
 
 
-def test_sigterm_with_worker_processes_saves_exits_and_resumes_exactly(tmp_path, tokenizer_cache):
-    train(resolve_config("mot-debug", _args(tmp_path / "sync", tokenizer_cache, 0)))
+@pytest.fixture(scope="module")
+def sync_rows(tmp_path_factory, tokenizer_cache) -> list[dict]:
+    """The uninterrupted synchronous run every background run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("sync")
+    train(resolve_config("mot-debug", _args(run_dir, tokenizer_cache, 0)))
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_sigterm_with_worker_processes_saves_exits_and_resumes_exactly(
+    tmp_path, tokenizer_cache, sync_rows
+):
     run_dir = tmp_path / "term"
     cmd = [sys.executable, "-m", "sparsefusion", "train", "mot-debug",
            *_args(run_dir, tokenizer_cache, 2)]  # fmt: skip
@@ -149,7 +158,7 @@ def test_sigterm_with_worker_processes_saves_exits_and_resumes_exactly(tmp_path,
     done = subprocess.run(cmd, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    assert losses == [r["loss"] for r in read_metrics(tmp_path / "sync" / "metrics.jsonl")]
+    assert losses == [r["loss"] for r in sync_rows]
 
 
 def _state(pid: str) -> str:
@@ -159,9 +168,8 @@ def _state(pid: str) -> str:
         return "zombie"
 
 
-@pytest.mark.parametrize("kind", ["thread", "process"])
-def test_sigkilled_background_run_resumes_exactly(tmp_path, tokenizer_cache, kind):
-    train(resolve_config("mot-debug", _args(tmp_path / "sync", tokenizer_cache, 0)))
+@pytest.mark.parametrize("kind", ["process"])  # threads: same snapshots, unit-tested above
+def test_sigkilled_background_run_resumes_exactly(tmp_path, tokenizer_cache, kind, sync_rows):
     run_dir = tmp_path / "bg"
     cmd = [sys.executable, "-m", "sparsefusion", "train", "mot-debug",
            *_args(run_dir, tokenizer_cache, 2, kind)]  # fmt: skip
@@ -177,20 +185,18 @@ def test_sigkilled_background_run_resumes_exactly(tmp_path, tokenizer_cache, kin
     done = subprocess.run(cmd, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     rows = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r}
-    ref = {r["step"]: r for r in read_metrics(tmp_path / "sync" / "metrics.jsonl")
-           if "split" not in r}  # fmt: skip
+    ref = {r["step"]: r for r in sync_rows if "split" not in r}
     assert sorted(rows) == sorted(ref) == list(range(1, 7))
     for step in ref:
         for key in ("loss", "tokens", "flops", "grad_norm"):
             assert rows[step][key] == ref[step][key], (step, key)
 
 
-def test_resume_may_change_the_loading_settings(tmp_path, tokenizer_cache):
-    train(resolve_config("mot-debug", _args(tmp_path / "straight", tokenizer_cache, 0)))
+def test_resume_may_change_the_loading_settings(tmp_path, tokenizer_cache, sync_rows):
     run_dir = tmp_path / "switch"
     train(resolve_config("mot-debug", [*_args(run_dir, tokenizer_cache, 0), "train.stop_at=3"]))
     train(resolve_config("mot-debug", _args(run_dir, tokenizer_cache, 1, "thread")))
-    a = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+    a = [r["loss"] for r in sync_rows]
     b = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert len(a) == 7 and a == b  # 6 train rows + val
 
