@@ -171,6 +171,10 @@ def test_cfg_scale_one_is_plain_sampling_and_larger_scales_change_it(tok):
         new = decode(dec, rows).new_ids
         return [new[i] for i in range(0, len(rows), 2)]
 
+    rows = gen._rows([GenerationRequest(**{**req.__dict__, "cfg_scale": 2.0})], [[1, 20]])[0]
+    uncond = rows[1]  # the unconditional partner: a document that opens with BOI
+    assert uncond.follower and rows[0].guide == 1
+    assert uncond.prompt + uncond.opening == [tok.vocab.bos_id, tok.vocab.boi_id]
     assert guided(1.0) == plain
     assert guided(3.0) != plain
     big = GenerationRequest(**{**req.__dict__, "cfg_scale": 3.0})

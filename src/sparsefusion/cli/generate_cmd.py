@@ -156,7 +156,7 @@ def add_commands(sub) -> None:
         "--stop-id", type=int, action="append", default=[], help="an id that ends a sample (repeat)"
     )
     p.add_argument("--checkpoint", type=int, default=None, help="step (default: the newest)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser(

@@ -3,7 +3,8 @@
 From the run's val split (the built-in corpus, or the user's data) it takes documents until it
 has ``per_kind`` of each: a caption followed by an image (the caption becomes a text -> image
 prompt), an image followed by text (the image is captioned), and a text document (its first
-words are continued). Sampling options come from the base request.
+words are continued). Sampling options come from the base request (its guidance scale only for
+the text -> image prompts).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _text_to_image(doc: Document, base: GenerationRequest) -> GenerationRequest 
 def _image_to_text(doc: Document, base: GenerationRequest) -> GenerationRequest | None:
     segs = doc.segments
     if len(segs) >= 2 and segs[0].modality == IMAGE and segs[1].modality == TEXT:
-        return dataclasses.replace(base, prompt="", image=segs[0].payload, mode="image_to_text")
+        return dataclasses.replace(
+            base, prompt="", image=segs[0].payload, mode="image_to_text", cfg_scale=1.0
+        )
     return None
 
 
@@ -65,7 +68,7 @@ def _text(doc: Document, base: GenerationRequest) -> GenerationRequest | None:
     words = doc.segments[0].payload.split()
     if len(words) < 8:
         return None
-    return dataclasses.replace(base, prompt=" ".join(words[:6]), mode="text")
+    return dataclasses.replace(base, prompt=" ".join(words[:6]), mode="text", cfg_scale=1.0)
 
 
 _KINDS = {"image_to_text": _image_to_text, "text_to_image": _text_to_image, "text": _text}

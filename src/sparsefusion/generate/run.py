@@ -57,7 +57,7 @@ def find_checkpoint(run_dir: Path, model: Transformer, step: int | None) -> Path
 
 
 def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -> LoadedRun:
-    """Model (eval, on ``device``), tokenizer and auxiliary routers of a run folder.
+    """Model (eval, on ``device``: ``auto`` = CUDA when there is one), tokenizer, aux routers.
 
     Raises:
         MissingAuxRouters: the model has batch-routed sites and the run has no aux routers.
@@ -65,7 +65,9 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
     from sparsefusion.data.sources import build_source
     from sparsefusion.tokenizers.build import load_or_train_tokenizer
     from sparsefusion.train.config import TrainConfig
+    from sparsefusion.train.device import resolve_device
 
+    device = resolve_device(str(device))
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -101,8 +103,8 @@ def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
 
 
 def _load_weights(ckpt: Path, model: Transformer) -> None:
-    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
+    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
 
     if is_dcp_checkpoint(ckpt):
         load_dcp_checkpoint(ckpt, model, None, DistEnv())
