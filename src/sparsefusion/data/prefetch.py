@@ -23,6 +23,7 @@ them and then stops the workers) and exit by themselves when the trainer is gone
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -40,6 +41,8 @@ from sparsefusion.data.batch import Batch
 from sparsefusion.data.issues import BadInput, DataIssues
 from sparsefusion.data.loader import state_from_snapshot
 from sparsefusion.data.packing import PackBuffer
+
+log = logging.getLogger("sparsefusion")
 
 _POLL_S = 0.2  # how often blocked queue operations look at the stop flag / worker liveness
 KINDS = ("process", "thread")
@@ -98,6 +101,11 @@ class BatchStream:
         self.prepare = prepare
         self.num_streams = len(loaders.loaders)
         self.workers = min(workers, self.num_streams)
+        if workers > self.num_streams:
+            log.warning(
+                "data.workers=%d but this rank has %d data stream(s) (train.grad_accum); one "
+                "worker per stream: using %d", workers, self.num_streams, self.workers,
+            )  # fmt: skip
         self.prefetch, self.pin_memory, self.kind = prefetch, pin_memory, kind
         self._queues: list[Any] = []
         self._procs: list[Any] = []  # threads or processes
