@@ -193,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     from sparsefusion.cli.data_cmd import add_commands
     from sparsefusion.cli.eval_cmd import add_command as add_eval
     from sparsefusion.cli.generate_cmd import add_commands as add_generate_commands
+    from sparsefusion.cli.serve_cmd import add_command as add_serve
 
     add_commands(sub)
     add_generate_commands(sub)
     add_eval(sub)
+    add_serve(sub)
     return parser
 
 
