@@ -25,6 +25,7 @@ import torch
 from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
+from sparsefusion.data.prefetch import LOADING_KEYS, BatchStream
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
 from sparsefusion.distributed.mesh import (
@@ -168,6 +169,13 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
         grad_accum=cfg.train.grad_accum,
         **bad_input,
     )
+    loaders = BatchStream(
+        loaders,
+        workers=cfg.data.workers,
+        prefetch=cfg.data.prefetch,
+        pin_memory=device.type == "cuda",
+        kind=cfg.data.worker_kind,
+    )
     val = validation_batches(
         val_source,
         tokenizer,
@@ -194,7 +202,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
         cfg.model.tower_names,
         device,
         env.world_size,
-        cfg.dist.strategy if env.is_distributed else "none",
+        cfg.dist.resolved_strategy(env.is_distributed),
     )
     metrics = (
         MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
@@ -205,11 +213,14 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
         loop = (model, optimizer, loaders, val, state, metrics, env, run_dir)
         return _loop(cfg, *loop, on_checkpoint=_hook(on_checkpoint, cfg, env))
     finally:
+        loaders.close()
         metrics.close()
 
 
 def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
     """Rank 0 trains (or loads) the tokenizer first; the other ranks then load it from cache."""
+    if hasattr(source, "load_tokenizer"):  # token shards carry the tokenizer of their ids
+        return source.load_tokenizer()
     tok = None
     if env.is_main:
         tok = load_or_train_tokenizer(cfg.tokenizer, source, progress=_use_bar(cfg), log=log.info)
@@ -340,7 +351,7 @@ def _amp(cfg: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
     """Autocast, except under FSDP with bf16 parameters (its mixed-precision policy casts)."""
     fsdp_bf16 = (
         env.is_distributed
-        and cfg.dist.strategy == "fsdp"
+        and cfg.dist.resolved_strategy(env.is_distributed) == "fsdp"
         and cfg.dist.param_dtype(env.device) == torch.bfloat16
     )
     if fsdp_bf16:
@@ -409,6 +420,9 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     with contextlib.suppress(ValueError):  # keys added since then compare at their defaults
         old = to_dict(from_dict(TrainConfig, old))
     new = to_dict(cfg)
+    for d in (old.get("data", {}), new["data"]):  # how batches are loaded, not which ones
+        for key in LOADING_KEYS:
+            d.pop(key, None)
     for section in ("model", "data", "tokenizer"):
         if old.get(section) != new.get(section):
             raise ValueError(
