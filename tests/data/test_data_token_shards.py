@@ -15,6 +15,7 @@ from sparsefusion.cli.main import main as cli_main
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.token_shards import TokenShardSource
 from sparsefusion.data.tokenize import FAULT_ENV
+from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
 from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
@@ -52,7 +53,10 @@ def test_manifest_counts_and_memory_maps(shards):
     src = TokenShardSource(shards, split="train")
     doc = src.document(17)  # second shard
     assert doc.ids_N.base is not None  # a view into the memory map, not a copy
-    assert len(src) == 40 and doc.encoded[0][0] == src.load_tokenizer().vocab.bos_id
+    assert (
+        len(src) == 40
+        and doc.encoded[0][0] == MultimodalTokenizer.load(src.tokenizer_dir()).vocab.bos_id
+    )
 
 
 def test_training_on_shards_equals_on_the_fly(shards, tmp_path, tokenizer_cache):

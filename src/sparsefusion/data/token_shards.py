@@ -133,14 +133,13 @@ class TokenShardSource:
         m = self.manifest
         return f"tokens-{m['source_fingerprint']}-{m['tokenizer_hash'][:16]}"
 
-    def load_tokenizer(self) -> Any:
-        """The tokenizer the ids were made with (its hash checked against the manifest)."""
-        from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-
+    def tokenizer_dir(self) -> Path:
+        """The folder of the tokenizer the ids were made with (its hash checked against the
+        manifest); load it with ``MultimodalTokenizer.load`` (data/ never imports tokenizers/)."""
         tok_dir = self.root / TOKENIZER_DIR
         if tokenizer_hash(tok_dir) != self.manifest["tokenizer_hash"]:
             raise ValueError(f"{tok_dir}: tokenizer does not match {self.root / MANIFEST}")
-        return MultimodalTokenizer.load(tok_dir)
+        return tok_dir
 
     def _shard(self, k: int) -> _Shard:
         if k not in self._shards:

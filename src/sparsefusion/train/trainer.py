@@ -41,6 +41,7 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
+from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
 from sparsefusion.train import dcp as dist_ckpt
 from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -220,7 +221,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
 def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
     """Rank 0 trains (or loads) the tokenizer first; the other ranks then load it from cache."""
     if hasattr(source, "load_tokenizer"):  # token shards carry the tokenizer of their ids
-        return source.load_tokenizer()
+        return MultimodalTokenizer.load(source.tokenizer_dir())
     tok = None
     if env.is_main:
         tok = load_or_train_tokenizer(cfg.tokenizer, source, progress=_use_bar(cfg), log=log.info)
