@@ -220,7 +220,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
 
 def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
     """Rank 0 trains (or loads) the tokenizer first; the other ranks then load it from cache."""
-    if hasattr(source, "load_tokenizer"):  # token shards carry the tokenizer of their ids
+    if hasattr(source, "tokenizer_dir"):  # token shards carry the tokenizer of their ids
         return MultimodalTokenizer.load(source.tokenizer_dir())
     tok = None
     if env.is_main:
