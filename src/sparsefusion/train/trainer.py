@@ -44,6 +44,13 @@ from sparsefusion.train import faults
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context, resolve_device
+from sparsefusion.train.latent_data import (
+    check_latent_resume,
+    finalize_latent,
+    is_latent,
+    latent_loaders,
+    latent_val_batches,
+)
 from sparsefusion.train.metrics import MetricsLogger
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
@@ -134,7 +141,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     # them (the cache key ignores the seed) whatever order the runs happen in.
     tokenizer = _tokenizer(cfg, build_source(cfg.data, seed=0, split="train"), env)
     cfg = finalize_config(cfg, tokenizer.modalities, tokenizer.vocab.padded_size())
+    latent = is_latent(cfg)
+    if latent:
+        cfg = finalize_latent(cfg, tokenizer)
     if env.is_main:
+        if latent:
+            check_latent_resume(run_dir, cfg)
         _check_resume_config(run_dir, cfg)
         dump_yaml(cfg, run_dir / "config.yaml")
     barrier()
@@ -150,23 +162,34 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
     bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
-    loaders = ShardedLoaders(
-        source,
-        tokenizer,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        grad_accum=cfg.train.grad_accum,
-        **bad_input,
+    if latent:
+        loaders = latent_loaders(cfg, source, tokenizer, env.rank, env.world_size)
+        val = latent_val_batches(cfg, val_source, tokenizer)
+    loaders = (
+        loaders
+        if latent
+        else ShardedLoaders(
+            source,
+            tokenizer,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.data.batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            grad_accum=cfg.train.grad_accum,
+            **bad_input,
+        )
     )
-    val = validation_batches(
-        val_source,
-        tokenizer,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size,
-        num_batches=cfg.data.val_batches,
-        **bad_input,
+    val = (
+        val
+        if latent
+        else validation_batches(
+            val_source,
+            tokenizer,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.data.batch_size,
+            num_batches=cfg.data.val_batches,
+            **bad_input,
+        )
     )
 
     state = TrainState()
@@ -301,6 +324,8 @@ def _flops(cfg: TrainConfig, batch: Batch, out: StepOutput) -> float:
         batch.document_BT,
         tower_counts=out.inputs.plan.counts,
         mod_pairs=mod_pairs or None,
+        span_BT=batch.span_BT,
+        num_patches=0 if out.inputs.patch_slot_P is None else out.inputs.patch_slot_P.numel(),
     )
 
 
