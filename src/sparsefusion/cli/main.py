@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
     p.set_defaults(fn=cmd_export)
     from sparsefusion.cli.data_cmd import add_commands
+    from sparsefusion.cli.generate_cmd import add_commands as add_generate_commands
 
     add_commands(sub)
+    add_generate_commands(sub)
     return parser
 
 

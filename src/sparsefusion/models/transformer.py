@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sparsefusion.models.inputs import ForwardContext, ModelInputs, plan_for
-from sparsefusion.nn.attention import AttentionMask, TowerAttention, build_attention_mask
+from sparsefusion.nn.attention import AttentionMask, KVStep, TowerAttention, build_attention_mask
 from sparsefusion.nn.embeddings import OutputHead, TokenEmbedding
 from sparsefusion.nn.feed_forward import TowerFFN, ffn_hidden_dim
 from sparsefusion.nn.mod import MoDConfig, MoDRouter, SequenceLayout
@@ -329,22 +329,27 @@ class TransformerBlock(nn.Module):
         x_ND: torch.Tensor,
         *,
         plan: RoutingPlan,
-        mask: AttentionMask,
+        mask: AttentionMask | None,
         rope: RopeAngles,
         ctx: RoutingContext | None = None,
+        kv: KVStep | None = None,
     ) -> tuple[torch.Tensor, RouterStats]:
         """One block, pre- or post-norm, on the plan-sorted residual stream.
+
+        ``kv``: this layer's KV cache step (incremental decoding; the mask is then unused).
 
         Returns:
             The new residual stream and the router stats of the block's FFN (values).
         """
         if self.post_norm:
             h_ND = x_ND + self.attention_norm(
-                self.attention(x_ND, plan=plan, mask=mask, rope=rope), plan
+                self.attention(x_ND, plan=plan, mask=mask, rope=rope, kv=kv), plan
             )
             f_ND, stats = self._ffn(h_ND, plan, ctx)
             return h_ND + self.ffn_norm(f_ND, plan), stats
-        a_ND = self.attention(self.attention_norm(x_ND, plan), plan=plan, mask=mask, rope=rope)
+        a_ND = self.attention(
+            self.attention_norm(x_ND, plan), plan=plan, mask=mask, rope=rope, kv=kv
+        )
         h_ND = x_ND + a_ND
         f_ND, stats = self._ffn(self.ffn_norm(h_ND, plan), plan, ctx)
         return h_ND + f_ND, stats
@@ -430,7 +435,9 @@ class Transformer(nn.Module):
         Args:
             inputs: the sequence (``ModelInputs``; build one with ``Batch.model_inputs``).
             ctx: routing mode, auxiliary routers, tracing (``ForwardContext``; default: batch
-                routing, no trace).
+                routing, no trace). With ``ctx.cache`` set (a KV cache of ``generate/``), the
+                inputs are the next tokens of every row: each layer writes their keys and values
+                into the cache and attends over the cached prefix and them.
 
         Returns:
             The logits in original order, (B, T, V), with router losses, metrics and records.
@@ -443,18 +450,22 @@ class Transformer(nn.Module):
                 f"plan covers {plan.num_positions} positions in {plan.num_groups} groups; "
                 f"expected {B * T} positions in {self.cfg.num_towers} towers"
             )
-        mask = self.attention_mask(inputs.document_BT, inputs.span_BT)
+        cache = ctx.cache  # incremental decoding: the cache supplies each layer's keys and mask
+        mask = None if cache else self.attention_mask(inputs.document_BT, inputs.span_BT)
         rope = rope_angles(inputs.position_BT, self.cfg.head_dim, self.cfg.rope_theta)
         routing = ctx.routing()
         layout = self.layout(inputs)
         x_ND = plan.sort(self._embed(inputs))
         stats = RouterStats.empty()
         for i, layer in enumerate(self.layers):
+            kv = cache.layer(i, self._cache_documents(inputs), inputs.span_BT) if cache else None
             if str(i) in self.mod_routers:  # Mixture-of-Depths: the block sees a subset
                 router = self.mod_routers[str(i)]
-                x_ND, layer_stats = router(layer, x_ND, plan=plan, layout=layout, ctx=routing)
+                x_ND, layer_stats = router(
+                    layer, x_ND, plan=plan, layout=layout, ctx=routing, kv=kv
+                )
             else:
-                x_ND, layer_stats = layer(x_ND, plan=plan, mask=mask, rope=rope, ctx=routing)
+                x_ND, layer_stats = layer(x_ND, plan=plan, mask=mask, rope=rope, ctx=routing, kv=kv)
             stats = stats.merge(layer_stats)
         logits_NV, predictions = self._heads(plan.unsort(x_ND), inputs)
         return ModelOutput(
@@ -494,6 +505,12 @@ class Transformer(nn.Module):
         out = self.output(self.norm(h_ND[keep]))
         logits_NV = out.new_zeros(N, out.shape[-1]).index_copy(0, keep, out)
         return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P])}
+
+    def _cache_documents(self, inputs: ModelInputs) -> torch.Tensor:
+        """Document ids a KV cache compares (all 0 without document masking)."""
+        if self.cfg.document_masking:
+            return inputs.document_BT
+        return torch.zeros_like(inputs.document_BT)
 
     def layout(self, inputs: ModelInputs) -> SequenceLayout:
         """Where every position sits (what a Mixture-of-Depths subset rebuilds its mask from)."""

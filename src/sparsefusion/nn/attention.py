@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,32 @@ class AttentionMask:
 
 
 AttentionBackend = Literal["sdpa", "flex"]
+
+
+class KVStep(Protocol):
+    """One layer's KV cache bound to the tokens of one incremental forward (``generate/``).
+
+    The model only reads and fills it: :meth:`attend` writes the step's keys/values (after the
+    projections, QK-norm and RoPE) into the cache and attends over the cached prefix plus the
+    step; :meth:`rebind` gives the same layer's cache for a subset of the step's tokens (a
+    Mixture-of-Depths layer caches only the tokens it processes).
+    """
+
+    def attend(
+        self, q_BHTK: torch.Tensor, k_BJTK: torch.Tensor, v_BJTK: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention output (B, H, T, K) of the step's queries over cache + step."""
+        ...
+
+    def rebind(
+        self, document_BT: torch.Tensor, span_BT: torch.Tensor | None, counts: list[int]
+    ) -> KVStep:
+        """The view for other tokens: ``counts[b]`` valid tokens lead row b (host ints)."""
+        ...
+
+    def real_BT(self) -> torch.Tensor:
+        """True at the step's real tokens (False at filler, e.g. right padding)."""
+        ...
 
 
 def build_attention_mask(
@@ -192,15 +218,23 @@ class TowerAttention(nn.Module):
                 norm.init_weights()
 
     def forward(
-        self, x_ND: torch.Tensor, *, plan: RoutingPlan, mask: AttentionMask, rope: RopeAngles
+        self,
+        x_ND: torch.Tensor,
+        *,
+        plan: RoutingPlan,
+        mask: AttentionMask | None,
+        rope: RopeAngles,
+        kv: KVStep | None = None,
     ) -> torch.Tensor:
         """Attend over the whole row; inputs and outputs are in plan-sorted order.
 
         Args:
             x_ND: hidden states, plan-sorted.
             plan: the tower routing plan of the batch.
-            mask: the batch's attention mask.
+            mask: the batch's attention mask (unused, may be None, when ``kv`` is given).
             rope: the batch's RoPE angles (their shape gives B and T).
+            kv: a KV cache step (incremental decoding): keys and values go into the cache and
+                the queries attend over the cached prefix and the step.
 
         Returns:
             The attention output after the O projection, plan-sorted, (N, D).
@@ -217,6 +251,12 @@ class TowerAttention(nn.Module):
         q_BTHK = apply_rope(plan.unsort(q_NHK).view(B, T, H, K), rope)
         k_BTJK = apply_rope(plan.unsort(k_NJK).view(B, T, J, K), rope)
         v_BTJK = plan.unsort(v_NJK).view(B, T, J, K)
-        o_BHTK = sdpa(q_BTHK.transpose(1, 2), k_BTJK.transpose(1, 2), v_BTJK.transpose(1, 2), mask)
+        q_BHTK, k_BJTK, v_BJTK = (t.transpose(1, 2) for t in (q_BTHK, k_BTJK, v_BTJK))
+        if kv is not None:
+            o_BHTK = kv.attend(q_BHTK, k_BJTK, v_BJTK)
+        elif mask is None:
+            raise ValueError("TowerAttention needs a mask or a KV cache step")
+        else:
+            o_BHTK = sdpa(q_BHTK, k_BJTK, v_BJTK, mask)
         o_NX = plan.sort(o_BHTK.transpose(1, 2).reshape(B * T, H * K))
         return self.wo(o_NX, plan)

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefusion.nn.attention import AttentionMask, build_attention_mask
+from sparsefusion.nn.attention import AttentionMask, KVStep, build_attention_mask
 from sparsefusion.nn.rope import rope_angles
-from sparsefusion.nn.routing import RoutingPlan
+from sparsefusion.nn.routing import RoutingPlan, plan_from_counts
 from sparsefusion.nn.routing_context import RouterStats, RoutingContext, ratio
 
 
@@ -152,6 +152,7 @@ class MoDRouter(nn.Module):
         plan: RoutingPlan,
         layout: SequenceLayout,
         ctx: RoutingContext,
+        kv: KVStep | None = None,
     ) -> tuple[torch.Tensor, RouterStats]:
         """Run ``block`` on the selected positions only and add the gated delta.
 
@@ -161,14 +162,22 @@ class MoDRouter(nn.Module):
             plan: the batch's tower plan.
             layout: positions, documents and spans of the batch.
             ctx: the forward's routing context.
+            kv: this layer's KV cache step (incremental decoding, causal routing only): the
+                block then runs on the selected tokens laid out per row, and the cache keeps
+                only them.
 
         Returns:
             The new residual stream, plan-sorted, and the router stats of the layer.
         """
         N = x_ND.shape[0]
+        if kv is not None and not ctx.causal:
+            raise ValueError(
+                "a Mixture-of-Depths layer decodes with a KV cache in causal mode only"
+            )
         gate_N = self.gate(x_ND)
         stats = RouterStats({}, {f"mod/{self.site}/score_mean": gate_N.detach().mean()}, {}, ())
-        orig_K, rows = self._select(gate_N, x_ND, plan, layout, ctx)
+        real_N = None if kv is None else kv.real_BT().reshape(-1)  # filler never routes
+        orig_K, rows = self._select(gate_N, x_ND, plan, layout, ctx, real_N)
         if ctx.trace:
             target_N = torch.zeros(N, device=x_ND.device)
             target_N.index_fill_(0, plan.inv_perm_N.index_select(0, orig_K), 1.0)
@@ -176,6 +185,9 @@ class MoDRouter(nn.Module):
         stats = stats.merge(ratio("mod/selected_frac", torch.tensor(float(orig_K.numel())), N))
         if orig_K.numel() == 0:
             return x_ND, stats
+        if kv is not None:
+            x_ND, block_stats = _cached_subset(block, x_ND, gate_N, orig_K, plan, layout, ctx, kv)
+            return x_ND, stats.merge(block_stats)
         # The subset's own tower plan and attended pairs, from one device-to-host transfer.
         group_K = plan.group_N.index_select(0, orig_K)
         doc_key_K = _document_key(layout).index_select(0, orig_K)
@@ -189,11 +201,13 @@ class MoDRouter(nn.Module):
         delta_KD = (out_KD - x_KD) * gate_N.index_select(0, parent_K)[:, None]
         return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype)), stats.merge(block_stats)
 
-    def _select(self, gate_N, x_ND, plan, layout, ctx) -> tuple[torch.Tensor, int]:
+    def _select(self, gate_N, x_ND, plan, layout, ctx, real_N=None) -> tuple[torch.Tensor, int]:
         """Selected positions (original order, ascending) and the subset rows (0: one row)."""
         N = x_ND.shape[0]
         if ctx.causal:
             chosen_N = ctx.causal_selection(self.site, x_ND)[:, 0]
+            if real_N is not None:
+                chosen_N = chosen_N & plan.sort(real_N)
             slot_K = torch.nonzero(chosen_N).reshape(-1)  # data-dependent size: a sync
             return torch.sort(plan.perm_N.index_select(0, slot_K)).values, 0
         if self.selection == "batch":
@@ -206,6 +220,54 @@ class MoDRouter(nn.Module):
         ).values
         row_B1 = torch.arange(B, device=pos_Bk.device)[:, None] * T
         return (pos_Bk + row_B1).reshape(-1), B
+
+
+def _cached_subset(block, x_ND, gate_N, orig_K, plan, layout, ctx, kv):
+    """The selected tokens as B rows of ``kmax`` (each row's tokens first, then filler).
+
+    One device-to-host transfer brings the per-row and per-tower counts; the filler entries
+    (copies of each row's first position, tower 0) are computed and discarded, and the cache
+    stores only the selected tokens.
+    """
+    B, T = layout.document_BT.shape
+    row_K = torch.div(orig_K, T, rounding_mode="floor")
+    group_K = plan.group_N.index_select(0, orig_K)
+    host = torch.cat(
+        [torch.bincount(row_K, minlength=B), torch.bincount(group_K, minlength=plan.num_groups)]
+    ).tolist()  # the sync (as in batch mode)
+    per_row, per_group = host[:B], host[B:]
+    kmax = max(per_row)
+    first_B = torch.tensor([0, *per_row[:-1]], device=orig_K.device).cumsum(0)
+    rank_K = torch.arange(orig_K.numel(), device=orig_K.device) - first_B.index_select(0, row_K)
+    dest_K = row_K * kmax + rank_K
+    rows_M = torch.arange(B * kmax, device=orig_K.device) // kmax
+    src_M = (rows_M * T).index_copy(0, dest_K, orig_K)
+    group_M = torch.zeros_like(src_M).index_copy(0, dest_K, group_K)
+    counts = (per_group[0] + B * kmax - orig_K.numel(), *per_group[1:])
+    sub = plan_from_counts(group_M, counts)
+    parent_M = plan.inv_perm_N.index_select(0, src_M)
+    x_MD = x_ND.index_select(0, parent_M)
+    doc_N = layout.document_BT.reshape(-1)
+    if not layout.document_masking:
+        doc_N = torch.zeros_like(doc_N)
+    document_BK = doc_N.index_select(0, src_M).view(B, kmax)
+    span_BK = None
+    if layout.span_BT is not None:
+        span_BK = layout.span_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
+    position_BK = layout.position_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
+    rope = rope_angles(position_BK, layout.head_dim, layout.rope_theta)
+    out_MD, block_stats = block(
+        sub.sort(x_MD),
+        plan=sub,
+        mask=None,
+        rope=rope,
+        ctx=ctx,
+        kv=kv.rebind(document_BK, span_BK, per_row),
+    )
+    parent_K = parent_M.index_select(0, dest_K)
+    out_KD = sub.unsort(out_MD).index_select(0, dest_K)
+    delta_KD = (out_KD - x_ND.index_select(0, parent_K)) * gate_N.index_select(0, parent_K)[:, None]
+    return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype)), block_stats
 
 
 def _document_key(layout: SequenceLayout) -> torch.Tensor:

@@ -105,6 +105,11 @@ def build_plan(group_N: torch.Tensor, num_groups: int) -> RoutingPlan:
     return _plan_from_counts(group_N, counts)
 
 
+def plan_from_counts(group_N: torch.Tensor, counts: tuple[int, ...]) -> RoutingPlan:
+    """A plan from group ids on any device and their per-group counts (host ints, no sync)."""
+    return _plan_from_counts(group_N, tuple(counts))
+
+
 def _plan_from_counts(group_N: torch.Tensor, counts: tuple[int, ...]) -> RoutingPlan:
     perm_N = torch.sort(group_N, stable=True).indices
     inv_perm_N = torch.empty_like(perm_N)

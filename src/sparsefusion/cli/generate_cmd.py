@@ -1,0 +1,156 @@
+"""``sparsefusion generate RUN_DIR`` and ``sparsefusion bench-generate``.
+
+    sparsefusion generate runs/default --prompt "a red circle" --mode text_to_image --num 4 --out s/
+    sparsefusion generate runs/default --image cat.png --mode image_to_text --out s/
+    sparsefusion generate runs/default --prompts prompts.jsonl --out s/
+    sparsefusion bench-generate --arch mot --prompt-len 64 --new-tokens 128
+
+The output folder holds every sample's text, PNG images, WAV files, ``tokens.json`` and
+``index.html`` (open it in a browser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sparsefusion.generate import GenerationRequest, Generator, write_samples
+    from sparsefusion.generate.prompts import read_prompts
+
+    if args.prompt is not None and args.prompts:
+        raise ValueError("give one of --prompt TEXT and --prompts FILE.jsonl, not both")
+    if args.prompt is None and not (args.prompts or args.image or args.audio):
+        raise ValueError("give --prompt TEXT, --prompts FILE.jsonl or --image/--audio PATH")
+    base = GenerationRequest(
+        prompt=args.prompt or "",
+        mode=args.mode or _default_mode(args),
+        image=args.image,
+        audio=args.audio,
+        num_samples=args.num,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+    )
+    _check_early(base, args)
+    gen = Generator.from_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    if args.prompts:
+        size = gen.tokenizer.image.cfg.image_size
+        requests = read_prompts(args.prompts, base, size)
+        if args.mode:  # an explicit --mode wins over the file's defaults (not its own "mode")
+            requests = [_with_mode(r, args.mode) for r in requests]
+    else:
+        requests = [base]
+    samples = gen.generate(requests)
+    out = write_samples(samples, args.out)
+    for k, s in enumerate(samples):
+        kinds = ", ".join(seg.modality for seg in s.segments) or "nothing"
+        text = s.text.replace("\n", " ")
+        print(f"sample_{k:03d} [{s.mode}] {s.new_tokens} tokens ({kinds}): {text[:100]}")
+    tok_s = sum(s.new_tokens for s in samples) / max(1e-9, samples[0].seconds) if samples else 0
+    print(f"{len(samples)} samples, {tok_s:.1f} new tokens/s; open {out / 'index.html'}")
+    return 0
+
+
+def _default_mode(args: argparse.Namespace) -> str:
+    return "image_to_text" if args.image else "speech_to_text" if args.audio else "text"
+
+
+def _with_mode(req, mode: str):
+    import dataclasses
+
+    return req if "mode" in req.document.meta else dataclasses.replace(req, mode=mode)
+
+
+def _check_early(base, args: argparse.Namespace) -> None:
+    """Option errors before the run is loaded (the rest: ``validate``, before model work)."""
+    from sparsefusion.generate.constraints import MODES
+    from sparsefusion.generate.sampling import sampling_problems
+
+    if base.mode not in MODES:
+        raise ValueError(f"--mode must be one of {list(MODES)}, got {base.mode!r}")
+    problems = sampling_problems(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if problems:
+        raise ValueError(f"--{problems[0].replace('_', '-')}")
+    if args.num < 1 or args.max_new_tokens < 1:
+        raise ValueError("--num and --max-new-tokens must be >= 1")
+    if args.cfg <= 0:
+        raise ValueError(f"--cfg must be > 0 (1 = no guidance), got {args.cfg}")
+    for flag, value in (("--image", args.image), ("--audio", args.audio)):
+        if value and not Path(value).is_file():
+            raise ValueError(f"{flag}: {value} does not exist")
+    if args.prompts and not Path(args.prompts).is_file():
+        raise ValueError(f"--prompts: {args.prompts} is not a file")
+    if not Path(args.run_dir, "config.yaml").is_file():
+        raise ValueError(f"{args.run_dir} is not a run folder (no config.yaml)")
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from sparsefusion.generate.bench import DecodeBenchSettings, run_decode_bench
+
+    settings = DecodeBenchSettings(
+        arch=args.arch,
+        overrides=args.overrides,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        threads=args.threads,
+        device=args.device,
+    )
+    row = run_decode_bench(settings)
+    print(json.dumps(row, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(row, indent=1))
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register ``generate`` and ``bench-generate``."""
+    p = sub.add_parser(
+        "generate",
+        help="sample text, images and speech from a trained run (HTML page + files)",
+        usage="sparsefusion generate RUN_DIR (--prompt TEXT | --prompts FILE.jsonl | --image P)"
+        " [options] --out DIR",
+    )
+    p.add_argument("run_dir", help="the run folder")
+    p.add_argument("--prompt", default=None, help="the text prompt")
+    p.add_argument("--prompts", default=None, help="a JSONL file of prompt documents")
+    p.add_argument(
+        "--mode",
+        default=None,
+        help="text | text_to_image | image_to_text | "
+        "text_to_speech | speech_to_text | interleaved (default: text, or "
+        "image_to_text with --image)",
+    )
+    p.add_argument("--image", default=None, help="image file to caption (image_to_text)")
+    p.add_argument("--audio", default=None, help="WAV file to transcribe (speech_to_text)")
+    p.add_argument("--num", type=int, default=1, help="samples per prompt")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale of image/speech spans")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=int, default=None, help="step (default: the newest)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser(
+        "bench-generate", help="decode tokens/s with the KV cache vs recomputing the prefix"
+    )
+    p.add_argument("--arch", default="mot", help="a preset name (mot, dense, moma-4t4i, ...)")
+    p.add_argument("overrides", nargs="*", help="model.key=value overrides of the preset")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="", help="write the row as JSON here")
+    p.set_defaults(fn=cmd_bench_generate)

@@ -1,0 +1,211 @@
+"""The decoding engine: prefill a batch of prompts, then extend every row token by token.
+
+A :class:`Decoder` wraps a trained :class:`~sparsefusion.models.transformer.Transformer` and a
+:class:`~sparsefusion.generate.kv_cache.KVCache`. Each call of :meth:`Decoder.extend` appends
+any number of tokens to every row (a prefill is the first call; a decode step appends one token
+per active row), builds the step's inputs on the host (ids, the tower plan from each token's
+modality, positions and documents: a token after EOS opens a new document at position 0) and
+runs the model once with the cache in the forward context. Batch-routed sites (expert choice,
+Mixture-of-Depths) run in causal mode with the run's auxiliary routers.
+
+``extend(..., commit=False)`` runs tokens against the cache without keeping them (their keys
+and values are overwritten by the next call): the call a diffusion sampler repeats for every
+denoising pass of an image span before committing the span once.
+
+Shape legend: B = rows, T = tokens of a step, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sparsefusion.generate.kv_cache import KVCache
+from sparsefusion.models.inputs import ForwardContext, ModelInputs, plan_for
+from sparsefusion.models.transformer import Transformer
+from sparsefusion.nn.routing_context import AuxRouterLookup
+from sparsefusion.tokenizers.vocab import UnifiedVocab
+
+
+class MissingAuxRouters(ValueError):
+    """A model with batch-routed sites has no auxiliary routers for causal decoding."""
+
+
+def aux_router_message(run_dir: str, sites: Sequence[str]) -> str:
+    """The error text naming the command that makes the auxiliary routers."""
+    shown = ", ".join(list(sites)[:4]) + (" ..." if len(sites) > 4 else "")
+    return (
+        f"this model has batch-routed sites ({shown}), which decode causally only with "
+        f"auxiliary routers, and {run_dir} has none: run `sparsefusion train-aux {run_dir}` first"
+    )
+
+
+@dataclass
+class RowState:
+    """Where a row stands: its committed ids and the layout of the next token."""
+
+    ids: list[int]
+    next_position: int = 0
+    document: int = 0
+    last_id: int | None = None
+
+
+class Decoder:
+    """KV-cached incremental decoding of B rows.
+
+    Args:
+        model: the trained model (put in eval mode here).
+        vocab: the unified vocabulary (token id -> modality).
+        batch: rows B.
+        capacity: tokens a row may hold (at most ``model.cfg.max_seq_len``).
+        aux_routers: auxiliary routers (required when the model has batch-routed sites).
+        run_dir: named in the missing-aux-routers message.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        vocab: UnifiedVocab,
+        *,
+        batch: int,
+        capacity: int,
+        aux_routers: AuxRouterLookup | None = None,
+        run_dir: str = "RUN_DIR",
+    ):
+        sites = list(model.router_sites())
+        if sites and aux_routers is None:
+            raise MissingAuxRouters(aux_router_message(run_dir, sites))
+        max_len = model.cfg.max_seq_len
+        if capacity > max_len:
+            raise ValueError(f"capacity {capacity} exceeds the model's max_seq_len {max_len}")
+        self.model, self.vocab = model.eval(), vocab
+        self.aux_routers = aux_routers
+        param = model.output.weight
+        cfg = model.cfg
+        self.cache = KVCache(
+            num_layers=cfg.num_layers,
+            batch=batch,
+            capacity=capacity,
+            kv_heads=cfg.kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=param.dtype,
+            device=param.device,
+        )
+        self.rows = [RowState(ids=[]) for _ in range(batch)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    def context(self, cache: KVCache | None) -> ForwardContext:
+        """Causal routing with the auxiliary routers (plain MoT/dense ignore the mode)."""
+        return ForwardContext(routing_mode="causal", aux_routers=self.aux_routers, cache=cache)
+
+    @torch.no_grad()
+    def extend(
+        self,
+        new_ids: Sequence[Sequence[int]],
+        *,
+        commit: bool = True,
+        span_ids: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """Append ``new_ids[b]`` to row b (an empty list leaves the row as it is).
+
+        Args:
+            new_ids: the new ids of every row (ragged).
+            commit: keep them in the cache and the rows (False: run them and forget them).
+            span_ids: bidirectional span id of every new id (-1 = none), e.g. image patches.
+
+        Returns:
+            Logits (B, T, V) of the new positions (T = the longest list; rows are
+            right-padded, so row b's real logits are ``[:, :len(new_ids[b])]``).
+        """
+        if len(new_ids) != len(self.rows):
+            raise ValueError(f"extend got {len(new_ids)} rows, the decoder has {len(self.rows)}")
+        room = self.cache.capacity
+        for b, (row, ids) in enumerate(zip(self.rows, new_ids, strict=True)):
+            if len(row.ids) + len(ids) > room:
+                raise ValueError(
+                    f"row {b} would hold {len(row.ids) + len(ids)} tokens; the cache holds {room}"
+                )
+        inputs = self._inputs(new_ids, span_ids)
+        self.cache.begin([len(ids) for ids in new_ids], commit=commit)
+        out = self.model(inputs.to(self.device), self.context(self.cache))
+        if commit:
+            for row, ids in zip(self.rows, new_ids, strict=True):
+                _advance(row, ids, self.vocab.eos_id)
+        return out.logits_BTV
+
+    def last_logits(self, logits_BTV: torch.Tensor, new_ids: Sequence[Sequence[int]]):
+        """Logits (B, V) at the last new position of every row (zeros for rows given none)."""
+        idx_B = torch.tensor([max(0, len(ids) - 1) for ids in new_ids], device=logits_BTV.device)
+        rows_B = torch.arange(logits_BTV.shape[0], device=logits_BTV.device)
+        return logits_BTV[rows_B, idx_B]
+
+    def _inputs(self, new_ids, span_ids) -> ModelInputs:
+        B = len(new_ids)
+        T = max(1, max(len(ids) for ids in new_ids))
+        pad = self.vocab.pad_id
+        tokens = torch.full((B, T), pad, dtype=torch.long)
+        position = torch.zeros(B, T, dtype=torch.long)
+        document = torch.zeros(B, T, dtype=torch.long)
+        span = torch.full((B, T), -1, dtype=torch.long) if span_ids is not None else None
+        for b, (row, ids) in enumerate(zip(self.rows, new_ids, strict=True)):
+            if not ids:
+                continue
+            pos, doc = _layout(row, ids, self.vocab.eos_id)
+            tokens[b, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+            position[b, : len(ids)] = torch.tensor(pos)
+            document[b, : len(ids)] = torch.tensor(doc)
+            if span is not None and span_ids is not None:
+                span[b, : len(ids)] = torch.tensor(list(span_ids[b]), dtype=torch.long)
+        modality = self.vocab.modality_of(tokens)
+        return ModelInputs(
+            tokens_BT=tokens,
+            position_BT=position,
+            document_BT=document,
+            plan=_plan(self.model, modality),
+            modality_BT=modality,
+            span_BT=span,
+        )
+
+
+def _plan(model: Transformer, modality_BT: torch.Tensor):
+    return plan_for(model.cfg.tower_of_modality, model.cfg.num_towers, modality_BT)
+
+
+def _layout(row: RowState, ids: Sequence[int], eos_id: int) -> tuple[list[int], list[int]]:
+    """Positions and documents of ``ids`` appended to ``row`` (EOS closes a document)."""
+    positions, documents = [], []
+    pos, doc, last = row.next_position, row.document, row.last_id
+    for i in ids:
+        if last == eos_id:
+            doc, pos = doc + 1, 0
+        positions.append(pos)
+        documents.append(doc)
+        pos, last = pos + 1, i
+    return positions, documents
+
+
+def _advance(row: RowState, ids: Sequence[int], eos_id: int) -> None:
+    if not ids:
+        return
+    positions, documents = _layout(row, ids, eos_id)
+    row.ids.extend(ids)
+    row.next_position, row.document, row.last_id = positions[-1] + 1, documents[-1], ids[-1]
+
+
+def sequence_inputs(model: Transformer, vocab: UnifiedVocab, ids: Sequence[int]) -> ModelInputs:
+    """Inputs of one whole row (B = 1) with the decoder's layout rule: the no-cache reference."""
+    pos, doc = _layout(RowState(ids=[]), ids, vocab.eos_id)
+    tokens = torch.tensor([list(ids)], dtype=torch.long)
+    modality = vocab.modality_of(tokens)
+    return ModelInputs(
+        tokens_BT=tokens,
+        position_BT=torch.tensor([pos]),
+        document_BT=torch.tensor([doc]),
+        plan=_plan(model, modality),
+        modality_BT=modality,
+    )

@@ -1,0 +1,104 @@
+"""Load what generation needs from a run folder: model, tokenizer and auxiliary routers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from sparsefusion.config import from_dict, load_yaml
+from sparsefusion.generate.engine import MissingAuxRouters, aux_router_message
+from sparsefusion.models.transformer import Transformer
+from sparsefusion.nn.aux_router import AuxRouters
+from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
+from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint
+
+log = logging.getLogger("sparsefusion")
+
+AUX_FILE = Path("aux_routers") / "aux_routers.safetensors"
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready to sample from."""
+
+    model: Transformer
+    tokenizer: MultimodalTokenizer
+    aux_routers: AuxRouters | None
+    checkpoint: Path
+    max_speech_units: int
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The newest checkpoint, or ``checkpoints/step_<step>`` (errors list what exists)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
+    if step is None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"{run_dir} holds no complete checkpoint")
+        return ckpt
+    ckpt = checkpoint_dir(run_dir) / f"step_{step:08d}"
+    if not (ckpt / "state.json").is_file():
+        root = checkpoint_dir(run_dir)
+        have = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        raise CheckpointError(f"--checkpoint {step}: {ckpt} does not exist; the run has {have}")
+    return ckpt
+
+
+def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -> LoadedRun:
+    """Model (eval, on ``device``), tokenizer and auxiliary routers of a run folder.
+
+    Raises:
+        MissingAuxRouters: the model has batch-routed sites and the run has no aux routers.
+    """
+    from sparsefusion.data.sources import build_source
+    from sparsefusion.tokenizers.build import load_or_train_tokenizer
+    from sparsefusion.train.config import TrainConfig
+
+    run_dir = Path(run_dir)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    cfg = from_dict(TrainConfig, load_yaml(run_dir / "config.yaml"))
+    model = Transformer(cfg.model)
+    aux = None
+    if model.router_sites():
+        aux = _load_aux(run_dir, model)
+    _load_weights(ckpt, model)
+    if cfg.tokenizer.path:  # a tokenizer folder used as is
+        tokenizer = MultimodalTokenizer.load(cfg.tokenizer.path)
+    else:  # the run's cached tokenizer (trained again, as the trainer would, if missing)
+        source = build_source(cfg.data, seed=0, split="train")
+        tokenizer = load_or_train_tokenizer(cfg.tokenizer, source, log=log.info)
+    units = max(1, int(cfg.data.seq_len) // 2)
+    model.to(device).eval().requires_grad_(False)
+    if aux is not None:
+        aux.to(device).eval().requires_grad_(False)
+    return LoadedRun(model, tokenizer, aux, ckpt, units)
+
+
+def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
+    path = run_dir / AUX_FILE
+    if not path.is_file():
+        raise MissingAuxRouters(aux_router_message(str(run_dir), list(model.router_sites())))
+    aux = AuxRouters(model.cfg.dim, model.router_sites())
+    try:
+        aux.load_state_dict(load_file(str(path)), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path} does not match the model's router sites: {e}") from e
+    return aux
+
+
+def _load_weights(ckpt: Path, model: Transformer) -> None:
+    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint
+    from sparsefusion.distributed.mesh import DistEnv
+
+    if is_dcp_checkpoint(ckpt):
+        load_dcp_checkpoint(ckpt, model, None, DistEnv())
+        return
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+        model.load_state_dict(weights, strict=True)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load {ckpt / 'model.safetensors'}: {e}") from e

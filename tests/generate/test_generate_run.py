@@ -1,0 +1,102 @@
+"""The whole path: a run folder, aux routers, an overfit model reproducing its documents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from generate_archs import DOCS, tiny_generator_model, tiny_tokenizer
+from PIL import Image
+from safetensors.torch import save_file
+
+from sparsefusion.config import to_dict
+from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
+from sparsefusion.generate import GenerationRequest, Generator, MissingAuxRouters, write_samples
+from sparsefusion.generate.engine import sequence_inputs
+from sparsefusion.train.config import TrainConfig
+
+
+def _write_run(tmp_path, tok, model, aux=None):
+    tok.save(tmp_path / "tok")
+    cfg = TrainConfig()
+    cfg.model = model.cfg
+    cfg.tokenizer.path = str(tmp_path / "tok")
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors")
+    )
+    (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    if aux is not None:
+        (run / "aux_routers").mkdir()
+        save_file(dict(aux.state_dict()), str(run / "aux_routers" / "aux_routers.safetensors"))
+    return run
+
+
+def test_batch_routed_run_needs_aux_routers(tmp_path):
+    tok = tiny_tokenizer()
+    model, aux = tiny_generator_model(tok, "moe_ec")
+    run = _write_run(tmp_path, tok, model)
+    with pytest.raises(MissingAuxRouters, match=f"sparsefusion train-aux {run}"):
+        Generator.from_run(run)
+    (run / "aux_routers").mkdir()
+    save_file(dict(aux.state_dict()), str(run / "aux_routers" / "aux_routers.safetensors"))
+    gen = Generator.from_run(run)
+    assert gen.modes == ["text", "text_to_image", "image_to_text", "interleaved"]
+    out = gen.generate([GenerationRequest(prompt="A green", max_new_tokens=5, seed=1)])
+    assert out[0].new_tokens == 5
+    with pytest.raises(ValueError, match="text_to_speech.*no speech tokenizer"):
+        GenerationRequest(mode="text_to_speech").validate(gen)
+
+
+def _overfit(tok, docs):
+    model, _ = tiny_generator_model(tok, "mot", dim=64, init_std=0.02)
+    ids = [i for d in docs for i in tok.encode_document(d)[0]]
+    inputs = sequence_inputs(model, tok.vocab, ids)
+    target = torch.tensor(ids[1:])
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(model(inputs).logits_BTV[0, :-1], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    return model.eval()
+
+
+def test_overfit_model_reproduces_its_documents(tmp_path):
+    tok = tiny_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    pics = [Image.fromarray((torch.rand(8, 8, 3, generator=g) * 255).byte().numpy()) for _ in "ab"]
+    docs = [
+        Document([Segment(TEXT, DOCS[0])]),
+        Document([Segment(TEXT, DOCS[1])]),
+        Document([Segment(TEXT, DOCS[2]), Segment(IMAGE, pics[0])]),
+        Document([Segment(IMAGE, pics[1]), Segment(TEXT, DOCS[3])]),
+    ]
+    model = _overfit(tok, docs)
+    gen = Generator(model, tok)
+    words = DOCS[0].split()
+    codes = tok.image.encode(pics).tolist()
+    reqs = [
+        GenerationRequest(prompt=" ".join(words[:3]), temperature=0, max_new_tokens=40),
+        GenerationRequest(prompt=DOCS[2], mode="text_to_image", temperature=0),
+        GenerationRequest(image=pics[1], mode="image_to_text", temperature=0, max_new_tokens=40),
+    ]
+    cont, image, caption = gen.generate(reqs)
+    assert " ".join(words[:3]) + cont.text == DOCS[0]
+    assert cont.token_ids[-1] == tok.vocab.eos_id
+    off = tok.vocab.offset("image")
+    assert [i - off for i in image.token_ids[1:-1]] == codes[0]
+    assert caption.text == DOCS[3]
+    out = write_samples([cont, image, caption], tmp_path / "out")
+    page = (out / "index.html").read_text()
+    assert "sample_001_image_0.png" in page and "sample_002_input_image_0.png" in page
+    assert Image.open(out / "sample_001_image_0.png").size == (8, 8)
+    assert json.loads((out / "tokens.json").read_text())[0]["token_ids"] == cont.token_ids
