@@ -162,13 +162,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
     bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
-    if latent:
+    if latent:  # the Transfusion setting: latent streams, fixed-noise validation
         loaders = latent_loaders(cfg, source, tokenizer, env.rank, env.world_size)
         val = latent_val_batches(cfg, val_source, tokenizer)
-    loaders = (
-        loaders
-        if latent
-        else ShardedLoaders(
+    else:
+        loaders = ShardedLoaders(
             source,
             tokenizer,
             seq_len=cfg.data.seq_len,
@@ -178,11 +176,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             grad_accum=cfg.train.grad_accum,
             **bad_input,
         )
-    )
-    val = (
-        val
-        if latent
-        else validation_batches(
+        val = validation_batches(
             val_source,
             tokenizer,
             seq_len=cfg.data.seq_len,
@@ -190,7 +184,6 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             num_batches=cfg.data.val_batches,
             **bad_input,
         )
-    )
 
     state = TrainState()
     if ckpt is not None:
