@@ -1,16 +1,19 @@
 """Strict configuration: dataclass defaults <- YAML file <- dotted command-line overrides.
 
-Every component owns a ``@dataclass(kw_only=True) XConfig``; the root composes them. Unknown keys
-and values of the wrong type are errors that name the key (with the closest valid key as a
-suggestion), so a typo such as ``train.stpes=10`` never falls back silently to a default.
+Every component owns a ``@dataclass(kw_only=True) XConfig``; the root composes them. Unknown keys,
+values of the wrong type, non-finite numbers (``.inf``, ``.nan``) and keys repeated in a YAML
+mapping are errors that name the key (with the closest valid key as a suggestion), so a typo
+such as ``train.stpes=10`` never falls back silently to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -145,13 +148,18 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan are never a setting that can be right
+                raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -171,7 +179,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
+        except DuplicateKeyError as e:
+            raise ConfigError(f"override '{item}': {e}") from e
         except yaml.YAMLError:
             value = raw
         node = out
@@ -185,11 +195,36 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping repeats a key."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no code execution) that refuses a key repeated in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor" may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                where = f"lines {seen[key].line + 1} and {key_node.start_mark.line + 1}"
+                raise DuplicateKeyError(f"key {key!r} repeated in one mapping ({where})")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping safely (no code execution), with errors naming the file."""
+    """Read a YAML mapping safely (no code execution), with errors naming the file.
+
+    A key repeated in one mapping is an error (plain YAML loaders keep the last one silently).
+    """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=StrictLoader)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
     except yaml.YAMLError as e:

@@ -47,3 +47,20 @@ def test_tokenizer_train_inspect_and_use(tmp_path, user_jsonl, capsys):
     assert main([*args, f"tokenizer.path={tok_dir}"]) == 0
     assert "(tokenizer.path)" in capsys.readouterr().out
     assert main(["data", "preview", "no_such_source_or_path"]) == 2
+
+
+def test_data_preview_bad_tokenizer_or_out_is_a_clear_error(tmp_path, user_jsonl, capsys):
+    not_tok = tmp_path / "not_a_tokenizer"
+    not_tok.mkdir()
+    (not_tok / "notes.txt").write_text("hello")
+    out = tmp_path / "out"
+    args = ["data", "preview", str(user_jsonl), "--out", str(out), *TINY]
+    assert main([*args, "--tokenizer", str(not_tok)]) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer {not_tok}: not a tokenizer directory" in err
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    args = ["data", "preview", str(user_jsonl), "--out", str(taken), *TINY]
+    assert main(args) == 2
+    assert f"--out {taken}: exists and is not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "keep me"

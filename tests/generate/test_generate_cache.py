@@ -92,5 +92,48 @@ def test_cache_never_grows_past_its_capacity():
     dec.extend([[1, 20, 21, 22, 23]])
     with pytest.raises(ValueError, match="cache holds 6"):
         dec.extend([[24, 25]])
+    two = Decoder(model, VOCAB, batch=2, capacity=6)
+    two.extend([[1, 20, 21, 22, 23, 24], [1, 20]])
+    for _ in range(4):  # the full row gets filler while the other row fills up
+        two.extend([[], [30]])
+    assert [len(r.ids) for r in two.rows] == [6, 6]
     with pytest.raises(ValueError, match="max_seq_len"):
         Decoder(model, VOCAB, batch=1, capacity=10_000)
+
+
+@pytest.mark.parametrize("arch", ["mot", "moma_mod"])
+def test_bidirectional_span_against_the_cache_matches_full_forward(arch):
+    """A span (e.g. Transfusion's image patches) run in one extend call, re-run uncommitted."""
+    model, aux = tiny_model(arch)
+    ids = _sequences()[0]
+    lo, hi = 6, 12  # the image codes form one bidirectional span
+    span = [-1] * len(ids)
+    span[lo:hi] = [0] * (hi - lo)
+    inputs = sequence_inputs(model, VOCAB, ids)
+    inputs.span_BT = torch.tensor([span])
+    ctx = ForwardContext(routing_mode="causal", aux_routers=aux)
+    want = model(inputs, ctx).logits_BTV[0]
+    dec = Decoder(model, VOCAB, batch=1, capacity=64, aux_routers=aux)
+    parts = [dec.extend([ids[:lo]])[0]]
+    for _ in range(2):  # denoising passes: the span against the cached prefix, not kept
+        dec.extend([ids[lo:hi]], span_ids=[span[lo:hi]], commit=False)
+    parts.append(dec.extend([ids[lo:hi]], span_ids=[span[lo:hi]])[0])
+    parts += [dec.extend([[i]])[0] for i in ids[hi:]]
+    torch.testing.assert_close(torch.cat(parts), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mot", "moma_mod", "moe_tc"])
+def test_cached_decoding_matches_full_forward_on_cuda(arch):
+    model, aux = tiny_model(arch)
+    model.cuda()
+    if aux is not None:
+        aux.cuda()
+    seqs = _sequences()
+    cached = _cached_logits(model, aux, seqs, prompt_lens=[7, 4, 2])
+    for ids, got in zip(seqs, cached, strict=True):
+        want = model(
+            sequence_inputs(model, VOCAB, ids).to("cuda"),
+            ForwardContext(routing_mode="causal", aux_routers=aux),
+        ).logits_BTV[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -16,6 +16,7 @@ from sparsefusion.config import to_dict
 from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
 from sparsefusion.generate import GenerationRequest, Generator, MissingAuxRouters, write_samples
 from sparsefusion.generate.engine import sequence_inputs
+from sparsefusion.train.checkpoint import save_checkpoint
 from sparsefusion.train.config import TrainConfig
 
 
@@ -25,13 +26,11 @@ def _write_run(tmp_path, tok, model, aux=None):
     cfg.model = model.cfg
     cfg.tokenizer.path = str(tmp_path / "tok")
     run = tmp_path / "run"
-    ckpt = run / "checkpoints" / "step_00000010"
-    ckpt.mkdir(parents=True)
+    run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors")
-    )
-    (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    loader = {k: 0 for k in ("version", "rank", "world_size", "docs_read", "tokens_emitted")}
+    state = {"tokens": 0, "flops": 0, "loader": {**loader, "buffer": []}}
+    save_checkpoint(run, 10, model, torch.optim.SGD(model.parameters(), lr=0.1), state)
     if aux is not None:
         (run / "aux_routers").mkdir()
         save_file(dict(aux.state_dict()), str(run / "aux_routers" / "aux_routers.safetensors"))
@@ -100,3 +99,41 @@ def test_overfit_model_reproduces_its_documents(tmp_path):
     assert "sample_001_image_0.png" in page and "sample_002_input_image_0.png" in page
     assert Image.open(out / "sample_001_image_0.png").size == (8, 8)
     assert json.loads((out / "tokens.json").read_text())[0]["token_ids"] == cont.token_ids
+
+
+def test_speech_modes_write_wavs(tmp_path):
+    import math
+    import wave
+
+    from sparsefusion.data.audio import write_wav
+    from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer
+    from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
+    from sparsefusion.tokenizers.speech_units import SpeechUnitsConfig, train_speech_units
+    from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
+    from sparsefusion.tokenizers.vocab import UnifiedVocab
+
+    t = torch.arange(8000) / 16000
+    clip = torch.cat([0.5 * torch.sin(2 * math.pi * f * t) for f in (220, 880)])
+    speech, _ = train_speech_units(SpeechUnitsConfig(num_units=8, griffin_lim_iters=4), [clip])
+    text = BPETextTokenizer.train(DOCS, 280)
+    image = VQImageTokenizer(ImageVQConfig(image_size=8, downsample=4, codebook_size=16)).eval()
+    vocab = UnifiedVocab({"text": text.vocab_size, "image": 16, "speech": 8})
+    tok = MultimodalTokenizer(text, image, vocab, speech)
+    model, _ = tiny_generator_model(tok, "mot", modalities=["text", "image", "speech"])
+    gen = Generator(model, tok, max_speech_units=6)
+    assert "text_to_speech" in gen.modes and "speech_to_text" in gen.modes
+    write_wav(tmp_path / "in.wav", clip)
+    reqs = [
+        GenerationRequest(prompt="A tone", mode="text_to_speech", max_new_tokens=20, cfg_scale=2),
+        GenerationRequest(audio=tmp_path / "in.wav", mode="speech_to_text", max_new_tokens=4),
+    ]
+    tts, stt = gen.generate(reqs)
+    units = tts.token_ids[1:-1]
+    assert tts.token_ids[0] == vocab.boa_id and tts.token_ids[-1] == vocab.eoa_id
+    assert 2 <= len(units) <= 6 and all(vocab.offset("speech") <= u < vocab.size for u in units)
+    assert [s.modality for s in tts.segments] == ["speech"] and tts.segments[0].audio.size > 0
+    assert all(vocab.boa_id not in stt.token_ids for _ in [0])
+    out = write_samples([tts, stt], tmp_path / "out")
+    with wave.open(str(out / "sample_000_speech_0.wav")) as w:
+        assert w.getframerate() == 16000 and w.getnframes() == tts.segments[0].audio.size
+    assert "<audio controls" in (out / "index.html").read_text()

@@ -64,10 +64,12 @@ def test_speech_span_ends_at_eoa_or_limit(tok):
     rules = SpanRules(v, 384, image_tokens=4, max_speech_units=3)
     c = RowConstraint(rules, "text_to_speech", budget=10)
     c.advance(v.boa_id, forced=True)
-    assert not c.allowed()[v.eoa_id]  # at least one unit
     unit = v.offset("speech")
-    for _ in range(3):
+    for _ in range(2):
+        assert not c.allowed()[v.eoa_id]  # at least two units (one decodes to no samples)
         c.advance(unit)
+    assert c.allowed()[v.eoa_id] and c.allowed()[unit]
+    c.advance(unit)
     assert c.allowed().nonzero().flatten().tolist() == [v.eoa_id]
     c.advance(v.eoa_id)
     assert c.done
@@ -169,7 +171,30 @@ def test_cfg_scale_one_is_plain_sampling_and_larger_scales_change_it(tok):
         new = decode(dec, rows).new_ids
         return [new[i] for i in range(0, len(rows), 2)]
 
+    rows = gen._rows([GenerationRequest(**{**req.__dict__, "cfg_scale": 2.0})], [[1, 20]])[0]
+    uncond = rows[1]  # the unconditional partner: a document that opens with BOI
+    assert uncond.follower and rows[0].guide == 1
+    assert uncond.prompt + uncond.opening == [tok.vocab.bos_id, tok.vocab.boi_id]
     assert guided(1.0) == plain
     assert guided(3.0) != plain
     big = GenerationRequest(**{**req.__dict__, "cfg_scale": 3.0})
     assert [s.token_ids for s in gen.generate([big])] == guided(3.0)
+
+
+def test_text_only_model_serves_no_image_modes(tok):
+    model, _ = tiny_generator_model(tok, "mot", modalities=["text"])
+    gen = Generator(model, tok)
+    assert gen.modes == ["text", "interleaved"]
+    with pytest.raises(ValueError, match="text_to_image.*no image modality"):
+        GenerationRequest(prompt="x", mode="text_to_image").validate(gen)
+    s = gen.generate([GenerationRequest(prompt="A", mode="interleaved", max_new_tokens=30)])[0]
+    assert tok.vocab.boi_id not in s.token_ids
+
+
+def test_stop_ids_and_max_new_tokens_end_a_sample(gen):
+    free = gen.generate([GenerationRequest(prompt="The red", temperature=0, max_new_tokens=9)])[0]
+    assert free.new_tokens == 9 or free.token_ids[-1] == gen.tokenizer.vocab.eos_id
+    stop = free.token_ids[2]
+    req = GenerationRequest(prompt="The red", temperature=0, max_new_tokens=9, stop_ids=(stop,))
+    stopped = gen.generate([req])[0].token_ids
+    assert stopped == free.token_ids[: free.token_ids.index(stop) + 1]

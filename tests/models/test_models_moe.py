@@ -287,3 +287,19 @@ def test_moma_with_an_absent_modality_and_bf16_autocast(router):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _forward(model, tokens, _batch()[1], document, position)
     assert torch.isfinite(out.logits_BTV.float()).all()
+
+
+def test_mod_reports_the_pairs_its_selected_tokens_attend():
+    cfg = _cfg(arch="dense", num_layers=2, mod=MoDConfig(enabled=True, capacity=0.5))
+    model = _model(cfg)
+    tokens, modality, document, position = _batch()
+    out = _forward(model, tokens, modality, document, position, trace=True)
+    plan = model.build_plan(modality)
+    selected = plan.unsort(out.records[0].target_nE)[:, 0].bool().view(B, T)
+    expected = 0
+    for b in range(B):
+        for d in document[b].unique():
+            m = int((selected[b] & (document[b] == d)).sum())
+            expected += m * (m + 1) // 2
+    assert out.metrics["mod/layer0_mod/pairs"].item() == expected
+    assert selected.sum(1).tolist() == [T // 2] * B  # per-row capacity

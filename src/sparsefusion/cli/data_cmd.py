@@ -38,9 +38,16 @@ def _config(target: str, preset: str, overrides: list[str]):
 
 def _tokenizer(cfg, source, tokenizer_dir: str | None):
     from sparsefusion.tokenizers.build import load_or_train_tokenizer, load_tokenizer
+    from sparsefusion.tokenizers.multimodal import TokenizerCacheError
 
     if tokenizer_dir:
-        return load_tokenizer(tokenizer_dir)
+        try:
+            return load_tokenizer(tokenizer_dir)
+        except TokenizerCacheError as e:
+            raise ConfigError(
+                f"--tokenizer {tokenizer_dir}: not a tokenizer directory (one written by "
+                f"'sparsefusion tokenizer train'): {e}"
+            ) from e
     return load_or_train_tokenizer(cfg.tokenizer, source, progress=False)
 
 
@@ -113,11 +120,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from sparsefusion.data.audio import write_wav
     from sparsefusion.data.sources import build_source
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; name a folder to write to")
     cfg = _config(args.target, args.preset, args.overrides)
     source = build_source(cfg.data, seed=cfg.seed, split="train")
     tokenizer = _tokenizer(cfg, source, args.tokenizer)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror})") from e
     stats = scan(source, tokenizer, args.docs)
     grid = preview_grid(stats["docs"], tokenizer, args.num)
     if grid is not None:

@@ -3,6 +3,7 @@
     sparsefusion generate runs/default --prompt "a red circle" --mode text_to_image --num 4 --out s/
     sparsefusion generate runs/default --image cat.png --mode image_to_text --out s/
     sparsefusion generate runs/default --prompts prompts.jsonl --out s/
+    sparsefusion generate runs/default --demo --out s/   # a caption, an image, a continuation
     sparsefusion bench-generate --arch mot --prompt-len 64 --new-tokens 128
 
 The output folder holds every sample's text, PNG images, WAV files, ``tokens.json`` and
@@ -12,6 +13,7 @@ The output folder holds every sample's text, PNG images, WAV files, ``tokens.jso
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,10 +22,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sparsefusion.generate import GenerationRequest, Generator, write_samples
     from sparsefusion.generate.prompts import read_prompts
 
-    if args.prompt is not None and args.prompts:
-        raise ValueError("give one of --prompt TEXT and --prompts FILE.jsonl, not both")
-    if args.prompt is None and not (args.prompts or args.image or args.audio):
-        raise ValueError("give --prompt TEXT, --prompts FILE.jsonl or --image/--audio PATH")
+    if sum(bool(x) for x in (args.prompt is not None, args.prompts, args.demo)) > 1:
+        raise ValueError("give one of --prompt TEXT, --prompts FILE.jsonl and --demo")
+    if args.prompt is None and not (args.prompts or args.image or args.audio or args.demo):
+        raise ValueError("give --prompt TEXT, --prompts FILE.jsonl, --image/--audio PATH or --demo")
     base = GenerationRequest(
         prompt=args.prompt or "",
         mode=args.mode or _default_mode(args),
@@ -37,6 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         cfg_scale=args.cfg,
         seed=args.seed,
+        stop_ids=tuple(args.stop_id),
     )
     _check_early(base, args)
     gen = Generator.from_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
@@ -44,7 +47,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from sparsefusion.generate.diffusion import DiffusionSettings
 
         gen.settings = DiffusionSettings(steps=args.diffusion_steps, sampler=args.sampler)
-    if args.prompts:
+    if args.demo:
+        from sparsefusion.generate.demo import demo_requests
+
+        requests = demo_requests(gen.run_config, base, gen.modes, per_kind=args.num)
+        requests = [  # one sample per document, each with its own random stream
+            dataclasses.replace(r, num_samples=1, seed=base.seed + k)
+            for k, r in enumerate(requests)
+        ]
+    elif args.prompts:
         size = gen.tokenizer.image.cfg.image_size
         requests = read_prompts(args.prompts, base, size)
         if args.mode:  # an explicit --mode wins over the file's defaults (not its own "mode")
@@ -67,8 +78,6 @@ def _default_mode(args: argparse.Namespace) -> str:
 
 
 def _with_mode(req, mode: str):
-    import dataclasses
-
     return req if "mode" in req.document.meta else dataclasses.replace(req, mode=mode)
 
 
@@ -134,6 +143,11 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--image", default=None, help="image file to caption (image_to_text)")
     p.add_argument("--audio", default=None, help="WAV file to transcribe (speech_to_text)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="--num captions, images and continuations from the run's own val documents",
+    )
     p.add_argument("--num", type=int, default=1, help="samples per prompt")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale of image/speech spans")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -151,8 +165,11 @@ def add_commands(sub) -> None:
         choices=["ddim", "ddpm"],
         help="image sampler (Transfusion)",
     )
+    p.add_argument(
+        "--stop-id", type=int, action="append", default=[], help="an id that ends a sample (repeat)"
+    )
     p.add_argument("--checkpoint", type=int, default=None, help="step (default: the newest)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser(

@@ -1,5 +1,5 @@
 """The ``sparsefusion`` command: ``train``, ``train-aux``, ``config``, ``presets``, ``export``,
-``bench``, ``compare``, ``sweep``, ``data`` and ``tokenizer``.
+``bench``, ``compare``, ``sweep``, ``eval``, ``data`` and ``tokenizer``.
 
 The command line is the config: a preset name or a YAML file, then dotted ``key=value`` overrides
 (precedence: dataclass defaults < preset < YAML file < overrides). Under
@@ -191,10 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
     p.set_defaults(fn=cmd_export)
     from sparsefusion.cli.data_cmd import add_commands
+    from sparsefusion.cli.eval_cmd import add_command as add_eval
     from sparsefusion.cli.generate_cmd import add_commands as add_generate_commands
+    from sparsefusion.cli.serve_cmd import add_command as add_serve
 
     add_commands(sub)
     add_generate_commands(sub)
+    add_eval(sub)
+    add_serve(sub)
     return parser
 
 

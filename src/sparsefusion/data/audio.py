@@ -1,7 +1,8 @@
 """Audio clips: WAV reading and writing with the standard-library ``wave`` module, resampling.
 
 A speech segment's payload is a 1-D float32 tensor in [-1, 1] at ``SAMPLE_RATE`` Hz (mono).
-Readers raise :class:`~sparsefusion.data.issues.BadInput` for missing, corrupt or truncated files.
+Readers raise :class:`~sparsefusion.data.issues.BadInput` for missing, corrupt, truncated or
+oversize files (checked from the header before decoding).
 
 Shape legend: S = samples.
 """
@@ -10,13 +11,19 @@ from __future__ import annotations
 
 import os
 import wave
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sparsefusion.data.issues import BadInput
+from sparsefusion.data.limits import (
+    MAX_SAMPLE_RATE,
+    MIN_AUDIO_SECONDS,
+    MIN_SAMPLE_RATE,
+    InputLimits,
+    read_regular_file,
+)
 
 SAMPLE_RATE = 16000
 
@@ -29,11 +36,17 @@ def resample(wave_S: torch.Tensor, rate: int, target: int = SAMPLE_RATE) -> torc
     return F.interpolate(wave_S[None, None], size=n, mode="linear", align_corners=False)[0, 0]
 
 
-def decode_wav_bytes(data: bytes, where: str) -> torch.Tensor:
+def decode_wav_bytes(
+    data: bytes, where: str, max_seconds: float = InputLimits.max_audio_seconds
+) -> torch.Tensor:
     """WAV bytes -> mono float32 waveform at ``SAMPLE_RATE``.
 
+    The sample rate and the duration are checked from the header before any sample is decoded.
+
     Raises:
-        BadInput: ``corrupt_audio`` for an unreadable, truncated, empty or non-PCM file.
+        BadInput: ``corrupt_audio`` for an unreadable, truncated, empty or non-PCM file, an
+            implausible sample rate or a clip under ``MIN_AUDIO_SECONDS``; ``oversize_audio``
+            above ``max_seconds``.
     """
     import io
 
@@ -41,8 +54,28 @@ def decode_wav_bytes(data: bytes, where: str) -> torch.Tensor:
         with wave.open(io.BytesIO(data), "rb") as w:
             channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
             frames = w.getnframes()
+            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+                raise BadInput(
+                    "corrupt_audio",
+                    where,
+                    f"sample rate {rate} Hz outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]",
+                )
+            # The header's frame count may lie; the data actually present bounds it too.
+            seconds = min(frames, len(data) // max(1, channels * width)) / rate
+            if frames and seconds < MIN_AUDIO_SECONDS:
+                raise BadInput(
+                    "corrupt_audio", where, f"clip of {seconds:.3f} s < {MIN_AUDIO_SECONDS} s"
+                )
+            if seconds > max_seconds:
+                raise BadInput(
+                    "oversize_audio",
+                    where,
+                    f"{seconds:.1f} s > data.max_audio_seconds={max_seconds:g}",
+                )
             raw = w.readframes(frames)
-    except (wave.Error, EOFError, OSError) as e:
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a decoder of untrusted bytes raises
         raise BadInput("corrupt_audio", where, f"not a readable WAV file ({e})") from e
     if width not in (1, 2, 4) or channels < 1:
         raise BadInput("corrupt_audio", where, f"unsupported WAV sample width {width}")
@@ -58,14 +91,15 @@ def decode_wav_bytes(data: bytes, where: str) -> torch.Tensor:
     return resample(torch.from_numpy(x.copy()), rate)
 
 
-def read_wav(path: str | os.PathLike[str], where: str | None = None) -> torch.Tensor:
-    """Read a WAV file (see :func:`decode_wav_bytes`); ``missing_file`` when it does not exist."""
+def read_wav(
+    path: str | os.PathLike[str], where: str | None = None, limits: InputLimits | None = None
+) -> torch.Tensor:
+    """Read a WAV file (a regular file within ``limits``; see :func:`decode_wav_bytes` and
+    :func:`~sparsefusion.data.limits.read_regular_file` for the reasons it raises)."""
     where = where or str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise BadInput("missing_file", where, f"cannot read {path} ({e.strerror})") from e
-    return decode_wav_bytes(data, where)
+    limits = limits or InputLimits()
+    data = read_regular_file(path, where, limits.max_file_bytes)
+    return decode_wav_bytes(data, where, limits.max_audio_seconds)
 
 
 def write_wav(path: str | os.PathLike[str], wave_S: torch.Tensor, rate: int = SAMPLE_RATE) -> None:

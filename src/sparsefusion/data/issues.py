@@ -1,9 +1,11 @@
 """Bad input: the exception sources raise for an unusable document, and the counter that keeps it.
 
 A source's ``document(index)`` raises :class:`BadInput` (file, line, reason) for a missing file, a
-corrupt or truncated image or audio clip, a malformed JSON line, an unknown segment type or an
-empty document. Readers (the packed loader, tokenizer training, the preview) catch it, count it per
-reason in a :class:`DataIssues`, log it with its place, and go on; in strict mode they re-raise.
+path that is not a regular file (a FIFO, a device, a NUL byte), a corrupt or truncated image or
+audio clip, a file, image, clip or line over its ``data.max_*`` limit (see ``limits.py``), a
+malformed JSON line, an unknown segment type or an empty document. Readers (the packed loader,
+tokenizer training, the preview) catch it, count it per reason in a :class:`DataIssues`, log it
+with its place, and go on; in strict mode they re-raise.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ log = logging.getLogger("sparsefusion")
 
 REASONS = (
     "missing_file",
+    "not_regular_file",
+    "oversize_file",
     "corrupt_image",
+    "oversize_image",
     "corrupt_audio",
+    "oversize_audio",
     "bad_json",
     "unknown_segment",
     "empty_document",

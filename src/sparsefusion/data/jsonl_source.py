@@ -8,7 +8,8 @@ A line is a JSON list of segments, or an object with a ``"segments"`` list (othe
     {"segments": [{"image": "img/dog.jpg"}, {"text": "A dog."}, {"audio": "wav/dog.wav"}]}
 
 Lines are indexed (byte offsets) when the source is built and parsed on access, so a malformed
-line, a missing or corrupt file, an unknown segment type or an empty document raises
+line, a missing, corrupt, oversize or non-regular file, a line longer than
+``data.max_doc_bytes``, an unknown segment type or an empty document raises
 :class:`~sparsefusion.data.issues.BadInput` naming ``file:line`` when that document is read.
 The last ``val_fraction`` of the lines form the val split.
 """
@@ -24,6 +25,7 @@ from sparsefusion.data.audio import read_wav
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document, Segment
 from sparsefusion.data.images import read_image
 from sparsefusion.data.issues import BadInput
+from sparsefusion.data.limits import InputLimits
 
 SEGMENT_KEYS = {"text": TEXT, "image": IMAGE, "audio": SPEECH}
 
@@ -36,6 +38,34 @@ def split_range(n: int, split: str, val_fraction: float) -> range:
     return range(n - n_val, n) if split == "val" else range(n - n_val)
 
 
+def index_lines(path: Path, block: int = 1 << 20) -> tuple[str, list[tuple[int, int]], bool]:
+    """Scan a JSONL file in blocks (bounded memory, whatever its line lengths).
+
+    Returns:
+        The content digest, ``(byte offset, 1-based line number)`` of every non-blank line, and
+        whether the file mentions ``"audio"`` (then the source declares speech).
+    """
+    digest = hashlib.sha256()
+    lines: list[tuple[int, int]] = []
+    start, number, blank, audio, tail, pos = 0, 1, True, False, b"", 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+            audio = audio or b'"audio"' in tail + chunk
+            tail = chunk[-6:]
+            cut = 0
+            while (nl := chunk.find(b"\n", cut)) >= 0:
+                blank = blank and not chunk[cut:nl].strip()
+                if not blank:
+                    lines.append((start, number))
+                start, number, blank, cut = pos + nl + 1, number + 1, True, nl + 1
+            blank = blank and not chunk[cut:].strip()
+            pos += len(chunk)
+    if not blank:
+        lines.append((start, number))
+    return digest.hexdigest()[:16], lines, audio
+
+
 class JsonlSource:
     """Finite, random-access source over a JSONL file of interleaved documents.
 
@@ -44,27 +74,33 @@ class JsonlSource:
         split: ``"train"`` or ``"val"``.
         image_size: side of the (centre-cropped, resized) images.
         val_fraction: fraction of the lines held out for val.
+        limits: per-record size limits (checked before decoding).
+
+    Raises:
+        ValueError: when ``path`` is not a regular file or holds no non-blank line.
     """
 
     name = "jsonl"
 
     def __init__(
-        self, path: str, *, split: str = "train", image_size: int = 32, val_fraction: float = 0.05
+        self,
+        path: str,
+        *,
+        split: str = "train",
+        image_size: int = 32,
+        val_fraction: float = 0.05,
+        limits: InputLimits | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"data.path: {path} is not a file")
         self.image_size = image_size
-        raw = self.path.read_bytes()
-        self._digest = hashlib.sha256(raw).hexdigest()[:16]
-        self._lines: list[tuple[int, int]] = []  # (byte offset, 1-based line number)
-        offset = 0
-        for number, line in enumerate(raw.split(b"\n"), start=1):
-            if line.strip():
-                self._lines.append((offset, number))
-            offset += len(line) + 1
+        self.limits = limits or InputLimits()
+        self._digest, self._lines, has_audio = index_lines(self.path)
+        if not self._lines:
+            raise ValueError(f"data.path: {path} holds no document (it is empty or blank)")
         self._range = split_range(len(self._lines), split, val_fraction)
-        self.modalities = [TEXT, IMAGE, SPEECH] if b'"audio"' in raw else [TEXT, IMAGE]
+        self.modalities = [TEXT, IMAGE, SPEECH] if has_audio else [TEXT, IMAGE]
 
     def __len__(self) -> int:
         return len(self._range)
@@ -72,17 +108,28 @@ class JsonlSource:
     def fingerprint(self) -> str:
         return f"jsonl-{self._digest}-img{self.image_size}"
 
+    def _read_line(self, offset: int, where: str) -> bytes:
+        limit = self.limits.max_doc_bytes
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            line = f.readline(limit + 1)
+        if len(line.rstrip(b"\r\n")) > limit:
+            raise BadInput(
+                "oversize_document", where, f"line longer than data.max_doc_bytes={limit} bytes"
+            )
+        return line
+
     def document(self, index: int) -> Document:
         """Document ``index`` of this split (raises ``IndexError`` past the end)."""
         offset, number = self._lines[self._range[index]]
         where = f"{self.path.name}:{number}"
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            line = f.readline()
+        line = self._read_line(offset, where)
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # also bad UTF-8, and integers of more than 4300 digits
             raise BadInput("bad_json", where, f"invalid JSON ({e})") from e
+        except RecursionError as e:
+            raise BadInput("bad_json", where, "JSON nested too deeply") from e
         meta: dict[str, Any] = {"source": self.name, "where": where, "index": index}
         if isinstance(obj, dict):
             meta.update({k: v for k, v in obj.items() if k != "segments"})
@@ -107,6 +154,7 @@ class JsonlSource:
         if key == "text":
             return Segment(TEXT, value)
         file = self.path.parent / value
+        place = f"{where} ({value.encode('unicode_escape').decode('ascii')})"
         if key == "image":
-            return Segment(IMAGE, read_image(file, f"{where} ({value})", self.image_size))
-        return Segment(SPEECH, read_wav(file, f"{where} ({value})"))
+            return Segment(IMAGE, read_image(file, place, self.image_size, self.limits))
+        return Segment(SPEECH, read_wav(file, place, self.limits))

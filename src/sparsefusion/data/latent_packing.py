@@ -337,7 +337,7 @@ class LatentPackedLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "docs_read": self._docs_read,
-            "pending": pending,
+            "buffer": {"pending": pending},  # unfinished documents, re-read on restore
             "tokens_emitted": self._tokens_emitted,
             "padding_tokens": self._padding,
             "images": self._images,
@@ -350,8 +350,9 @@ class LatentPackedLoader:
             if state.get(key) != mine:
                 raise ValueError(f"loader state has {key}={state.get(key)!r}, this loader {mine!r}")
         self._docs_read = int(state["docs_read"])
-        uids = [int(u) for u, _ in state["pending"]]
-        cursors = [int(c) for _, c in state["pending"]]
+        pending = state["buffer"]["pending"]
+        uids = [int(u) for u, _ in pending]
+        cursors = [int(c) for _, c in pending]
         self._pending = deque(self._encode(uids, cursors) if uids else [])
         self._tokens_emitted = int(state["tokens_emitted"])
         self._padding = int(state["padding_tokens"])

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsefusion.data.limits import InputLimits
 from sparsefusion.data.scenes import DEFAULT_DOC_MIX, SceneCorpus, validate_doc_mix
 
 SPLITS = ("train", "val")
@@ -33,6 +34,13 @@ class DataConfig:
         val_fraction: fraction of a finite user dataset held out for validation.
         strict: fail on the first bad input item instead of skipping and counting it.
         max_doc_tokens: documents longer than this (in tokens) are skipped as oversize (0: never).
+        max_doc_bytes: users' data: a JSONL line or caption longer than this (in bytes) is
+            skipped as oversize before it is parsed or tokenized.
+        max_file_bytes: users' data: an image or audio file larger than this is skipped.
+        max_image_pixels: users' data: an image with more pixels (width x height, read from its
+            header) is skipped before it is decoded.
+        max_audio_seconds: users' data: an audio clip longer than this (from its header) is
+            skipped before it is decoded.
     """
 
     source: str = "scenes"
@@ -46,6 +54,10 @@ class DataConfig:
     val_fraction: float = 0.05
     strict: bool = False
     max_doc_tokens: int = 16384
+    max_doc_bytes: int = InputLimits.max_doc_bytes
+    max_file_bytes: int = InputLimits.max_file_bytes
+    max_image_pixels: int = InputLimits.max_image_pixels
+    max_audio_seconds: float = InputLimits.max_audio_seconds
 
     def __post_init__(self) -> None:
         if self.path and self.source == "scenes":
@@ -77,6 +89,18 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_doc_tokens < 0:
             raise ValueError(f"data.max_doc_tokens must be >= 0, got {self.max_doc_tokens}")
+        for name in ("max_doc_bytes", "max_file_bytes", "max_image_pixels", "max_audio_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"data.{name} must be > 0, got {getattr(self, name)}")
+
+    def limits(self) -> InputLimits:
+        """The per-record limits of users' data."""
+        return InputLimits(
+            max_file_bytes=self.max_file_bytes,
+            max_doc_bytes=self.max_doc_bytes,
+            max_image_pixels=self.max_image_pixels,
+            max_audio_seconds=self.max_audio_seconds,
+        )
 
 
 def _build_scenes(cfg: DataConfig, seed: int, split: str) -> SceneCorpus:
@@ -90,6 +114,7 @@ def _build_path(cfg: DataConfig, seed: int, split: str) -> Any:
     from sparsefusion.data.wds_source import WebDatasetSource
 
     kw = {"split": split, "image_size": cfg.image_size, "val_fraction": cfg.val_fraction}
+    kw["limits"] = cfg.limits()
     if Path(cfg.path).is_dir():
         return WebDatasetSource(cfg.path, strict=cfg.strict, **kw)
     return JsonlSource(cfg.path, **kw)

@@ -22,6 +22,7 @@ from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document, Segment
 from sparsefusion.data.images import IMAGE_EXTENSIONS, decode_image_bytes
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.jsonl_source import split_range
+from sparsefusion.data.limits import InputLimits
 
 log = logging.getLogger("sparsefusion")
 CAPTION_EXTENSIONS = ("txt", "caption", "cap")
@@ -42,6 +43,10 @@ class WebDatasetSource:
         image_size: side of the (centre-cropped, resized) images.
         val_fraction: fraction of samples held out for val.
         strict: raise on a damaged shard instead of logging it.
+        limits: per-record size limits (checked before decoding).
+
+    Raises:
+        ValueError: when the folder holds no ``.tar`` shard, or no sample in any of them.
     """
 
     name = "webdataset"
@@ -54,18 +59,26 @@ class WebDatasetSource:
         image_size: int = 32,
         val_fraction: float = 0.05,
         strict: bool = False,
+        limits: InputLimits | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.shards = sorted(self.folder.glob("*.tar"))
         if not self.shards:
             raise ValueError(f"data.path: no .tar shards in {folder}")
         self.image_size = image_size
+        self.limits = limits or InputLimits()
         self._samples: list[tuple[Path, str, dict[str, tarfile.TarInfo]]] = []
         digest = hashlib.sha256()
         for shard in self.shards:
             digest.update(f"{shard.name}:{shard.stat().st_size}".encode())
             self._index(shard, strict)
         self._digest = digest.hexdigest()[:16]
+        if not self._samples:
+            names = ", ".join(p.name for p in self.shards)
+            raise ValueError(
+                f"data.path: no sample could be read from the shards in {folder} ({names}); "
+                "are they WebDataset .tar files?"
+            )
         self._range = split_range(len(self._samples), split, val_fraction)
         self._open: dict[Path, tarfile.TarFile] = {}
         has_audio = any("wav" in m for _, _, m in self._samples)
@@ -96,7 +109,12 @@ class WebDatasetSource:
     def fingerprint(self) -> str:
         return f"wds-{self._digest}-img{self.image_size}"
 
-    def _read(self, shard: Path, info: tarfile.TarInfo, where: str) -> bytes:
+    def _read(self, shard: Path, info: tarfile.TarInfo, where: str, key: str) -> bytes:
+        """A member's bytes; ``key`` names its limit (``max_doc_bytes`` or ``max_file_bytes``)."""
+        limit = getattr(self.limits, key)
+        if info.size > limit:
+            reason = "oversize_document" if key == "max_doc_bytes" else "oversize_file"
+            raise BadInput(reason, where, f"member has {info.size} bytes > data.{key}={limit}")
         tar = self._open.get(shard)
         if tar is None:
             tar = self._open[shard] = tarfile.open(shard, "r:")
@@ -120,21 +138,22 @@ class WebDatasetSource:
         segments: list[Segment] = []
         caption = ""
         if caption_ext is not None:
-            raw = self._read(shard, members[caption_ext], f"{where}.{caption_ext}")
+            raw = self._read(shard, members[caption_ext], f"{where}.{caption_ext}", "max_doc_bytes")
             caption = raw.decode("utf-8", errors="replace").strip()
         if image_ext is not None:
-            data = self._read(shard, members[image_ext], f"{where}.{image_ext}")
-            image = Segment(
-                IMAGE, decode_image_bytes(data, f"{where}.{image_ext}", self.image_size)
-            )
+            place = f"{where}.{image_ext}"
+            data = self._read(shard, members[image_ext], place, "max_file_bytes")
+            pixels = self.limits.max_image_pixels
+            image = Segment(IMAGE, decode_image_bytes(data, place, self.image_size, pixels))
             text = [Segment(TEXT, caption)] if caption else []
             caption_first = hashlib.blake2b(f"{key}".encode(), digest_size=1).digest()[0] < 128
             segments = [*text, image] if caption_first else [image, *text]
         elif caption:
             segments = [Segment(TEXT, caption)]
         if "wav" in members:
-            data = self._read(shard, members["wav"], f"{where}.wav")
-            segments.append(Segment(SPEECH, decode_wav_bytes(data, f"{where}.wav")))
+            data = self._read(shard, members["wav"], f"{where}.wav", "max_file_bytes")
+            clip = decode_wav_bytes(data, f"{where}.wav", self.limits.max_audio_seconds)
+            segments.append(Segment(SPEECH, clip))
         if not segments:
             raise BadInput("empty_document", where, "sample has an empty caption and no media")
         meta: dict[str, Any] = {"source": self.name, "where": where, "index": index}

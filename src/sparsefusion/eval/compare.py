@@ -50,6 +50,8 @@ class CompareConfig:
         flops_tolerance: warn when a run's FLOPs per step differ from the baseline's by more than
             this relative amount (the savings factor assumes FLOPs-matched runs).
         plots: write PNG plots.
+        eval_size: which ``eval.jsonl`` rows form the ``eval`` split: ``small`` (the in-training
+            evaluation), ``full`` (``sparsefusion eval``) or ``auto`` (small if any, else full).
     """
 
     smoothing: float = 0.6
@@ -57,8 +59,11 @@ class CompareConfig:
     fit_from: float = 0.5
     flops_tolerance: float = 0.03
     plots: bool = True
+    eval_size: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.eval_size not in ("auto", "small", "full"):
+            raise ValueError(f"compare.eval_size must be auto, small or full, got {self.eval_size}")
         for name in ("smoothing", "val_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"compare.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -141,8 +146,13 @@ def savings_factor(
     base_loss_N: np.ndarray,
     run_flops_M: np.ndarray,
     run_loss_M: np.ndarray,
+    *,
+    unit: str = "FLOPs",
 ) -> Estimate:
     """The baseline's total FLOPs over the FLOPs at which the run first reaches its final loss.
+
+    With elapsed seconds as x (``unit="s"``) this is the wall-clock savings factor (MoT,
+    arXiv:2411.04996, Figure 19: 1 / factor is the share of the baseline's time).
 
     Curves are expected already smoothed. Bounds: a run below the level at its first point gives
     a lower bound (``total / first``); a run that never reaches it an upper bound
@@ -152,10 +162,10 @@ def savings_factor(
     cross = first_crossing(run_flops_M, run_loss_M, level)
     if cross.kind == "never":
         last = float(run_flops_M[-1])
-        note = f"never reaches the baseline's final loss {level:.4f} within {last:.3g} FLOPs"
+        note = f"never reaches the baseline's final loss {level:.4f} within {last:.3g} {unit}"
         return Estimate(total / last, "upper", note)
     if cross.x is None or cross.x <= 0:
-        return Estimate(None, "none", "crossing at zero FLOPs")
+        return Estimate(None, "none", f"crossing at zero {unit}")
     if cross.kind == "at_or_before":
         note = f"already at or below {level:.4f} at its first logged point"
         return Estimate(total / cross.x, "lower", note)

@@ -1,8 +1,12 @@
 """``sparsefusion compare``: every run against a baseline, as a Markdown table, JSON and PNG plots.
 
-For each run, each split (training, validation) and each loss key the baseline logs (``loss``,
-``loss/<modality>``): the FLOPs savings factor, the step-matching slope, and per split the "x%
-checkpoint". The math and its documented choices are in :mod:`sparsefusion.eval.compare`.
+For each run, each split (training, validation, and ``eval``: the rows of ``eval.jsonl``) and
+each key the baseline logs (``loss``, ``loss/<modality>``; ``fid_sf``, ``clip_sf``, ``cider``,
+``loss/causal*``): the FLOPs savings factor, the step-matching slope, the same two
+against wall-clock time (``elapsed_s``, MoT's Figure 19), and per split the "x% checkpoint".
+``clip_sf`` and ``cider`` are higher-is-better: a run "reaches" a level when it is at or above it.
+Non-finite rows (a diverged run) are reported with the step where they start. The math and its
+documented choices are in :mod:`sparsefusion.eval.compare`.
 
 Legend: N = logged points of the baseline curve, M = logged points of a run curve.
 """
@@ -28,20 +32,24 @@ from sparsefusion.eval.compare import (
     match_steps,
     savings_factor,
 )
-from sparsefusion.eval.curves import SPLITS, RunCurves, SplitCurves, load_run
+from sparsefusion.eval.curves import SPLITS, RunCurves, SplitCurves, higher_is_better, load_run
 
 log = logging.getLogger(__name__)
 
-SPLIT_TITLES = {"train": "Training loss", "val": "Validation loss"}
+SPLIT_TITLES = {"train": "Training loss", "val": "Validation loss", "eval": "Evaluation metrics"}
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # step, flops, value, elapsed_s
 
 
 @dataclass
 class KeyResult:
-    """One loss key of one split of one run: savings factor and step matching."""
+    """One key of one split of one run: savings factor and step matching, on FLOPs/steps and on
+    wall-clock time."""
 
     baseline_final: float
     savings: Estimate
     match: StepMatch | None = None
+    time_savings: Estimate = field(default_factory=lambda: Estimate(None, "none", "no elapsed_s"))
+    time_match: StepMatch | None = None
 
 
 @dataclass
@@ -64,21 +72,22 @@ class Comparison:
     baseline: RunCurves
     runs: list[RunResult]
     cfg: CompareConfig
-    smoothed: dict[str, dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]]
+    smoothed: dict[str, dict[str, dict[str, Curve]]]
 
 
-def smoothed_curves(
-    run: RunCurves, cfg: CompareConfig
-) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """split -> key -> ``(step, flops, smoothed loss)`` over the points where the key was logged."""
-    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+def smoothed_curves(run: RunCurves, cfg: CompareConfig) -> dict[str, dict[str, Curve]]:
+    """split -> key -> ``(step, flops, smoothed value, elapsed_s)`` over the points where the key
+    was logged (``elapsed_s`` all NaN unless every such point has it)."""
+    out: dict[str, dict[str, Curve]] = {}
     for split, curves in run.splits.items():
         a = cfg.smoothing if split == "train" else cfg.val_smoothing
         out[split] = {}
         for key in curves.losses:
             step_M, flops_M, y_M = curves.curve(key)
+            t_M = curves.elapsed_of(key)
+            t_M = ema(t_M, a) if np.all(np.isfinite(t_M)) else np.full(t_M.shape, np.nan)
             if y_M.size:  # x smoothed with y: each point is a weighted mean, no lag
-                out[split][key] = (ema(step_M, a), ema(flops_M, a), ema(y_M, a))
+                out[split][key] = (ema(step_M, a), ema(flops_M, a), ema(y_M, a), t_M)
     return out
 
 
@@ -109,6 +118,8 @@ def compare_runs(baseline: RunCurves, runs: list[RunCurves], cfg: CompareConfig)
 
 def _flops_per_step(run: RunCurves) -> float:
     curves = run.splits.get("train") or run.splits["val"]
+    if curves.step[-1] <= 0:
+        return 0.0
     return flops_per_step(curves.step, curves.flops)
 
 
@@ -118,6 +129,8 @@ def _check_comparable(base: RunCurves, run: RunCurves, result: RunResult, cfg: C
             f"not FLOPs-matched: {result.flops_ratio:.3f}x the baseline's FLOPs per step "
             f"(savings factors compare FLOPs, step slopes compare steps)"
         )
+    for split, nf in run.nonfinite.items():
+        result.warnings.append(nf.text(split))
     base_last, run_last = _last_step(base), _last_step(run)
     if run_last < base_last:
         result.warnings.append(
@@ -130,17 +143,31 @@ def _last_step(run: RunCurves) -> int:
     return int(max(c.step[-1] for c in run.splits.values()))
 
 
+def _sign(key: str) -> float:
+    """Curves are compared as lower-is-better: higher-is-better values are negated."""
+    return -1.0 if higher_is_better(key) else 1.0
+
+
 def _compare_split(base_keys, run_keys, cfg: CompareConfig) -> dict[str, KeyResult]:
     out = {}
-    for key, (b_step_N, b_flops_N, b_y_N) in base_keys.items():
+    for key, (b_step_N, b_flops_N, b_y_N, b_t_N) in base_keys.items():
         final = float(b_y_N[-1])
         if key not in run_keys:
             out[key] = KeyResult(final, Estimate(None, "none", f"the run logs no {key}"))
             continue
-        r_step_M, r_flops_M, r_y_M = run_keys[key]
-        savings = savings_factor(b_flops_N, b_y_N, r_flops_M, r_y_M)
+        r_step_M, r_flops_M, r_y_M, r_t_M = run_keys[key]
+        sign = _sign(key)
+        b_y_N, r_y_M = sign * b_y_N, sign * r_y_M
+        if b_flops_N[-1] > 0 and r_flops_M[-1] > 0:
+            savings = savings_factor(b_flops_N, b_y_N, r_flops_M, r_y_M)
+        else:
+            savings = Estimate(None, "none", "no FLOPs logged")
         match = match_steps(b_step_N, b_y_N, r_step_M, r_y_M, fit_from=cfg.fit_from)
-        out[key] = KeyResult(final, savings, match)
+        result = KeyResult(final, savings, match)
+        if np.all(np.isfinite(b_t_N)) and np.all(np.isfinite(r_t_M)) and b_t_N[-1] > 0:
+            result.time_savings = savings_factor(b_t_N, b_y_N, r_t_M, r_y_M, unit="s")
+            result.time_match = match_steps(b_t_N, b_y_N, r_t_M, r_y_M, fit_from=cfg.fit_from)
+        out[key] = result
     return out
 
 
@@ -148,11 +175,11 @@ def _checkpoint(
     base: SplitCurves, base_keys, run: SplitCurves, run_keys
 ) -> tuple[Estimate, int | None]:
     """The earliest run point at or below every final baseline loss, as % of baseline steps."""
-    base_final = {k: float(v[2][-1]) for k, v in base_keys.items()}
+    base_final = {k: _sign(k) * float(v[2][-1]) for k, v in base_keys.items()}
     aligned = {}
-    for key, (_, _, y_M) in run_keys.items():
+    for key, (_, _, y_M, _) in run_keys.items():
         full_M = np.full(run.step.shape, np.nan)
-        full_M[np.searchsorted(run.step, run.curve(key)[0])] = y_M
+        full_M[np.searchsorted(run.step, run.curve(key)[0])] = _sign(key) * y_M
         aligned[key] = full_M
     i = checkpoint_point(run.step, aligned, base_final)
     base_last = float(base.step[-1])
@@ -180,6 +207,12 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
                         kr.match.slope if kr.match else Estimate(None, "none")
                     ).as_dict(),
                     "matched_steps": _pairs(kr.match),
+                    "time_savings_factor": kr.time_savings.as_dict(),
+                    "time_slope": (
+                        kr.time_match.slope if kr.time_match else Estimate(None, "none")
+                    ).as_dict(),
+                    "matched_times": _pairs(kr.time_match),
+                    "higher_is_better": higher_is_better(key),
                 }
                 for key, kr in keys.items()
             }
@@ -197,6 +230,7 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
                 "warnings": r.warnings,
                 "splits": splits,
                 "checkpoint": checkpoint,
+                "nonfinite": _nonfinite_dict(r.run),
             }
         )
     return {
@@ -206,9 +240,22 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
             "last_step": _last_step(base),
             "flops_per_step": _flops_per_step(base),
             "final_loss_smoothed": finals,
+            "nonfinite": _nonfinite_dict(base),
         },
         "config": to_dict(comp.cfg),
         "runs": runs,
+    }
+
+
+def _nonfinite_dict(run: RunCurves) -> dict[str, Any]:
+    return {
+        split: {
+            "first_step": nf.first_step,
+            "rows": nf.rows,
+            "keys": list(nf.keys),
+            "last_finite_step": nf.last_finite_step,
+        }
+        for split, nf in run.nonfinite.items()
     }
 
 
@@ -234,7 +281,9 @@ def markdown(comp: Comparison) -> str:
         "(s = 0.5: the run needs half the steps). x% checkpoint: the earliest logged run step at "
         "or below every final baseline loss of the split, as % of the baseline's steps. "
         f"Smoothing: EMA {comp.cfg.smoothing:g} (training), {comp.cfg.val_smoothing:g} "
-        "(validation).",
+        "(validation, eval). Time savings: the same factor on wall-clock training time "
+        "(`elapsed_s`); 1 / factor is the share of the baseline's time. `clip_sf` and `cider` are "
+        "higher-is-better (reaching a level means being at or above it).",
         "",
     ]
     for split in SPLITS:
@@ -242,10 +291,14 @@ def markdown(comp: Comparison) -> str:
         if not keys:
             continue
         names = [_short(k) for k in keys]
+        timed = any(
+            kr.time_match is not None for r in comp.runs for kr in r.keys.get(split, {}).values()
+        )
         head = (
             ["run", "FLOPs/step"]
             + [f"savings {n}" for n in names]
             + [f"slope {n}" for n in names]
+            + ([f"time savings {n}" for n in names] if timed else [])
             + ["x% checkpoint"]
         )
         lines += [f"## {SPLIT_TITLES[split]}", "", _row(head), _row(["---"] * len(head))]
@@ -253,8 +306,9 @@ def markdown(comp: Comparison) -> str:
         lines.append(
             _row(
                 [f"{base.name} (baseline)", "1.00x"]
-                + [f"final {finals[k][2][-1]:.4f}" for k in keys]
+                + [f"final {finals[k][2][-1]:.4f}{_diverged(base, split)}" for k in keys]
                 + ["1.00"] * len(keys)
+                + (["1.00x"] * len(keys) if timed else [])
                 + ["100%"]
             )
         )
@@ -265,10 +319,13 @@ def markdown(comp: Comparison) -> str:
             cells = [r.run.name, f"{r.flops_ratio:.2f}x"]
             cells += [res[k].savings.text(2, "x") for k in keys]
             cells += [res[k].match.slope.text(3) if res[k].match else "n/a" for k in keys]
-            cells.append(_checkpoint_text(r, split))
+            if timed:
+                cells += [res[k].time_savings.text(2, "x") for k in keys]
+            cells.append(_checkpoint_text(r, split) + _diverged(r.run, split))
             lines.append(_row(cells))
         lines.append("")
-    notes = [f"- `{r.run.name}`: {w}" for r in comp.runs for w in r.warnings]
+    notes = [f"- `{base.name}` (baseline): {nf.text(s)}" for s, nf in base.nonfinite.items()]
+    notes += [f"- `{r.run.name}`: {w}" for r in comp.runs for w in r.warnings]
     notes += [
         f"- `{r.run.name}` {split} {k}: {kr.savings.note or kr.match.slope.note}"
         for r in comp.runs
@@ -279,6 +336,11 @@ def markdown(comp: Comparison) -> str:
     if notes:
         lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)
+
+
+def _diverged(run: RunCurves, split: str) -> str:
+    nf = run.nonfinite.get(split)
+    return f" (non-finite from step {nf.first_step})" if nf else ""
 
 
 def _checkpoint_text(r: RunResult, split: str) -> str:
@@ -308,7 +370,16 @@ def write_report(comp: Comparison, out: Path) -> list[Path]:
             if split in comp.smoothed[comp.baseline.name]:
                 written.append(plot_loss_vs_flops(comp, split, out / f"loss_vs_flops_{split}.png"))
                 written.append(plot_step_matching(comp, split, out / f"step_matching_{split}.png"))
+                if _timed(comp, split):
+                    lt, tm = out / f"loss_vs_time_{split}.png", out / f"time_matching_{split}.png"
+                    written.append(plot_loss_vs_flops(comp, split, lt, time=True))
+                    written.append(plot_step_matching(comp, split, tm, time=True))
     return written
+
+
+def _timed(comp: Comparison, split: str) -> bool:
+    results = [kr for r in comp.runs for kr in r.keys.get(split, {}).values()]
+    return any(kr.time_match is not None for kr in results)
 
 
 def run_compare(baseline: str | Path, runs: list[str | Path], out: Path, cfg: CompareConfig):
@@ -316,7 +387,7 @@ def run_compare(baseline: str | Path, runs: list[str | Path], out: Path, cfg: Co
     names: set[str] = set()
     loaded = []
     for path in [baseline, *runs]:
-        curves = load_run(path)
+        curves = load_run(path, eval_size=cfg.eval_size)
         if curves.name in names:
             curves.name = str(path)
         names.add(curves.name)

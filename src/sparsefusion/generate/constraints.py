@@ -3,10 +3,10 @@
 A small state machine per row (Chameleon-style text/image switching):
 
 - text: text ids and EOS (plus, in ``interleaved`` mode, BOI / BOA when the row has room to
-  finish the span: BOI + L codes + EOI, or BOA + one unit + EOA);
+  finish the span: BOI + L codes + EOI, or BOA + ``MIN_SPEECH_UNITS`` units + EOA);
 - image (after BOI): exactly the image tokenizer's L codes, then EOI is forced;
-- speech (after BOA): speech units until EOA (allowed after one unit, forced at the unit limit
-  or when one token of budget is left).
+- speech (after BOA): speech units until EOA (allowed after ``MIN_SPEECH_UNITS`` units: one
+  unit decodes to no samples; forced at the unit limit or when one token of budget is left).
 
 Modes: ``text`` (continuation), ``text_to_image`` (BOI forced after the prompt, done at EOI),
 ``image_to_text`` (captioning; the prompt holds the image), ``text_to_speech`` (BOA forced, done
@@ -33,6 +33,7 @@ MODES = (
 )
 NEEDS_IMAGE = ("text_to_image", "image_to_text")
 NEEDS_SPEECH = ("text_to_speech", "speech_to_text")
+MIN_SPEECH_UNITS = 2
 
 
 @dataclass
@@ -112,14 +113,15 @@ class RowConstraint:
         if self.state == "image":
             return r.mask("eoi") if self.in_span >= r.image_tokens else r.mask("image")
         if self.state == "speech":
-            if self.in_span >= r.max_speech_units or (self.in_span and self.budget <= 1):
+            enough = self.in_span >= min(MIN_SPEECH_UNITS, r.max_speech_units)
+            if self.in_span >= r.max_speech_units or (enough and self.budget <= 1):
                 return r.mask("eoa")
-            return r.mask("speech") | r.mask("eoa") if self.in_span else r.mask("speech")
+            return r.mask("speech") | r.mask("eoa") if enough else r.mask("speech")
         allowed = r.mask("text")
         if self.mode == "interleaved":
             if r.image_tokens and self.budget >= r.image_tokens + 2:
                 allowed = allowed | r.mask("boi")
-            if r.max_speech_units and self.budget >= 3:
+            if r.max_speech_units and self.budget >= MIN_SPEECH_UNITS + 2:
                 allowed = allowed | r.mask("boa")
         return allowed
 

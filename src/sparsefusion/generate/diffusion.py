@@ -137,6 +137,8 @@ class TransfusionGenerator:
         self.k = model.cfg.patch_size
         self.n = tokenizer.patches_per_image(self.k)
         self.vocab = tokenizer.vocab
+        self.run_config = None  # the run's TrainConfig (set by transfusion_generator)
+        self.checkpoint = None
 
     # ---- what the run serves (the Generator protocol used by GenerationRequest.validate) ----
 
@@ -325,6 +327,8 @@ def transfusion_generator(run, run_dir) -> TransfusionGenerator:
         int(objective.get("num_train_timesteps", 1000)),
         str(objective.get("beta_schedule", "squaredcos_cap_v2")),
     )
-    return TransfusionGenerator(
+    gen = TransfusionGenerator(
         run.model, run.tokenizer, run.aux_routers, schedule=schedule, run_dir=str(run_dir)
     )
+    gen.run_config, gen.checkpoint = getattr(run, "config", None), run.checkpoint
+    return gen

@@ -10,13 +10,15 @@ Mixture-of-Depths) run in causal mode with the run's auxiliary routers.
 
 ``extend(..., commit=False)`` runs tokens against the cache without keeping them (their keys
 and values are overwritten by the next call): the call a diffusion sampler repeats for every
-denoising pass of an image span before committing the span once.
+denoising pass of an image span before committing the span once; :meth:`Decoder.step` takes the
+step's continuous inputs (latent patches, timesteps) and returns the whole model output.
 
 Shape legend: B = rows, T = tokens of a step, V = vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ import torch
 
 from sparsefusion.generate.kv_cache import KVCache
 from sparsefusion.models.inputs import ForwardContext, ModelInputs, plan_for
-from sparsefusion.models.transformer import Transformer
+from sparsefusion.models.transformer import ModelOutput, Transformer
 from sparsefusion.nn.routing_context import AuxRouterLookup
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
@@ -103,7 +105,6 @@ class Decoder:
         """Causal routing with the auxiliary routers (plain MoT/dense ignore the mode)."""
         return ForwardContext(routing_mode="causal", aux_routers=self.aux_routers, cache=cache)
 
-    @torch.no_grad()
     def extend(
         self,
         new_ids: Sequence[Sequence[int]],
@@ -122,6 +123,24 @@ class Decoder:
             Logits (B, T, V) of the new positions (T = the longest list; rows are
             right-padded, so row b's real logits are ``[:, :len(new_ids[b])]``).
         """
+        return self.step(new_ids, commit=commit, span_ids=span_ids).logits_BTV
+
+    @torch.no_grad()
+    def step(
+        self,
+        new_ids: Sequence[Sequence[int]],
+        *,
+        commit: bool = True,
+        span_ids: Sequence[Sequence[int]] | None = None,
+        **continuous: torch.Tensor,
+    ) -> ModelOutput:
+        """:meth:`extend` returning the whole model output (e.g. a diffusion head's predictions).
+
+        ``continuous`` holds further ``ModelInputs`` fields of the step (``patches_PC``,
+        ``patch_slot_P`` as ``row * T + t`` in the step's right-padded (B, T) layout,
+        ``timestep_P``): a diffusion sampler runs an image span's noisy patches with
+        ``commit=False`` for every denoising pass, then once more, clean, with ``commit=True``.
+        """
         if len(new_ids) != len(self.rows):
             raise ValueError(f"extend got {len(new_ids)} rows, the decoder has {len(self.rows)}")
         room = self.cache.capacity
@@ -130,13 +149,13 @@ class Decoder:
                 raise ValueError(
                     f"row {b} would hold {len(row.ids) + len(ids)} tokens; the cache holds {room}"
                 )
-        inputs = self._inputs(new_ids, span_ids)
+        inputs = dataclasses.replace(self._inputs(new_ids, span_ids), **continuous)
         self.cache.begin([len(ids) for ids in new_ids], commit=commit)
         out = self.model(inputs.to(self.device), self.context(self.cache))
         if commit:
             for row, ids in zip(self.rows, new_ids, strict=True):
                 _advance(row, ids, self.vocab.eos_id)
-        return out.logits_BTV
+        return out
 
     def last_logits(self, logits_BTV: torch.Tensor, new_ids: Sequence[Sequence[int]]):
         """Logits (B, V) at the last new position of every row (zeros for rows given none)."""

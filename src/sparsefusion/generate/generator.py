@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -17,6 +18,7 @@ from PIL import Image
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document
 from sparsefusion.data.documents import Segment as DocSegment
 from sparsefusion.generate.constraints import (
+    MIN_SPEECH_UNITS,
     MODES,
     NEEDS_IMAGE,
     NEEDS_SPEECH,
@@ -57,6 +59,8 @@ class Generator:
             raise MissingAuxRouters(aux_router_message(run_dir, list(model.router_sites())))
         self.model, self.tokenizer, self.aux_routers = model.eval(), tokenizer, aux_routers
         self.run_dir = run_dir
+        self.run_config: Any = None  # the run's TrainConfig (set by from_run)
+        self.checkpoint: Path | None = None
         has_image = IMAGE in model.cfg.modalities
         has_speech = tokenizer.speech is not None and SPEECH in model.cfg.modalities
         self.rules = SpanRules(
@@ -78,13 +82,15 @@ class Generator:
             from sparsefusion.generate.diffusion import transfusion_generator
 
             return transfusion_generator(run, run_dir)  # type: ignore[return-value]
-        return cls(
+        gen = cls(
             run.model,
             run.tokenizer,
             run.aux_routers,
             run_dir=str(run_dir),
             max_speech_units=run.max_speech_units,
         )
+        gen.run_config, gen.checkpoint = run.config, run.checkpoint
+        return gen
 
     # ---- what the run serves -------------------------------------------------------------------
 
@@ -114,7 +120,7 @@ class Generator:
         if mode == "text_to_image":
             return self.rules.image_tokens + 2
         if mode == "text_to_speech":
-            return 3
+            return MIN_SPEECH_UNITS + 2
         return 1
 
     # ---- prompts -------------------------------------------------------------------------------

@@ -54,8 +54,9 @@ class KVCache:
         if batch < 1 or capacity < 1:
             raise ValueError(f"KVCache needs batch >= 1 and capacity >= 1 ({batch}, {capacity})")
         self.batch, self.capacity = batch, capacity
+        # One slot more than the capacity: filler beyond a full row lands in that spare slot.
         self.layers = [
-            LayerKV(self, batch, capacity, kv_heads, head_dim, dtype, device)
+            LayerKV(self, batch, capacity + 1, kv_heads, head_dim, dtype, device)
             for _ in range(num_layers)
         ]
         self._counts: list[int] = [0] * batch
@@ -118,14 +119,13 @@ class LayerKV:
         """
         T = q_BHTK.shape[2]
         S = self.k_BJSK.shape[2]
-        if max(self.length) + T > S:
-            raise ValueError(
-                f"KV cache full: a row would need {max(self.length) + T} slots, capacity is {S}"
-            )
+        need = max(n + c for n, c in zip(self.length, counts, strict=True))
+        if need > S - 1:
+            raise ValueError(f"KV cache full: a row would need {need} slots, capacity is {S - 1}")
         key = tuple(self.length)
         memo = self.owner.memo if shared else {}
         if key not in memo:
-            memo[key] = _StepIndex.build(self.length, counts, T, document_BT, span_BT)
+            memo[key] = _StepIndex.build(self.length, counts, T, document_BT, span_BT, S)
         idx = memo[key]
         self.k_BJSK[idx.row_BT, :, idx.slot_BT] = k_BJTK.transpose(1, 2).to(self.k_BJSK.dtype)
         self.v_BJSK[idx.row_BT, :, idx.slot_BT] = v_BJTK.transpose(1, 2).to(self.v_BJSK.dtype)
@@ -160,7 +160,7 @@ class _StepIndex:
     allowed_B1TS: torch.Tensor | None = None
 
     @staticmethod
-    def build(length, counts, T, document_BT, span_BT) -> _StepIndex:
+    def build(length, counts, T, document_BT, span_BT, S: int) -> _StepIndex:
         device = document_BT.device
         B = len(length)
         start_B = torch.tensor(length, device=device)
@@ -169,11 +169,11 @@ class _StepIndex:
         span = torch.full_like(document_BT, -1) if span_BT is None else span_BT
         return _StepIndex(
             row_BT=torch.arange(B, device=device)[:, None].expand(B, T),
-            slot_BT=start_B[:, None] + t_T[None, :],
+            slot_BT=(start_B[:, None] + t_T[None, :]).clamp(max=S - 1),  # filler past the end
             doc_BT=torch.where(real_BT, document_BT, -1),  # filler: its own "document"
             span_BT=torch.where(real_BT, span, -1),
             start_B=start_B,
-            used=max(length) + T,
+            used=min(S, max(length) + T),
         )
 
     def mask(self, document_BS: torch.Tensor, span_BS: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,16 @@
 
 ``write_samples(samples, out)`` writes, for sample k, ``sample_k.txt`` (its text segments),
 ``sample_k_image_j.png`` and ``sample_k_speech_j.wav``, then ``tokens.json`` (prompt and new
-ids of every sample) and ``index.html``, which shows every sample in order with its images
-inline and audio players, by relative links (it opens from disk).
+ids of every sample), ``index.html``, which shows every sample in order with its images
+inline and audio players, by relative links (it opens from disk), and ``grid.png``: one cell per
+sample (its image, or the image it captions, above its text).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import textwrap
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +103,29 @@ def write_samples(samples: list[Sample], out: str | Path) -> Path:
     (out / "tokens.json").write_text(json.dumps(tokens, indent=1), encoding="utf-8")
     page = _PAGE.format(count=len(samples), body="\n".join(blocks))
     (out / "index.html").write_text(page, encoding="utf-8")
+    if samples:
+        sample_grid(samples).save(out / "grid.png")
     return out
+
+
+def sample_grid(samples: list[Sample], cell: int = 112, columns: int = 6) -> Image.Image:
+    """One cell per sample: its first image (generated, else the prompt's) above its text."""
+    from PIL import ImageDraw
+
+    rows = -(-len(samples) // columns)
+    text_h = 64
+    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, s in enumerate(samples):
+        x, y = (k % columns) * cell, (k // columns) * (cell + text_h)
+        images = s.images or [g.image for g in s.prompt_segments if g.image is not None]
+        if images:
+            grid.paste(images[0].resize((cell - 8, cell - 8), Image.NEAREST), (x + 4, y + 4))
+        words = s.prompt if s.mode == "text_to_image" else (s.prompt + " | " + s.text).strip(" |")
+        top, room = (y + cell, text_h) if images else (y + 4, cell + text_h - 8)
+        lines = textwrap.wrap(words, width=cell // 6)[: room // 12]
+        draw.multiline_text((x + 4, top), "\n".join(lines), fill="black", spacing=1)
+    return grid
 
 
 def _write_segments(segments: list[Segment], out: Path, stem: str) -> list[str]:

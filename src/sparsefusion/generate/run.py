@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file
 
@@ -13,7 +14,13 @@ from sparsefusion.generate.engine import MissingAuxRouters, aux_router_message
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint
+from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
+from sparsefusion.train.resume import (
+    check_checkpoint,
+    model_shapes,
+    select_checkpoint,
+    step_folders,
+)
 
 log = logging.getLogger("sparsefusion")
 
@@ -29,27 +36,28 @@ class LoadedRun:
     aux_routers: AuxRouters | None
     checkpoint: Path
     max_speech_units: int
+    config: Any = None
 
 
-def find_checkpoint(run_dir: Path, step: int | None) -> Path:
-    """The newest checkpoint, or ``checkpoints/step_<step>`` (errors list what exists)."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
+def find_checkpoint(run_dir: Path, model: Transformer, step: int | None) -> Path:
+    """The newest valid checkpoint (as resuming picks it), or ``checkpoints/step_<step>``."""
     if step is None:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt, _ = select_checkpoint(run_dir, model)  # warns about damaged newer ones
         if ckpt is None:
             raise CheckpointError(f"{run_dir} holds no complete checkpoint")
         return ckpt
     ckpt = checkpoint_dir(run_dir) / f"step_{step:08d}"
-    if not (ckpt / "state.json").is_file():
-        root = checkpoint_dir(run_dir)
-        have = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if not ckpt.is_dir():
+        have = [p.name for p in reversed(step_folders(run_dir))]
         raise CheckpointError(f"--checkpoint {step}: {ckpt} does not exist; the run has {have}")
+    problem = check_checkpoint(ckpt, model_shapes(model))
+    if problem is not None:
+        raise CheckpointError(f"--checkpoint {step}: {ckpt} is {problem.kind}: {problem.detail}")
     return ckpt
 
 
 def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -> LoadedRun:
-    """Model (eval, on ``device``), tokenizer and auxiliary routers of a run folder.
+    """Model (eval, on ``device``: ``auto`` = CUDA when there is one), tokenizer, aux routers.
 
     Raises:
         MissingAuxRouters: the model has batch-routed sites and the run has no aux routers.
@@ -57,11 +65,15 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
     from sparsefusion.data.sources import build_source
     from sparsefusion.tokenizers.build import load_or_train_tokenizer
     from sparsefusion.train.config import TrainConfig
+    from sparsefusion.train.device import resolve_device
 
+    device = resolve_device(str(device))
     run_dir = Path(run_dir)
-    ckpt = find_checkpoint(run_dir, checkpoint)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = from_dict(TrainConfig, load_yaml(run_dir / "config.yaml"))
     model = Transformer(cfg.model)
+    ckpt = find_checkpoint(run_dir, model, checkpoint)
     aux = None
     if model.router_sites():
         aux = _load_aux(run_dir, model)
@@ -77,7 +89,7 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
     model.to(device).eval().requires_grad_(False)
     if aux is not None:
         aux.to(device).eval().requires_grad_(False)
-    return LoadedRun(model, tokenizer, aux, ckpt, units)
+    return LoadedRun(model, tokenizer, aux, ckpt, units, cfg)
 
 
 def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
@@ -93,8 +105,8 @@ def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
 
 
 def _load_weights(ckpt: Path, model: Transformer) -> None:
-    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
+    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
 
     if is_dcp_checkpoint(ckpt):
         load_dcp_checkpoint(ckpt, model, None, DistEnv())

@@ -40,6 +40,8 @@ Shape legend: B = batch rows, T = sequence length.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -260,6 +262,42 @@ def train_flops(
         span_BT=span_BT,
         num_patches=num_patches,
     )
+
+
+def mod_matched_capacity(
+    dense: ModelConfig, mod: ModelConfig, *, seq_len: int, doc_len: int, tower_share: list[float]
+) -> float:
+    """The MoD capacity at which ``mod`` costs what ``dense`` costs, attention included.
+
+    MoMa restores the compute of MoD by adding layers at a fixed capacity (25%); with whole
+    layers that lands a few percent off, and more so once attention is counted (a routed layer
+    keeps ``c`` of the projections but only about ``c^2`` of the attention pairs). This solves
+    for the capacity (bisection on :func:`forward_flops`, expected pairs) that matches the
+    forward FLOPs of ``dense`` exactly for rows of ``seq_len`` tokens in documents of ``doc_len``
+    tokens, with the towers' token shares ``tower_share``.
+
+    Returns:
+        The capacity in (0, 1] (``mod.mod.capacity`` unchanged if no capacity can match).
+    """
+    document_1T = (torch.arange(seq_len) // max(1, doc_len))[None]
+    counts = _proportional([round(1000 * s) for s in tower_share], seq_len)
+    groups = len(mod.ffn_group_names) if mod.has_experts else 1
+    towers = tuple(counts) if groups > 1 else None
+    dense_towers = tuple(counts) if dense.has_experts and len(dense.ffn_group_names) > 1 else None
+    target = forward_flops(dense, document_1T, tower_counts=dense_towers)
+
+    def cost(c: float) -> int:
+        return forward_flops(
+            replace(mod, mod=replace(mod.mod, capacity=c)), document_1T, tower_counts=towers
+        )
+
+    lo, hi = 1.0 / seq_len, 1.0
+    if not cost(lo) <= target <= cost(hi):
+        return mod.mod.capacity
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) < target else (lo, mid)
+    return round(hi, 4)
 
 
 def num_params(model: nn.Module, *, exclude_embedding: bool = False) -> int:

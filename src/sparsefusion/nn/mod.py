@@ -19,10 +19,13 @@ indices, so building the sub-plan costs ONE device-to-host sync per MoD layer (d
 exception to the no-sync rule); the same transfer brings the per-document selected counts, from
 which the layer reports the (query, key) pairs it attended (``mod/<site>/pairs``, for the FLOPs
 count). In causal mode the selection is ``aux(x) > 0.5`` per token, so k is data-dependent
-(inference only); such a subset always runs as one row of K tokens.
+(inference only); such a subset always runs as one row of K tokens. With a KV cache
+(incremental decoding, ``generate/``) the selected tokens of each row run as B rows against the
+layer's cache, which keeps only the tokens this layer processed; filler (padding) never routes.
 
 Shape legend: B = batch rows, T = sequence length, N = B*T positions, K = selected positions,
-k = selected positions per row, D = model width.
+k = selected positions per row, D = model width, M = B * kmax per-row entries of a cached
+subset.
 """
 
 from __future__ import annotations
@@ -223,13 +226,40 @@ class MoDRouter(nn.Module):
 
 
 def _cached_subset(block, x_ND, gate_N, orig_K, plan, layout, ctx, kv):
-    """The selected tokens as B rows of ``kmax`` (each row's tokens first, then filler).
-
-    One device-to-host transfer brings the per-row and per-tower counts; the filler entries
-    (copies of each row's first position, tower 0) are computed and discarded, and the cache
-    stores only the selected tokens.
-    """
+    """Run the block on the selected tokens against the layer's KV cache; add the gated delta."""
     B, T = layout.document_BT.shape
+    src_M, dest_K, sub, per_row = _per_row_subset(orig_K, plan, B, T)
+    kmax = src_M.numel() // B
+    parent_M = plan.inv_perm_N.index_select(0, src_M)
+    doc_N = layout.document_BT.reshape(-1)
+    if not layout.document_masking:
+        doc_N = torch.zeros_like(doc_N)
+    document_BK = doc_N.index_select(0, src_M).view(B, kmax)
+    span_BK = None
+    if layout.span_BT is not None:
+        span_BK = layout.span_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
+    position_BK = layout.position_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
+    rope = rope_angles(position_BK, layout.head_dim, layout.rope_theta)
+    kv_sub = kv.rebind(document_BK, span_BK, per_row)
+    x_MD = x_ND.index_select(0, parent_M)
+    out_MD, block_stats = block(sub.sort(x_MD), plan=sub, mask=None, rope=rope, ctx=ctx, kv=kv_sub)
+    parent_K = parent_M.index_select(0, dest_K)
+    out_KD = sub.unsort(out_MD).index_select(0, dest_K)
+    delta_KD = (out_KD - x_ND.index_select(0, parent_K)) * gate_N.index_select(0, parent_K)[:, None]
+    return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype)), block_stats
+
+
+def _per_row_subset(orig_K: torch.Tensor, plan: RoutingPlan, B: int, T: int):
+    """The selected positions as B rows of ``kmax``: each row's tokens first, then filler.
+
+    One device-to-host transfer brings the per-row and per-tower counts. Filler entries (copies
+    of their row's first position, put in tower 0) are computed and discarded; the cache stores
+    only the ``per_row[b]`` leading tokens of row b.
+
+    Returns:
+        ``src_M`` (original position of each of the B * kmax entries), ``dest_K`` (the entry of
+        each selected position), the subset's tower plan and the per-row counts (host ints).
+    """
     row_K = torch.div(orig_K, T, rounding_mode="floor")
     group_K = plan.group_N.index_select(0, orig_K)
     host = torch.cat(
@@ -244,30 +274,7 @@ def _cached_subset(block, x_ND, gate_N, orig_K, plan, layout, ctx, kv):
     src_M = (rows_M * T).index_copy(0, dest_K, orig_K)
     group_M = torch.zeros_like(src_M).index_copy(0, dest_K, group_K)
     counts = (per_group[0] + B * kmax - orig_K.numel(), *per_group[1:])
-    sub = plan_from_counts(group_M, counts)
-    parent_M = plan.inv_perm_N.index_select(0, src_M)
-    x_MD = x_ND.index_select(0, parent_M)
-    doc_N = layout.document_BT.reshape(-1)
-    if not layout.document_masking:
-        doc_N = torch.zeros_like(doc_N)
-    document_BK = doc_N.index_select(0, src_M).view(B, kmax)
-    span_BK = None
-    if layout.span_BT is not None:
-        span_BK = layout.span_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
-    position_BK = layout.position_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
-    rope = rope_angles(position_BK, layout.head_dim, layout.rope_theta)
-    out_MD, block_stats = block(
-        sub.sort(x_MD),
-        plan=sub,
-        mask=None,
-        rope=rope,
-        ctx=ctx,
-        kv=kv.rebind(document_BK, span_BK, per_row),
-    )
-    parent_K = parent_M.index_select(0, dest_K)
-    out_KD = sub.unsort(out_MD).index_select(0, dest_K)
-    delta_KD = (out_KD - x_ND.index_select(0, parent_K)) * gate_N.index_select(0, parent_K)[:, None]
-    return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype)), block_stats
+    return src_M, dest_K, plan_from_counts(group_M, counts), per_row
 
 
 def _document_key(layout: SequenceLayout) -> torch.Tensor:

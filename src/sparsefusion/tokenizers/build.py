@@ -15,6 +15,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -236,12 +237,16 @@ def collect_training_data(
     """Text segments of documents ``0..text_train_docs-1``; images (and speech clips) from
     document 0 on until ``image_train_images`` (``speech_train_clips``) are found, the source ends
     (``IndexError``), or none has been seen after ``text_train_docs`` documents. Bad documents
-    (``BadInput``) are skipped with a warning."""
+    (``BadInput``) are skipped with a warning.
+
+    Raises:
+        ValueError: when no usable document was found (nothing is trained, nothing cached).
+    """
     texts: list[str] = []
     images: list[Image.Image] = []
     clips: list[torch.Tensor] = []
     want_speech = SPEECH in vocab_modalities(source)
-    index = 0
+    index, skipped = 0, Counter[str]()
     while True:
         need_text = index < cfg.text_train_docs
         need_images = len(images) < cfg.image_train_images and (bool(images) or need_text)
@@ -255,6 +260,7 @@ def collect_training_data(
             break
         except BadInput as e:
             warnings.warn(f"tokenizer training: skipped {e}", stacklevel=2)
+            skipped[e.reason] += 1
             index += 1
             continue
         for seg in doc.segments:
@@ -265,6 +271,12 @@ def collect_training_data(
             elif seg.modality == SPEECH and need_clips:
                 clips.append(seg.payload)
         index += 1
+    if not (texts or images or clips):
+        place = getattr(source, "path", None) or getattr(source, "folder", None) or source.name
+        raise ValueError(
+            f"{place}: no usable document among the {index} read (skipped: "
+            f"{dict(skipped) or 'none'}); nothing to train the tokenizer on"
+        )
     return texts, images[: cfg.image_train_images], clips[: cfg.speech_train_clips]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,7 +30,7 @@ from sparsefusion.train import faults
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+STEP_DIR = re.compile(r"^step_(\d{8})$")  # a checkpoint folder (complete or not)
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +46,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
     return max(done, key=lambda p: int(p.name[5:])) if done else None
 
 
@@ -78,7 +79,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_entries(root)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(disk_error_message(final, e)) from e
     prune_checkpoints(root, keep)
@@ -93,7 +94,7 @@ def load_checkpoint(
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "model.safetensors"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -101,9 +102,12 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (was it trained with another model config?)"
         )
-    extra = load_file(str(path / "optim.safetensors"))
-    if optimizer is not None:
-        optimizer.load_state_dict(unflatten_optimizer(extra, state["param_groups"]))
+    try:
+        extra = load_file(str(path / "optim.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(unflatten_optimizer(extra, state["param_groups"]))
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"cannot restore the optimizer from {path}: {e}") from e
     restore_rng(extra)
     return state
 
@@ -188,7 +192,7 @@ def _fsync_entries(path: Path) -> None:
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
     done = sorted(
-        (p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])
+        (p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])
     )
     for old in done[: max(0, len(done) - keep)]:
         shutil.rmtree(old, ignore_errors=True)

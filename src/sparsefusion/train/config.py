@@ -42,6 +42,9 @@ class LoopConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        for name in ("threads", "stop_at"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)

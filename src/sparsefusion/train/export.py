@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.models.transformer import ModelConfig, Transformer
-from sparsefusion.train.checkpoint import CheckpointError, latest_checkpoint
+from sparsefusion.train.checkpoint import CheckpointError
+from sparsefusion.train.resume import select_checkpoint, step_folders
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -23,18 +24,26 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Returns:
         The output folder.
 
+    The newest checkpoint that passes validation is used (damaged newer ones are skipped with a
+    warning, see ``train/resume.py``).
+
     Raises:
-        CheckpointError: when the run has no checkpoint or it does not match its config.
+        CheckpointError: when the run has no usable checkpoint or it does not match its config.
     """
-    from sparsefusion.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
+    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
 
     run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
+    if not step_folders(run_dir):
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint")
+    try:
+        config = load_yaml(run_dir / "config.yaml")
+        model = Transformer(from_dict(ModelConfig, config["model"], where="model"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run_dir / 'config.yaml'}: not a usable run config ({e})") from e
+    ckpt, _ = select_checkpoint(run_dir, model)  # warns about damaged ones it skips
     if ckpt is None:
         raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-    config = load_yaml(run_dir / "config.yaml")
-    model = Transformer(from_dict(ModelConfig, config["model"], where="model"))
     if is_dcp_checkpoint(ckpt):
         load_dcp_checkpoint(ckpt, model, None, DistEnv())
     else:

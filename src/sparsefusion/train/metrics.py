@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from sparsefusion.distributed.mesh import all_reduce_sum
+from sparsefusion.train.step import LoggedSums, StepOutput, means
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +78,62 @@ def _truncate_after(path: Path, step: int) -> None:
         if row.get("step", 0) <= step:
             kept.append(line)
     path.write_text("".join(k + "\n" for k in kept))
+
+
+class LogWindow:
+    """Accumulates the objective's logged sums between two logged steps (on device, no syncs)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.reset(tokens)
+
+    def reset(self, tokens: int) -> None:
+        self.sums = LoggedSums()
+        self.n = 0  # micro-batches
+        self.steps = 0.0  # optimizer steps (micro-batches / grad_accum)
+        self.aux: dict[str, torch.Tensor] = {}
+        self.metrics: dict[str, Any] = {}
+        self.t0 = time.perf_counter()
+        self.tokens0 = tokens
+
+    def add(self, out: StepOutput, micro_batches: int) -> None:
+        self.sums.add(out.objective)
+        self.n += 1
+        self.steps += 1.0 / micro_batches
+        for k, v in out.model.aux_losses.items():  # router losses: mean per step
+            self.aux[k] = self.aux.get(k, 0.0) + v.detach().double() / micro_batches
+        self.metrics = out.model.metrics  # router metrics of the last micro-batch
+
+    def row(self, position: dict[str, Any], *, lr: float, grad_norm: float) -> dict[str, Any]:
+        """The logged row (sums over ranks) at ``position`` (step, tokens, ...), then reset."""
+        names, totals = self.sums.totals()
+        totals = all_reduce_sum(totals.clone())
+        row: dict[str, Any] = dict(position)
+        row.update(means(names, totals))
+        if self.aux:
+            aux_names = sorted(self.aux)
+            aux = all_reduce_sum(torch.stack([self.aux[k] for k in aux_names]))
+            scale = _world_size() * max(self.steps, 1e-9)
+            row.update({k: v / scale for k, v in zip(aux_names, aux.cpu().tolist(), strict=True)})
+        row.update({k: float(v) for k, v in self.metrics.items() if not k.endswith("/pairs")})
+        elapsed = time.perf_counter() - self.t0
+        row["lr"] = lr
+        row["grad_norm"] = grad_norm
+        row["tokens_per_s"] = (row["tokens"] - self.tokens0) / elapsed if elapsed > 0 else 0.0
+        self.reset(row["tokens"])
+        return row
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class NullMetrics:
+    """Metrics sink of ranks other than 0 (rank 0 alone writes files)."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

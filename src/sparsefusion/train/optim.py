@@ -38,8 +38,13 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        for name, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)):
+            if not 0 <= value < math.inf:  # also refuses NaN
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"optim.eps must be a finite number > 0, got {self.eps}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

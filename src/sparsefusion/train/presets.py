@@ -9,7 +9,9 @@ Sparse recipes (MoMa arXiv 2407.21770, MoT section 5.9) at the demo size, each F
 experts, capacity 1 = one expert per token on average), ``moma-1t1i``, ``moma-4t4i``,
 ``mot-text-moe4`` (MoT whose text FFN is a 4-expert group), and ``mod`` / ``moma-4t4i-mod``
 (MoD every other layer from layer 0 at 25%, which restores the compute by adding layers: the
-4-layer demo becomes 7 layers = 3 full + 4 quarter layers; the 2-layer debug size becomes 4).
+4-layer demo becomes 7 layers = 3 full + 4 quarter layers; the 2-layer debug size becomes 4;
+at the demo size the capacity is then nudged to about 0.26 so that compute including attention
+matches dense, see ``_matched_capacity``).
 Each has a ``<name>-debug`` twin for tests.
 
 Transfusion recipes (arXiv 2408.11039; MoT section 5.4 (c)): ``tf-dense`` and ``tf-mot`` train
@@ -29,8 +31,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sparsefusion.config import ConfigError, load_yaml, merge, parse_overrides
+from sparsefusion.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
+from sparsefusion.models.flops import mod_matched_capacity
 from sparsefusion.models.presets import MODEL_SIZES, model_size
+from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.mod import MoDConfig, matched_num_layers
 
 _DEMO: dict[str, Any] = {
@@ -86,13 +90,35 @@ _SPARSE: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Mean document length of the built-in scenes corpus at the demo tokenizer (measured: captions,
+# 64-code images with their sentinels, text-only and interleaved pages), for FLOPs matching.
+_SCENES_DOC_TOKENS = 90
+
+
 def _sparse(base: dict[str, Any], arch: str, extra: dict[str, Any]) -> dict[str, Any]:
     out = _with_arch(base, arch)
     out["model"].update(extra)
     if "mod" in extra:
         layers = out["model"]["num_layers"]
         out["model"]["num_layers"] = matched_num_layers(layers, MoDConfig(**extra["mod"]))
+        out["model"]["mod"] = {**extra["mod"], "capacity": _matched_capacity(base, out)}
     return out
+
+
+def _matched_capacity(base: dict[str, Any], sparse: dict[str, Any]) -> float:
+    """MoMa's depth rule, then the capacity that matches dense compute with attention counted.
+
+    At the demo shape the depth rule alone lands 0.5-3% below dense once attention is counted
+    (a routed layer keeps about capacity^2 of the attention pairs); the capacity is nudged from
+    0.25 so that the expected FLOPs per token equal dense's for the built-in corpus. Where the
+    depth rule overshoots (the 2-layer debug size), the capacity stays as given.
+    """
+    dense = from_dict(ModelConfig, _with_arch(base, "dense")["model"])
+    mod = from_dict(ModelConfig, sparse["model"])
+    seq_len = base["data"]["seq_len"]
+    doc_len = min(seq_len, _SCENES_DOC_TOKENS)
+    share = [1.0 / mod.num_towers] * mod.num_towers
+    return mod_matched_capacity(dense, mod, seq_len=seq_len, doc_len=doc_len, tower_share=share)
 
 
 _TF: dict[str, Any] = {

@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
-from sparsefusion.config import dump_yaml, load_yaml, to_dict
+from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
-from sparsefusion.distributed import checkpoint as dist_ckpt
 from sparsefusion.distributed.mesh import (
     DistEnv,
     all_reduce_sum,
@@ -40,7 +39,8 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train import faults
+from sparsefusion.train import dcp as dist_ckpt
+from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context, resolve_device
@@ -51,10 +51,11 @@ from sparsefusion.train.latent_data import (
     latent_loaders,
     latent_val_batches,
 )
-from sparsefusion.train.metrics import MetricsLogger
+from sparsefusion.train.metrics import LogWindow, MetricsLogger, NullMetrics
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
-from sparsefusion.train.step import LoggedSums, StepOutput, accumulate_gradients, means
+from sparsefusion.train.resume import resume_checkpoint, step_folders
+from sparsefusion.train.step import StepOutput, accumulate_gradients
 from sparsefusion.train.upcycle import upcycle
 from sparsefusion.train.validate import evaluate
 
@@ -114,7 +115,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     owns_group = launched_by_torchrun() and not dist.is_initialized()
     env = init_distributed(resolve_device(cfg.train.device), timeout_s=cfg.dist.timeout_s)
     try:
-        return _train(cfg, env)
+        with run_lock.hold(cfg.run.dir, env), preempt.handlers():
+            return _train(cfg, env)
     finally:
         if owns_group:
             teardown()
@@ -153,7 +155,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
 
     model = Transformer(cfg.model)
     model.init_weights()
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = resume_checkpoint(run_dir, model, env)  # validated; damaged ones moved aside
     seed_state = None
     if ckpt is None and cfg.model.upcycle_from:  # fresh run only: a resumed run never copies again
         seed_state = upcycle(model, cfg.model.upcycle_from)
@@ -207,7 +209,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     metrics = (
         MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
         if env.is_main
-        else _NullMetrics()
+        else NullMetrics()
     )
     try:
         return _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir)
@@ -252,7 +254,7 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
     objective = build_objective(cfg.objective, cfg.model)
     amp = _amp(cfg, env)
     last: dict[str, Any] = {}
-    window = _Window(state.tokens)
+    window = LogWindow(state.tokens)
     progress = Progress(total=cfg.train.steps, start=state.step, bar=_use_bar(cfg) and env.is_main)
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     accum = cfg.train.grad_accum
@@ -282,13 +284,15 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
             for out in outs:
                 window.add(out, accum)
         state.elapsed_s += time.perf_counter() - t0
-        log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps
-        save_now = step % cfg.run.save_every == 0 or step == end
+        stop = preempt.stop_requested(step, env)  # SIGTERM/SIGINT: save this step, then exit
+        log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps or stop
+        save_now = step % cfg.run.save_every == 0 or step == end or stop
         if log_now or save_now:
             state.flops += _sum_over_ranks(pending_flops)
             pending_flops = 0.0
         if log_now and window.n:
-            last["train"] = window.row(state, lr=lr, grad_norm=float(grad_norm))
+            position = {"step": step, **_position(state), "skipped_steps": state.skipped_steps}
+            last["train"] = window.row(position, lr=lr, grad_norm=float(grad_norm))
             last["train"].update(loaders.issue_metrics())
             _check_finite(last["train"], step)
             metrics.log(last["train"])
@@ -301,6 +305,8 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         faults.maybe_pause("pause_at_step", step, run_dir)
         if save_now:
             _save(run_dir, step, model, optimizer, state, loaders, cfg, env)
+        if stop and step < end:
+            preempt.exit_after_save(step, run_dir)
     progress.close()
     return last
 
@@ -367,66 +373,6 @@ def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return total
 
 
-class _Window:
-    """Accumulates the objective's logged sums between two logged steps (on device, no syncs)."""
-
-    def __init__(self, tokens: int) -> None:
-        self.reset(tokens)
-
-    def reset(self, tokens: int) -> None:
-        self.sums = LoggedSums()
-        self.n = 0  # micro-batches
-        self.steps = 0.0  # optimizer steps (micro-batches / grad_accum)
-        self.aux: dict[str, torch.Tensor] = {}
-        self.metrics: dict[str, Any] = {}
-        self.t0 = time.perf_counter()
-        self.tokens0 = tokens
-
-    def add(self, out: StepOutput, micro_batches: int) -> None:
-        self.sums.add(out.objective)
-        self.n += 1
-        self.steps += 1.0 / micro_batches
-        for k, v in out.model.aux_losses.items():  # router losses: mean per step
-            self.aux[k] = self.aux.get(k, 0.0) + v.detach().double() / micro_batches
-        self.metrics = out.model.metrics  # router metrics of the last micro-batch
-
-    def row(self, state: TrainState, *, lr: float, grad_norm: float) -> dict[str, Any]:
-        """The logged row (sums over ranks), then reset for the next window."""
-        names, totals = self.sums.totals()
-        totals = all_reduce_sum(totals.clone())
-        row: dict[str, Any] = {"step": state.step, **_position(state)}
-        row.update(means(names, totals))
-        if self.aux:
-            aux_names = sorted(self.aux)
-            aux = all_reduce_sum(torch.stack([self.aux[k] for k in aux_names]))
-            scale = _world_size() * max(self.steps, 1e-9)
-            row.update({k: v / scale for k, v in zip(aux_names, aux.cpu().tolist(), strict=True)})
-        row.update({k: float(v) for k, v in self.metrics.items() if not k.endswith("/pairs")})
-        elapsed = time.perf_counter() - self.t0
-        row["lr"] = lr
-        row["grad_norm"] = grad_norm
-        row["tokens_per_s"] = (state.tokens - self.tokens0) / elapsed if elapsed > 0 else 0.0
-        row["skipped_steps"] = state.skipped_steps
-        self.reset(state.tokens)
-        return row
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-class _NullMetrics:
-    """Metrics sink of ranks other than 0 (rank 0 alone writes files)."""
-
-    def log(self, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _check_finite(row: dict[str, Any], step: int) -> None:
     if not torch.isfinite(torch.tensor(row["loss"])):
         raise FloatingPointError(
@@ -453,9 +399,11 @@ def _use_bar(cfg: TrainConfig) -> bool:
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a run whose model or data settings changed."""
     path = run_dir / "config.yaml"
-    if not path.exists() or latest_checkpoint(run_dir) is None:
+    if not path.exists() or not step_folders(run_dir):
         return
     old = load_yaml(path)
+    with contextlib.suppress(ValueError):  # keys added since then compare at their defaults
+        old = to_dict(from_dict(TrainConfig, old))
     new = to_dict(cfg)
     for section in ("model", "data", "tokenizer"):
         if old.get(section) != new.get(section):

@@ -1,0 +1,87 @@
+"""``sparsefusion serve RUN_DIR [RUN_DIR ...]``: the local web playground and run viewer.
+
+Binds 127.0.0.1 unless ``--host`` says otherwise; needs the ``serve`` extra
+(``pip install 'sparsefusion[serve]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_command(sub) -> None:
+    """Register ``serve`` on the ``sparsefusion`` sub-command parser."""
+    p = sub.add_parser(
+        "serve",
+        help="web playground and run viewer for run folders",
+        usage="sparsefusion serve RUN_DIR [RUN_DIR ...] [--host 127.0.0.1] [--port 8000]",
+    )
+    p.add_argument("run_dirs", nargs="+", help="run folders to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
+    p.add_argument("--queue-size", type=int, default=4, help="waiting requests per model")
+    p.add_argument("--max-upload-mb", type=float, default=4.0, help="largest image upload")
+    p.add_argument("--max-prompt-chars", type=int, default=2000)
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_new_tokens")
+    p.set_defaults(fn=cmd_serve)
+
+
+def limits_from_args(args: argparse.Namespace):
+    """The server limits from the command-line options (ValueError naming a bad option)."""
+    from sparsefusion.serve.params import Limits
+
+    for name in ("queue_size", "max_prompt_chars", "max_new_tokens", "port"):
+        low = 0 if name == "queue_size" else 1
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
+    if args.max_upload_mb <= 0:
+        raise ValueError("--max-upload-mb must be > 0")
+    return Limits(
+        max_prompt_chars=args.max_prompt_chars,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_new_tokens=args.max_new_tokens,
+        queue_size=args.queue_size,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sparsefusion.serve import require_server
+
+    try:
+        require_server()
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from sparsefusion.serve.app import create_app
+    from sparsefusion.serve.engine import GeneratorBackend
+    from sparsefusion.serve.runs import RunCatalog
+
+    limits = limits_from_args(args)
+    catalog = RunCatalog(args.run_dirs)
+    loopback = _loopback(args.host)
+    hosts = ["127.0.0.1", "localhost", args.host] if loopback else None
+    app = create_app(catalog, GeneratorBackend(args.device), limits, allowed_hosts=hosts)
+    if not loopback:
+        log.warning("serving on %s: anyone who can reach this address can use it", args.host)
+    for run in catalog:
+        log.info("run %s: %s", run.name, run.path)
+    print(f"open http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
