@@ -86,12 +86,15 @@ def latent_loaders(cfg: TrainConfig, source: Any, tokenizer: Any, rank: int, wor
     )
 
 
-def latent_val_batches(cfg: TrainConfig, source: Any, tokenizer: Any) -> list:
-    """Fixed validation batches (fixed timestep grid and noise seed per batch)."""
+def latent_val_batches(
+    cfg: TrainConfig, source: Any, tokenizer: Any, num_batches: int = 0
+) -> list:
+    """Fixed validation batches (fixed timestep grid and noise seed per batch; 0 batches: the
+    run's ``data.val_batches``)."""
     return latent_validation_batches(
         source,
         tokenizer,
-        num_batches=cfg.data.val_batches,
+        num_batches=num_batches or cfg.data.val_batches,
         noise_seed=cfg.objective.val_noise_seed,
         **_kwargs(cfg),
     )
