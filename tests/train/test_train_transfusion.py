@@ -56,3 +56,29 @@ def test_resumed_equals_uninterrupted(tmp_path, tokenizer_cache):
     for step in a:
         for key in ("loss/text", "loss/image", "tokens", "flops"):
             assert a[step][key] == b[step][key], (step, key)
+
+
+def test_cli_generates_images_and_captions_and_inspects_the_vae(tmp_path, tokenizer_cache, capsys):
+    from sparsefusion.cli.main import main
+
+    run = tmp_path / "run"
+    train(_cfg(run, tokenizer_cache, "train.steps=2", "run.save_every=2", "run.eval_every=0"))
+    out = tmp_path / "samples"
+    args = ["generate", str(run), "--prompt", "a red circle", "--mode", "text_to_image"]
+    assert (
+        main([*args, "--cfg", "2", "--diffusion-steps", "3", "--num", "2", "--out", str(out)]) == 0
+    )
+    assert len(list(out.glob("sample_*_image_0.png"))) == 2 and (out / "index.html").is_file()
+    cap = tmp_path / "captions"
+    image = next(out.glob("sample_*_image_0.png"))
+    args = ["generate", str(run), "--image", str(image), "--max-new-tokens", "5", "--out", str(cap)]
+    assert main(args) == 0
+    assert (cap / "index.html").is_file()
+    preview = tmp_path / "preview"
+    args = ["data", "preview", "scenes", "--preset", "tf-mot-debug", "--docs", "20"]
+    assert main([*args, f"tokenizer.cache_dir={tokenizer_cache}", "--out", str(preview)]) == 0
+    assert (preview / "grid.png").is_file()
+    tok_dir = next(p for p in Path(tokenizer_cache).iterdir() if (p / "image_vae.json").is_file())
+    capsys.readouterr()
+    assert main(["tokenizer", "inspect", str(tok_dir)]) == 0
+    assert "VAE latent 4x8x8" in capsys.readouterr().out
