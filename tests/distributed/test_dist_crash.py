@@ -1,7 +1,8 @@
 """torchrun with 2 CPU processes: SIGKILL of the whole job during a sharded save, then resume.
 
-The resumed 2-rank FSDP run must match one uninterrupted process that reads the same 2 data
-streams (grad_accum 2) within the parity tolerance of test_dist_training.py.
+The resumed 2-rank FSDP run (background loading, 3 batches queued per stream) must match one
+uninterrupted process that reads the same 2 data streams (grad_accum 2) within the parity
+tolerance of test_dist_training.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ COMMON = (
     "train.steps=6",
     "train.threads=1",
     "data.batch_size=2",
+    "data.workers=1",  # background loading: the state saved is that of the consumed batches
+    "data.prefetch=3",
 )
 
 

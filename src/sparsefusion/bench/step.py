@@ -2,8 +2,9 @@
 
 Each row builds a model from a training preset's model config (or ``naive-mot``: the MoT weights
 run the boolean-mask way), feeds the same synthetic packed batch (documents of mixed text and
-image spans), runs ``warmup`` steps, then times ``steps`` steps of forward + backward + AdamW and
-reports the median. Ratios are to the first row (dense by default), measured in the same run.
+image spans), runs ``warmup`` steps, then times ``steps`` steps of forward + backward + the
+training AdamW (``train/optim.py``) and reports the median. Ratios are to the first row (dense
+by default), measured in the same run.
 With ``rounds`` > 1 every model stays alive and the rows are timed in turn, ``steps`` steps each
 per round, so that a slow spell of a shared machine hits every row alike (the median is over all
 rounds). With ``compile`` the row also reports the graph breaks dynamo met (0 is the goal).
@@ -32,6 +33,7 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.presets import model_size
 from sparsefusion.models.transformer import ModelConfig, Transformer
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
+from sparsefusion.train.optim import OptimConfig, build_optimizer
 from sparsefusion.train.step import forward_loss
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -141,7 +143,7 @@ def _setup_row(arch: str, s: BenchSettings, device: torch.device) -> _Row:
         for layer in model.layers:
             layer.compile()
     runner = NaiveMoT(model) if arch == "naive-mot" else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, OptimConfig(lr=1e-4))  # the training optimizer (fused AdamW)
     batch = synthetic_batch(s)
     objective = build_objective(ObjectiveConfig(z_loss=0.0), cfg)
 

@@ -1,4 +1,4 @@
-"""``sparsefusion data preview`` and ``sparsefusion tokenizer train|inspect``.
+"""``sparsefusion data preview|tokenize`` and ``sparsefusion tokenizer train|inspect``.
 
 ``SOURCE_OR_PATH`` is a registered source name (``scenes``, ``openmoji``, ``mixture`` ...) or a
 path (a JSONL file or a folder of ``.tar`` shards); further ``key=value`` overrides apply on top of
@@ -147,6 +147,41 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Encode a source into token shards (``data/tokenize.py``); several workers may share --out."""
+    import os
+
+    from sparsefusion.data.sources import build_source
+    from sparsefusion.data.tokenize import tokenize_to_dir
+
+    cfg = _config(args.target, args.preset, args.overrides)
+    sources = {s: build_source(cfg.data, seed=cfg.seed, split=s) for s in ("train", "val")}
+    tokenizer = _tokenizer(cfg, build_source(cfg.data, seed=0, split="train"), args.tokenizer)
+    wanted = {"train": args.docs, "val": args.val_docs}
+    num_docs = {}
+    for split, src in sources.items():
+        if hasattr(src, "__len__"):
+            num_docs[split] = min(len(src), wanted[split]) if wanted[split] else len(src)
+        elif wanted[split] or split == "val":
+            num_docs[split] = wanted[split] or 256
+        else:
+            raise ConfigError(f"{src.name} is unlimited: give --docs N (documents to encode)")
+    worker = int(os.environ.get("RANK", 0)) if args.worker is None else args.worker
+    workers = int(os.environ.get("WORLD_SIZE", 1)) if args.num_workers is None else args.num_workers
+    manifest = tokenize_to_dir(
+        sources, tokenizer, args.out, num_docs=num_docs, docs_per_shard=args.docs_per_shard,
+        worker=worker, num_workers=workers, strict=cfg.data.strict, progress=not args.quiet,
+    )  # fmt: skip
+    if manifest is None:
+        print(f"worker {worker}/{workers}: shards written; other workers' shards still missing")
+        return 0
+    summary = {s: {k: v for k, v in info.items() if k != "shards"}
+               for s, info in manifest["splits"].items()}  # fmt: skip
+    print(json.dumps({"tokenizer_hash": manifest["tokenizer_hash"], **summary}, indent=2))
+    print(f"token shards written to {args.out}; train on them with data.path={args.out}")
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from sparsefusion.data.sources import build_source
     from sparsefusion.tokenizers.build import train_tokenizer
@@ -198,6 +233,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=int, default=200, help="documents scanned for statistics")
     p.add_argument("--tokenizer", help="a tokenizer directory (default: train or use the cache)")
     p.set_defaults(fn=cmd_preview)
+    _add_tokenize_parser(data)
     tok = sub.add_parser("tokenizer", help="train or inspect tokenizers").add_subparsers(
         dest="tokenizer_command", required=True
     )
@@ -209,6 +245,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir")
     p.add_argument("--text", help="also show how this text is tokenized")
     p.set_defaults(fn=cmd_tokenizer_inspect)
+
+
+def _add_tokenize_parser(data: argparse._SubParsersAction) -> None:
+    p = data.add_parser(
+        "tokenize", help="encode a source once into memory-mapped token shards (data.path=DIR)"
+    )
+    _target_args(p)
+    p.add_argument("--out", required=True, help="output folder (resumed when it exists)")
+    p.add_argument("--docs", type=int, default=0, help="train documents (all of a finite source)")
+    p.add_argument("--val-docs", type=int, default=0, help="val documents (default: all, or 256)")
+    p.add_argument("--docs-per-shard", type=int, default=1024, help="documents per shard file")
+    p.add_argument("--worker", type=int, help="this worker's index (default: $RANK or 0)")
+    p.add_argument("--num-workers", type=int, help="workers sharing --out ($WORLD_SIZE or 1)")
+    p.add_argument("--tokenizer", help="a tokenizer directory (default: train or use the cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_tokenize)
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:

@@ -31,7 +31,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config, overrides = _split_args(args.args)
     cfg = resolve_config(config, overrides)
-    last = train(cfg)
+    hook = None
+    if cfg.run.eval_generate_every:
+        from sparsefusion.eval.run_eval import evaluate_at_checkpoint as hook
+    last = train(cfg, on_checkpoint=hook)
     for split in ("train", "val"):
         if split in last:
             body = " ".join(f"{k}={v:.4f}" for k, v in last[split].items() if k.startswith("loss"))

@@ -392,6 +392,9 @@ class LatentShardedLoaders:
     def next_batch(self, micro: int) -> Batch:
         return self.loaders[micro].next_batch()
 
+    def close(self) -> None:
+        """Nothing to stop (the streams are read in the training thread)."""
+
     def issue_metrics(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for loader in self.loaders:

@@ -7,7 +7,8 @@ the counters) is plain JSON, and a loader restored from it yields exactly the ba
 uninterrupted loader would.
 
 Tokenizer contract: ``encode_documents(docs) -> list[(ids, modality_per_id)]``, each document
-beginning with BOS and ending with EOS.
+beginning with BOS and ending with EOS. Documents of a token-shard source (``token_shards.py``)
+are already encoded and skip the tokenizer.
 
 Bad input: a document whose ``source.document(i)`` raises ``BadInput`` (see ``issues.py``), or
 whose encoding exceeds ``max_doc_tokens``, is skipped and counted per reason (``loader_stats``
@@ -89,7 +90,7 @@ class PackedLoader:
                 kept.append(u)
             except BadInput as e:
                 self.issues.record(e)
-        encoded = self.tokenizer.encode_documents(docs) if docs else []
+        encoded = _encode(self.tokenizer, docs)
         if len(encoded) != len(docs):
             raise ValueError(f"encode_documents returned {len(encoded)} results for {len(docs)}")
         if self.max_doc_tokens:
@@ -140,18 +141,24 @@ class PackedLoader:
         """``data/skipped`` and ``data/skipped/<reason>`` counters."""
         return self.issues.metrics()
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable state: documents read, the carried-over buffer and the counters."""
+    def snapshot(self) -> dict[str, Any]:
+        """The state as of now, cheaply (the buffer's tensors are shared, never mutated); turn
+        it into :meth:`state_dict`'s form with :func:`state_from_snapshot`."""
+        b = self._buffer
         return {
             "version": STATE_VERSION,
             "rank": self.rank,
             "world_size": self.world_size,
             "docs_read": self._docs_read,
-            "buffer": self._buffer.state_dict(),
+            "buffer": PackBuffer(b.ids_N, b.modality_N, b.position_N, b.document_N),
             "tokens_emitted": self._tokens_emitted,
             "modality_tokens": {str(m): n for m, n in self._modality_tokens.items()},
             "skipped": self.issues.state_dict(),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state: documents read, the carried-over buffer and the counters."""
+        return state_from_snapshot(self.snapshot())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (after a JSON round trip is fine).
@@ -171,6 +178,20 @@ class PackedLoader:
         self._tokens_emitted = int(state["tokens_emitted"])
         self._modality_tokens = {int(m): int(n) for m, n in state["modality_tokens"].items()}
         self.issues.load_state_dict(state.get("skipped", {}))
+
+
+def state_from_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-serializable loader state of a :meth:`PackedLoader.snapshot`."""
+    return {**snapshot, "buffer": snapshot["buffer"].state_dict()}
+
+
+def _encode(tokenizer: Any, docs: list[Any]) -> list[Any]:
+    """Encode ``docs``; documents of a token-shard source arrive encoded (``.encoded``)."""
+    if not docs:
+        return []
+    if all(hasattr(d, "encoded") for d in docs):
+        return [d.encoded for d in docs]
+    return tokenizer.encode_documents(docs)
 
 
 def validation_batches(

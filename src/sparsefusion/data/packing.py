@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from sparsefusion.data.batch import IGNORE_INDEX, Batch
@@ -52,21 +53,24 @@ class PackBuffer:
         """Append whole documents to the stream.
 
         Args:
-            encoded: per document, (global ids, modality index per id).
+            encoded: per document, (global ids, modality index per id): lists or arrays.
             doc_uids: per document, an id unique within the stream (consecutive documents must
                 differ; they mark the boundaries).
         """
-        ids, mods, pos, docs = [], [], [], []
+        ids, mods, lengths = [], [], []
         for (doc_ids, doc_mods), uid in zip(encoded, doc_uids, strict=True):
             if len(doc_ids) != len(doc_mods):
                 raise ValueError(
                     f"document {uid}: {len(doc_ids)} ids but {len(doc_mods)} modalities"
                 )
-            ids.extend(doc_ids)
-            mods.extend(doc_mods)
-            pos.extend(range(len(doc_ids)))
-            docs.extend([uid] * len(doc_ids))
-        new = [torch.tensor(v, dtype=torch.long) for v in (ids, mods, pos, docs)]
+            ids.append(np.asarray(doc_ids, dtype=np.int64))
+            mods.append(np.asarray(doc_mods, dtype=np.int64))
+            lengths.append(len(doc_ids))
+        if not ids:
+            return
+        pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+        docs = np.repeat(np.asarray(doc_uids, dtype=np.int64), lengths)
+        new = [torch.from_numpy(v) for v in (np.concatenate(ids), np.concatenate(mods), pos, docs)]
         old = [self.ids_N, self.modality_N, self.position_N, self.document_N]
         self.ids_N, self.modality_N, self.position_N, self.document_N = (
             torch.cat([o, n]) for o, n in zip(old, new, strict=True)

@@ -28,8 +28,9 @@ class DataConfig:
         doc_mix: relative weight of each document kind (caption_image, image_caption, text_only,
             interleaved).
         val_batches: number of fixed validation batches.
-        path: users' data: a JSONL file of interleaved documents or a folder of WebDataset
-            ``.tar`` shards (used when ``source`` is ``path``, or ``scenes`` left at its default).
+        path: users' data: a JSONL file of interleaved documents, a folder of WebDataset
+            ``.tar`` shards, or a folder of token shards from ``sparsefusion data tokenize``
+            (used when ``source`` is ``path``, or ``scenes`` left at its default).
         mixture: source name -> sampling weight, for ``source=mixture``.
         val_fraction: fraction of a finite user dataset held out for validation.
         strict: fail on the first bad input item instead of skipping and counting it.
@@ -41,6 +42,10 @@ class DataConfig:
             header) is skipped before it is decoded.
         max_audio_seconds: users' data: an audio clip longer than this (from its header) is
             skipped before it is decoded.
+        workers: background workers producing batches ahead of the step (0: load in the
+            training thread); see ``data/prefetch.py``.
+        prefetch: ready batches queued per stream when ``workers`` >= 1.
+        worker_kind: ``process`` (forked workers, no GIL shared with training) or ``thread``.
     """
 
     source: str = "scenes"
@@ -58,6 +63,9 @@ class DataConfig:
     max_file_bytes: int = InputLimits.max_file_bytes
     max_image_pixels: int = InputLimits.max_image_pixels
     max_audio_seconds: float = InputLimits.max_audio_seconds
+    workers: int = 1
+    prefetch: int = 2
+    worker_kind: str = "process"
 
     def __post_init__(self) -> None:
         if self.path and self.source == "scenes":
@@ -92,6 +100,15 @@ class DataConfig:
         for name in ("max_doc_bytes", "max_file_bytes", "max_image_pixels", "max_audio_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"data.{name} must be > 0, got {getattr(self, name)}")
+        if self.workers < 0 or self.prefetch < 1:
+            raise ValueError(
+                f"data.workers must be >= 0 and data.prefetch >= 1, got {self.workers}, "
+                f"{self.prefetch}"
+            )
+        if self.worker_kind not in ("process", "thread"):
+            raise ValueError(
+                f"data.worker_kind must be 'process' or 'thread', got {self.worker_kind!r}"
+            )
 
     def limits(self) -> InputLimits:
         """The per-record limits of users' data."""
@@ -111,8 +128,11 @@ def _build_path(cfg: DataConfig, seed: int, split: str) -> Any:
     from pathlib import Path
 
     from sparsefusion.data.jsonl_source import JsonlSource
+    from sparsefusion.data.token_shards import TokenShardSource, is_token_dir
     from sparsefusion.data.wds_source import WebDatasetSource
 
+    if is_token_dir(cfg.path):  # written by `sparsefusion data tokenize`
+        return TokenShardSource(cfg.path, split=split)
     kw = {"split": split, "image_size": cfg.image_size, "val_fraction": cfg.val_fraction}
     kw["limits"] = cfg.limits()
     if Path(cfg.path).is_dir():

@@ -28,9 +28,11 @@ class DistConfig:
     """Data parallelism and memory savers (config key ``dist``).
 
     Attributes:
-        strategy: ``none`` (one process), ``ddp`` (replicated weights, all-reduced gradients) or
-            ``fsdp`` (FSDP2 ``fully_shard`` per block and at the root). ``ddp``/``fsdp`` take
-            effect under torchrun; a plain single process ignores them with a warning.
+        strategy: ``auto`` (the default: ``fsdp`` when launched with more than one process,
+            else ``none``), ``none`` (one process), ``ddp`` (replicated weights, all-reduced
+            gradients) or ``fsdp`` (FSDP2 ``fully_shard`` per block and at the root).
+            ``ddp``/``fsdp`` take effect under torchrun; a plain single process ignores them
+            with a warning.
         activation_checkpointing: ``none``; ``full`` (recompute each whole block in backward);
             ``selective`` (per block, keep the outputs of matmuls and attention, recompute the
             cheap elementwise ops and norms).
@@ -43,7 +45,7 @@ class DistConfig:
         timeout_s: collective timeout in seconds.
     """
 
-    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -52,7 +54,7 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         for name, value, choices in (
-            ("strategy", self.strategy, ("none", "ddp", "fsdp")),
+            ("strategy", self.strategy, ("auto", "none", "ddp", "fsdp")),
             ("activation_checkpointing", self.activation_checkpointing, _AC_MODES),
             ("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32")),
         ):
@@ -60,6 +62,12 @@ class DistConfig:
                 raise ValueError(f"dist.{name} must be one of {choices}, got {value!r}")
         if self.timeout_s < 1:
             raise ValueError(f"dist.timeout_s must be >= 1, got {self.timeout_s}")
+
+    def resolved_strategy(self, distributed: bool) -> str:
+        """The strategy in effect: ``auto`` is ``fsdp`` with several processes, else ``none``."""
+        if self.strategy == "auto":
+            return "fsdp" if distributed else "none"
+        return self.strategy
 
     def param_dtype(self, device: torch.device) -> torch.dtype:
         """The FSDP compute dtype of parameters on ``device``."""
@@ -91,15 +99,16 @@ def parallelize_model(model: nn.Module, cfg: DistConfig, env: DistEnv) -> nn.Mod
         for layer in model.layers:
             layer.compile()
     if not env.is_distributed:
-        if cfg.strategy != "none":
+        if cfg.strategy not in ("none", "auto"):
             log.warning("dist.strategy=%s needs torchrun: training as one process", cfg.strategy)
         return model
-    if cfg.strategy == "none":
+    strategy = cfg.resolved_strategy(distributed=True)
+    if strategy == "none":
         raise ValueError(
             f"launched with {env.world_size} processes but dist.strategy=none; "
-            "set dist.strategy=fsdp or dist.strategy=ddp"
+            "set dist.strategy=auto (FSDP2), fsdp or ddp"
         )
-    if cfg.strategy == "fsdp":
+    if strategy == "fsdp":
         return apply_fsdp(model, cfg, env)
     from torch.nn.parallel import DistributedDataParallel
 

@@ -55,6 +55,9 @@ class RunConfig:
         dir: the run folder (config.yaml, metrics.jsonl, checkpoints/, tb/, train.log).
         log_every: steps between training metric rows.
         eval_every: steps between validation passes (0: only at the end).
+        eval_generate_every: steps between small generation evaluations (``fid_sf``,
+            ``clip_sf``, CIDEr on a few held-out prompts, rows in ``eval.jsonl``) after that
+            step's checkpoint (0: off; one process only; see ``sparsefusion eval``).
         save_every: steps between checkpoints (the last step is always saved).
         keep_checkpoints: how many of the newest checkpoints to keep.
         tensorboard: also write TensorBoard events.
@@ -64,6 +67,7 @@ class RunConfig:
     dir: str = "runs/default"
     log_every: int = 10
     eval_every: int = 100
+    eval_generate_every: int = 0
     save_every: int = 100
     keep_checkpoints: int = 2
     tensorboard: bool = True
@@ -73,8 +77,9 @@ class RunConfig:
         for name in ("log_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ValueError(f"run.eval_every must be >= 0, got {self.eval_every}")
+        for name in ("eval_every", "eval_generate_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)

@@ -86,9 +86,7 @@ def latent_loaders(cfg: TrainConfig, source: Any, tokenizer: Any, rank: int, wor
     )
 
 
-def latent_val_batches(
-    cfg: TrainConfig, source: Any, tokenizer: Any, num_batches: int = 0
-) -> list:
+def latent_val_batches(cfg: TrainConfig, source: Any, tokenizer: Any, num_batches: int = 0) -> list:
     """Fixed validation batches (fixed timestep grid and noise seed per batch; 0 batches: the
     run's ``data.val_batches``)."""
     return latent_validation_batches(

@@ -125,6 +125,7 @@ _TF: dict[str, Any] = {
     "objective": {"name": "transfusion", "z_loss": 0.0},
     "tokenizer": {"image_kind": "vae"},
     "model": {"norm_placement": "pre", "qk_norm": False},
+    "data": {"workers": 0},  # latent streams load in the training thread
 }
 _TF_DEBUG_VAE = {"train_steps": 30, "batch_size": 8, "channels": [8, 16, 16], "held_out": 16}
 _TF_GPU_VAE = {"image_size": 256, "latent_channels": 8, "channels": [64, 128, 256, 256]}

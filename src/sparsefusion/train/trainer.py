@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
+from sparsefusion.data.prefetch import LOADING_KEYS, BatchStream
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
 from sparsefusion.distributed.mesh import (
@@ -39,6 +41,7 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
+from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
 from sparsefusion.train import dcp as dist_ckpt
 from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -60,6 +63,8 @@ from sparsefusion.train.upcycle import upcycle
 from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
+
+CheckpointHook = Callable[[Path, torch.nn.Module, TrainConfig, int], Any]
 
 
 @dataclass
@@ -105,10 +110,13 @@ def finalize_config(cfg: TrainConfig, modalities: list[str], vocab_size: int) ->
     return cfg
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns the last training and validation rows.
 
     Under torchrun (WORLD_SIZE > 1) this joins the process group (and leaves it at the end).
+    ``on_checkpoint(run_dir, model, cfg, step)`` runs on rank 0 after the checkpoint of every
+    ``run.eval_generate_every``-th step is saved (the CLI passes ``sparsefusion eval``'s small
+    evaluation; train/ never imports eval/). Its time is not counted in ``elapsed_s``.
     """
     import torch.distributed as dist
 
@@ -116,13 +124,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = init_distributed(resolve_device(cfg.train.device), timeout_s=cfg.dist.timeout_s)
     try:
         with run_lock.hold(cfg.run.dir, env), preempt.handlers():
-            return _train(cfg, env)
+            return _train(cfg, env, on_checkpoint)
     finally:
         if owns_group:
             teardown()
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +172,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
     bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
-    if latent:  # the Transfusion setting: latent streams, fixed-noise validation
+    if latent:  # the Transfusion setting: latent streams (read in the training thread)
+        if cfg.data.workers:
+            log.warning("data.workers=%d is ignored: latent streams load synchronously",
+                        cfg.data.workers)  # fmt: skip
         loaders = latent_loaders(cfg, source, tokenizer, env.rank, env.world_size)
         val = latent_val_batches(cfg, val_source, tokenizer)
     else:
@@ -177,6 +188,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             world_size=env.world_size,
             grad_accum=cfg.train.grad_accum,
             **bad_input,
+        )
+        loaders = BatchStream(
+            loaders,
+            workers=cfg.data.workers,
+            prefetch=cfg.data.prefetch,
+            pin_memory=device.type == "cuda",
+            kind=cfg.data.worker_kind,
         )
         val = validation_batches(
             val_source,
@@ -204,7 +222,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         cfg.model.tower_names,
         device,
         env.world_size,
-        cfg.dist.strategy if env.is_distributed else "none",
+        cfg.dist.resolved_strategy(env.is_distributed),
     )
     metrics = (
         MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
@@ -212,13 +230,17 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         else NullMetrics()
     )
     try:
-        return _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir)
+        loop = (model, optimizer, loaders, val, state, metrics, env, run_dir)
+        return _loop(cfg, *loop, on_checkpoint=_hook(on_checkpoint, cfg, env))
     finally:
+        loaders.close()
         metrics.close()
 
 
 def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
     """Rank 0 trains (or loads) the tokenizer first; the other ranks then load it from cache."""
+    if hasattr(source, "load_tokenizer"):  # token shards carry the tokenizer of their ids
+        return MultimodalTokenizer.load(source.tokenizer_dir())
     tok = None
     if env.is_main:
         tok = load_or_train_tokenizer(cfg.tokenizer, source, progress=_use_bar(cfg), log=log.info)
@@ -249,7 +271,9 @@ def _save(run_dir, step, model, optimizer, state: TrainState, loaders, cfg, env:
         save_checkpoint(run_dir, step, model, optimizer, counters, keep=keep)
 
 
-def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> dict[str, Any]:
+def _loop(
+    cfg, model, optimizer, loaders, val, state, metrics, env, run_dir, *, on_checkpoint=None
+) -> dict[str, Any]:
     device = env.device
     objective = build_objective(cfg.objective, cfg.model)
     amp = _amp(cfg, env)
@@ -286,7 +310,8 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         state.elapsed_s += time.perf_counter() - t0
         stop = preempt.stop_requested(step, env)  # SIGTERM/SIGINT: save this step, then exit
         log_now = step % cfg.run.log_every == 0 or step == cfg.train.steps or stop
-        save_now = step % cfg.run.save_every == 0 or step == end or stop
+        hook_now = on_checkpoint is not None and step % cfg.run.eval_generate_every == 0
+        save_now = step % cfg.run.save_every == 0 or step == end or stop or hook_now
         if log_now or save_now:
             state.flops += _sum_over_ranks(pending_flops)
             pending_flops = 0.0
@@ -305,10 +330,22 @@ def _loop(cfg, model, optimizer, loaders, val, state, metrics, env, run_dir) -> 
         faults.maybe_pause("pause_at_step", step, run_dir)
         if save_now:
             _save(run_dir, step, model, optimizer, state, loaders, cfg, env)
+        if hook_now:
+            on_checkpoint(run_dir, model, cfg, step)
         if stop and step < end:
             preempt.exit_after_save(step, run_dir)
     progress.close()
     return last
+
+
+def _hook(on_checkpoint, cfg: TrainConfig, env: DistEnv):
+    """The checkpoint hook for this rank, or None (off, or a multi-process run)."""
+    if on_checkpoint is None or not cfg.run.eval_generate_every:
+        return None
+    if env.is_distributed:  # loading a sharded checkpoint on rank 0 alone would hang the group
+        log.warning("run.eval_generate_every is skipped under torchrun; run sparsefusion eval")
+        return None
+    return on_checkpoint
 
 
 def _flops(cfg: TrainConfig, batch: Batch, out: StepOutput) -> float:
@@ -336,7 +373,7 @@ def _amp(cfg: TrainConfig, env: DistEnv) -> contextlib.AbstractContextManager:
     """Autocast, except under FSDP with bf16 parameters (its mixed-precision policy casts)."""
     fsdp_bf16 = (
         env.is_distributed
-        and cfg.dist.strategy == "fsdp"
+        and cfg.dist.resolved_strategy(env.is_distributed) == "fsdp"
         and cfg.dist.param_dtype(env.device) == torch.bfloat16
     )
     if fsdp_bf16:
@@ -405,6 +442,9 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     with contextlib.suppress(ValueError):  # keys added since then compare at their defaults
         old = to_dict(from_dict(TrainConfig, old))
     new = to_dict(cfg)
+    for d in (old.get("data", {}), new["data"]):  # how batches are loaded, not which ones
+        for key in LOADING_KEYS:
+            d.pop(key, None)
     for section in ("model", "data", "tokenizer"):
         if old.get(section) != new.get(section):
             raise ValueError(
