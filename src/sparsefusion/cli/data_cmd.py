@@ -37,12 +37,12 @@ def _config(target: str, preset: str, overrides: list[str]):
 
 
 def _tokenizer(cfg, source, tokenizer_dir: str | None):
-    from sparsefusion.tokenizers.build import load_or_train_tokenizer
-    from sparsefusion.tokenizers.multimodal import MultimodalTokenizer, TokenizerCacheError
+    from sparsefusion.tokenizers.build import load_or_train_tokenizer, load_tokenizer
+    from sparsefusion.tokenizers.multimodal import TokenizerCacheError
 
     if tokenizer_dir:
         try:
-            return MultimodalTokenizer.load(tokenizer_dir)
+            return load_tokenizer(tokenizer_dir)
         except TokenizerCacheError as e:
             raise ConfigError(
                 f"--tokenizer {tokenizer_dir}: not a tokenizer directory (one written by "
@@ -195,15 +195,23 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_inspect(args: argparse.Namespace) -> int:
-    from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
+    from sparsefusion.tokenizers.build import load_tokenizer
 
-    tok = MultimodalTokenizer.load(args.dir)  # verifies the manifest hashes
+    tok = load_tokenizer(args.dir)  # verifies the manifest hashes
     vocab = tok.vocab
     print(f"{args.dir}: verified; vocabulary {vocab.size} ids (padded {vocab.padded_size()})")
     for name in vocab.modalities:
         lo = vocab.offset(name)
         print(f"  {name:7s} ids [{lo}, {lo + vocab.modality_sizes[name]})")
-    print(f"  image: {tok.image.tokens_per_image} codes per {tok.image.cfg.image_size}px image")
+    if hasattr(tok, "latent_shape"):  # the Transfusion (VAE) tokenizer
+        z, h, w = tok.latent_shape
+        print(
+            f"  image: VAE latent {z}x{h}x{w} per {tok.vae.cfg.image_size}px image "
+            f"(scale {float(tok.vae.scale):.4f}); 2x2 patches -> {tok.patches_per_image(2)} "
+            "positions"
+        )
+    else:
+        print(f"  image: {tok.image.tokens_per_image} codes per {tok.image.cfg.image_size}px image")
     if tok.speech is not None:
         print(f"  speech: {tok.speech.cfg.units_per_second} units per second")
     if args.text:

@@ -43,6 +43,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     _check_early(base, args)
     gen = Generator.from_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    if hasattr(gen, "settings"):  # a Transfusion run: image spans are sampled by diffusion
+        from sparsefusion.generate.diffusion import DiffusionSettings
+
+        gen.settings = DiffusionSettings(steps=args.diffusion_steps, sampler=args.sampler)
     if args.demo:
         from sparsefusion.generate.demo import demo_requests
 
@@ -152,6 +156,15 @@ def add_commands(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--diffusion-steps", type=int, default=50, help="denoising passes per image (Transfusion)"
+    )
+    p.add_argument(
+        "--sampler",
+        default="ddim",
+        choices=["ddim", "ddpm"],
+        help="image sampler (Transfusion)",
+    )
     p.add_argument(
         "--stop-id", type=int, action="append", default=[], help="an id that ends a sample (repeat)"
     )

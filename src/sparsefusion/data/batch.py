@@ -1,6 +1,7 @@
 """The packed batch that flows from the data pipeline into the model and the objectives.
 
-Shape legend: B = rows in the batch, T = sequence length.
+Shape legend: B = rows in the batch, T = sequence length, I = images with continuous latents,
+Z = latent channels, h/w = latent side.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ class Batch:
         position_BT: position inside its document (restarts at 0 for every document).
         document_BT: document index inside the row (0, 1, 2, ...); attention never crosses it.
         span_BT: bidirectional span ids (-1 = none; e.g. the patches of one image), or None.
+        latents_IZhw: clean continuous latents of the batch's images (Transfusion), in the
+            order of their first patch slot, or None.
+        image_slot_I: flattened position (row * T + t) of each image's first patch; its n
+            patches fill the n consecutive positions.
+        image_early_I: True for an image that precedes its caption (the noise limit applies).
+        timestep_I: fixed diffusion timesteps per image (None: the objective samples them).
+        noise_IZhw: fixed noise per image (None: the objective samples it).
+        noise_seed: seed of a fixed noise draw (validation: same noise on every pass), or None.
     """
 
     tokens_BT: torch.Tensor
@@ -38,6 +47,17 @@ class Batch:
     position_BT: torch.Tensor
     document_BT: torch.Tensor
     span_BT: torch.Tensor | None = None
+    latents_IZhw: torch.Tensor | None = None
+    image_slot_I: torch.Tensor | None = None
+    image_early_I: torch.Tensor | None = None
+    timestep_I: torch.Tensor | None = None
+    noise_IZhw: torch.Tensor | None = None
+    noise_seed: int | None = None
+
+    @property
+    def num_images(self) -> int:
+        """Images with continuous latents in the batch (0 without latents)."""
+        return 0 if self.latents_IZhw is None else int(self.latents_IZhw.shape[0])
 
     @property
     def num_tokens(self) -> int:

@@ -27,6 +27,7 @@ REASONS = (
     "unknown_segment",
     "empty_document",
     "oversize_document",
+    "nonfinite_latent",
 )
 MAX_LOGGED_PER_REASON = 20
 

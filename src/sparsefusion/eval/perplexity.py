@@ -29,6 +29,7 @@ from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context
+from sparsefusion.train.latent_data import is_latent, latent_val_batches
 from sparsefusion.train.resume import check_checkpoint, model_shapes, select_checkpoint
 from sparsefusion.train.validate import evaluate
 
@@ -97,6 +98,9 @@ def val_batches(run_cfg: TrainConfig, num_batches: int) -> list:
     tok_source = build_source(run_cfg.data, seed=0, split="train")
     tokenizer = load_or_train_tokenizer(run_cfg.tokenizer, tok_source, log=log.info)
     data = run_cfg.data
+    if is_latent(run_cfg):  # the Transfusion setting: latents, fixed-noise diffusion loss
+        val_source = build_source(run_cfg.data, seed=run_cfg.seed, split="val")
+        return latent_val_batches(run_cfg, val_source, tokenizer, num_batches)
     return validation_batches(
         build_source(run_cfg.data, seed=run_cfg.seed, split="val"),
         tokenizer,

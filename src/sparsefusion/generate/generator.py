@@ -78,6 +78,10 @@ class Generator:
         from sparsefusion.generate.run import load_run
 
         run = load_run(run_dir, checkpoint, device)
+        if run.model.cfg.latent_channels:  # the Transfusion setting: images by diffusion
+            from sparsefusion.generate.diffusion import transfusion_generator
+
+            return transfusion_generator(run, run_dir)  # type: ignore[return-value]
         gen = cls(
             run.model,
             run.tokenizer,

@@ -79,7 +79,9 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
         aux = _load_aux(run_dir, model)
     _load_weights(ckpt, model)
     if cfg.tokenizer.path:  # a tokenizer folder used as is
-        tokenizer = MultimodalTokenizer.load(cfg.tokenizer.path)
+        from sparsefusion.tokenizers.build import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
     else:  # the run's cached tokenizer (trained again, as the trainer would, if missing)
         source = build_source(cfg.data, seed=0, split="train")
         tokenizer = load_or_train_tokenizer(cfg.tokenizer, source, log=log.info)

@@ -14,7 +14,12 @@ Forward FLOPs = 2 * A * N + L * 4 * H * K * P, where
   (causal within documents), or B * T * T with ``dense_attention=True`` (what a dense-mask SDPA
   actually computes, and what ``torch.utils.flop_counter`` counts).
 
-Bidirectional spans are not counted separately (they add at most span_len^2 / 2 pairs each).
+Bidirectional spans (Transfusion image patches, ``span_BT``) add the pairs above the diagonal
+inside each span: s * (s - 1) / 2 per span of s positions (:func:`span_pairs`).
+
+Continuous image patches (Transfusion, ``num_patches`` > 0): the patch embedder (patch linear and
+timestep MLP) and the patch head cost 2 * their matmul parameters per patch, and the LM head
+runs on the other positions only (N - patches).
 
 Sparse layers count only the tokens actually processed (pass the plan's per-tower counts):
 
@@ -84,6 +89,35 @@ def attended_pairs(document_BT: torch.Tensor, *, dense_attention: bool = False) 
     return int((lengths * (lengths + 1) // 2).sum())
 
 
+def span_pairs(span_BT: torch.Tensor | None) -> int:
+    """Extra (query, key) pairs of bidirectional spans: s * (s - 1) / 2 per span of length s.
+
+    Args:
+        span_BT: span id per position (-1 = none; ids distinct within a row), or None.
+    """
+    if span_BT is None:
+        return 0
+    span_BT = span_BT.detach().cpu().long()
+    B = span_BT.shape[0]
+    ids_N = (span_BT + 1 + torch.arange(B)[:, None] * (int(span_BT.max()) + 2)).reshape(-1)
+    ids_N = ids_N[span_BT.reshape(-1) >= 0]
+    if ids_N.numel() == 0:
+        return 0
+    sizes = torch.bincount(ids_N)
+    return int((sizes * (sizes - 1) // 2).sum())
+
+
+def patch_flops(cfg: ModelConfig, num_patches: int) -> int:
+    """Forward FLOPs of the patch embedder and head for ``num_patches`` patches, minus the LM
+    head they skip (Transfusion)."""
+    if not num_patches or not cfg.patch_dim:
+        return 0
+    D, C, F = cfg.dim, cfg.patch_dim, 128  # F: PatchEmbed's default timestep features
+    embed = 2 * (C * D + F * D + D * D)
+    head = 2 * D * C
+    return num_patches * (embed + head - 2 * D * cfg.vocab_size)
+
+
 def forward_flops(
     cfg: ModelConfig,
     document_BT: torch.Tensor,
@@ -91,6 +125,8 @@ def forward_flops(
     dense_attention: bool = False,
     tower_counts: tuple[int, ...] | None = None,
     mod_pairs: dict[int, float] | None = None,
+    span_BT: torch.Tensor | None = None,
+    num_patches: int = 0,
 ) -> int:
     """Forward FLOPs of one batch (see the module docstring).
 
@@ -103,6 +139,8 @@ def forward_flops(
         mod_pairs: routed layer -> the (query, key) pairs its selected tokens attended, as the
             model reports them (``mod/<site>/pairs``); without it the expected number under
             uniform selection is used.
+        span_BT: bidirectional span ids (their extra pairs are counted), or None.
+        num_patches: continuous patches in the batch (patch layers; LM head skipped there).
 
     Returns:
         FLOPs as an int.
@@ -110,9 +148,12 @@ def forward_flops(
     B, T = document_BT.shape
     N = B * T
     pairs = attended_pairs(document_BT, dense_attention=dense_attention)
+    if not dense_attention:
+        pairs += span_pairs(span_BT)
+    extra = patch_flops(cfg, num_patches)
     if not cfg.has_experts and not cfg.mod.enabled:
         attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
-        return 2 * active_params_per_token(cfg) * N + attention
+        return 2 * active_params_per_token(cfg) * N + attention + extra
     counts = _group_counts(cfg, N, tower_counts)
     routed = set(cfg.mod.routed_layers(cfg.num_layers))
     total = 2 * cfg.dim * cfg.vocab_size * N
@@ -127,7 +168,7 @@ def forward_flops(
         total += 2 * _attention_params(cfg) * n
         total += round(4 * cfg.num_heads * cfg.head_dim * layer_pairs)
         total += _ffn_flops(cfg, layer_counts)
-    return total
+    return total + extra
 
 
 def mod_subset(cfg: ModelConfig, B: int, T: int, pairs: int, dense_attention: bool):
@@ -194,6 +235,8 @@ def train_flops(
     dense_attention: bool = False,
     tower_counts: tuple[int, ...] | None = None,
     mod_pairs: dict[int, float] | None = None,
+    span_BT: torch.Tensor | None = None,
+    num_patches: int = 0,
 ) -> int:
     """Training (forward + backward) FLOPs of one batch: 3 x :func:`forward_flops`.
 
@@ -204,6 +247,8 @@ def train_flops(
             dense-mask SDPA) instead of the causal in-document pairs actually needed.
         tower_counts: tokens per tower (``plan.counts``), for per-tower expert groups.
         mod_pairs: attended pairs of each routed MoD layer (see :func:`forward_flops`).
+        span_BT: bidirectional span ids (Transfusion image patches), or None.
+        num_patches: continuous patches in the batch.
 
     Returns:
         Total FLOPs as an int.
@@ -214,6 +259,8 @@ def train_flops(
         dense_attention=dense_attention,
         tower_counts=tower_counts,
         mod_pairs=mod_pairs,
+        span_BT=span_BT,
+        num_patches=num_patches,
     )
 
 

@@ -29,6 +29,7 @@ from sparsefusion.nn.feed_forward import TowerFFN, ffn_hidden_dim
 from sparsefusion.nn.mod import MoDConfig, MoDRouter, SequenceLayout
 from sparsefusion.nn.moe import MoEConfig, MoEFeedForward
 from sparsefusion.nn.norms import TowerRMSNorm
+from sparsefusion.nn.patch_embed import PatchEmbed, PatchHead
 from sparsefusion.nn.rope import RopeAngles, rope_angles
 from sparsefusion.nn.routing import RoutingPlan
 from sparsefusion.nn.routing_context import RouterRecord, RouterStats, RoutingContext
@@ -75,6 +76,10 @@ class ModelConfig:
         upcycle_from: run folder or checkpoint folder of a seed run (dense, mot or 1t1i): at the
             start of a fresh run its FFNs are copied into every expert of the matching group and
             all shared weights are copied; never applied when resuming ("" = off).
+        latent_channels: channels of the continuous image latent (Transfusion); 0 = no
+            continuous inputs. Set from the VAE tokenizer by the trainer.
+        patch_size: side k of the latent patches one position holds (Transfusion; 2 as in the
+            paper's main setting). Only used when ``latent_channels > 0``.
     """
 
     arch: Literal["dense", "mot", "moe", "moma"] = "mot"
@@ -103,6 +108,8 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     mod: MoDConfig = field(default_factory=MoDConfig)
     upcycle_from: str = ""
+    latent_channels: int = 0
+    patch_size: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ("dense", "mot", "moe", "moma"))
@@ -112,7 +119,9 @@ class ModelConfig:
         for name in ("dim", "num_layers", "num_heads", "multiple_of", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vocab_size", "num_kv_heads", "ffn_hidden"):
+        if self.patch_size < 1:
+            raise ValueError(f"model.patch_size must be >= 1, got {self.patch_size}")
+        for name in ("vocab_size", "num_kv_heads", "ffn_hidden", "latent_channels"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("norm_eps", "rope_theta", "init_std"):
@@ -177,6 +186,11 @@ class ModelConfig:
                 f"model.mod.first_layer={self.mod.first_layer} leaves no layer to route "
                 f"(num_layers={self.num_layers})"
             )
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per continuous patch (latent channels * k * k; 0 without latents)."""
+        return self.latent_channels * self.patch_size**2
 
     @property
     def head_dim(self) -> int:
@@ -369,6 +383,9 @@ class Transformer(nn.Module):
         )
         self.norm = TowerRMSNorm(cfg.dim, 1, cfg.norm_eps)
         self.output = OutputHead(cfg.dim, cfg.vocab_size)
+        # Transfusion: image patches in and noise out (image-only parameters).
+        self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.dim) if cfg.patch_dim else None
+        self.patch_head = PatchHead(cfg.dim, cfg.patch_dim, cfg.norm_eps) if cfg.patch_dim else None
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for embeddings/linears, std / sqrt(2L) for output projections."""
@@ -381,6 +398,9 @@ class Transformer(nn.Module):
             router.init_weights(std)
         self.norm.init_weights()
         self.output.init_weights(std)
+        if self.patch_embed is not None and self.patch_head is not None:
+            self.patch_embed.init_weights(std)
+            self.patch_head.init_weights(std)
 
     def router_sites(self) -> dict[str, int]:
         """Batch-routed sites (expert-choice groups, MoD layers) -> number of router outputs."""
@@ -435,7 +455,7 @@ class Transformer(nn.Module):
         rope = rope_angles(inputs.position_BT, self.cfg.head_dim, self.cfg.rope_theta)
         routing = ctx.routing()
         layout = self.layout(inputs)
-        x_ND = plan.sort(self.embedding(inputs.tokens_BT).view(B * T, -1))
+        x_ND = plan.sort(self._embed(inputs))
         stats = RouterStats.empty()
         for i, layer in enumerate(self.layers):
             kv = cache.layer(i, self._cache_documents(inputs), inputs.span_BT) if cache else None
@@ -447,13 +467,44 @@ class Transformer(nn.Module):
             else:
                 x_ND, layer_stats = layer(x_ND, plan=plan, mask=mask, rope=rope, ctx=routing, kv=kv)
             stats = stats.merge(layer_stats)
-        logits_NV = self.output(self.norm(plan.unsort(x_ND)))
+        logits_NV, predictions = self._heads(plan.unsort(x_ND), inputs)
         return ModelOutput(
             logits_BTV=logits_NV.view(B, T, -1),
+            predictions=predictions,
             aux_losses=dict(stats.losses),
             metrics=dict(stats.resolved_metrics()),
             records=list(stats.records),
         )
+
+    def _embed(self, inputs: ModelInputs) -> torch.Tensor:
+        """Token embeddings (N, D), original order; patch slots hold the patch embeddings."""
+        B, T = inputs.shape
+        x_ND = self.embedding(inputs.tokens_BT).view(B * T, -1)
+        if inputs.patches_PC is None or inputs.patches_PC.shape[0] == 0:
+            return x_ND
+        if self.patch_embed is None or inputs.patch_slot_P is None or inputs.timestep_P is None:
+            raise ValueError(
+                "inputs carry latent patches (with slots and timesteps) but the model has no patch "
+                "embedder: set model.latent_channels (the Transfusion setting)"
+            )
+        p_PD = self.patch_embed(inputs.patches_PC.to(x_ND.dtype), inputs.timestep_P)
+        return x_ND.index_copy(0, inputs.patch_slot_P, p_PD.to(x_ND.dtype))
+
+    def _heads(
+        self, h_ND: torch.Tensor, inputs: ModelInputs
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """LM logits (N, V) at discrete positions (zeros at patch slots), and predicted noise."""
+        slot_P = inputs.patch_slot_P
+        if inputs.patches_PC is None or slot_P is None or slot_P.numel() == 0:
+            return self.output(self.norm(h_ND)), {}
+        assert self.patch_head is not None
+        N = h_ND.shape[0]
+        discrete_N = torch.ones(N, dtype=torch.bool, device=h_ND.device)
+        discrete_N[slot_P] = False
+        keep = discrete_N.nonzero().squeeze(1)
+        out = self.output(self.norm(h_ND[keep]))
+        logits_NV = out.new_zeros(N, out.shape[-1]).index_copy(0, keep, out)
+        return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P])}
 
     def _cache_documents(self, inputs: ModelInputs) -> torch.Tensor:
         """Document ids a KV cache compares (all 0 without document masking)."""

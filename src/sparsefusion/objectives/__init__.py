@@ -1,3 +1,6 @@
 """Objectives: a registry keyed by ``objective.name`` (see ``base.py``)."""
 
-from sparsefusion.objectives import ar  # noqa: F401  (registers "ar")
+from sparsefusion.objectives import (
+    ar,  # noqa: F401  (registers "ar")
+    diffusion,  # noqa: F401  (registers "transfusion")
+)

@@ -32,12 +32,41 @@ class ObjectiveConfig:
     """Which objective trains the model, and its settings (config key ``objective``).
 
     Attributes:
-        name: registry key: ``ar`` (next-token cross-entropy over the unified vocabulary).
+        name: registry key: ``ar`` (next-token cross-entropy over the unified vocabulary) or
+            ``transfusion`` (cross-entropy on text plus DDPM noise prediction on continuous
+            image latents, arXiv 2408.11039; needs ``tokenizer.image_kind=vae``).
         z_loss: weight of the Chameleon z-loss ``(log Z)^2`` per predicted token (0 disables it).
+
+    The keys below are read by ``transfusion`` only (``ar`` ignores them).
+
+    Attributes:
+        diffusion_weight: lambda in L = L_LM + lambda * L_DDPM (5, the Transfusion default).
+        num_train_timesteps: T of the DDPM (1000).
+        beta_schedule: diffusers beta schedule; ``squaredcos_cap_v2`` is the cosine schedule
+            (Nichol & Dhariwal, arXiv 2102.09672) Transfusion uses.
+        noise_limit: images that precede their caption draw t uniformly from [0, noise_limit)
+            (Transfusion's t <= 500 rule; set it to num_train_timesteps to turn it off).
+        caption_first: probability that an image-caption pair is ordered caption -> image
+            (0.8 as in the paper; the rest are image -> caption, i.e. captioning data).
+        caption_dropout: probability that a caption-first pair loses its caption (the image
+            alone then trains the unconditional branch of classifier-free guidance). The paper
+            does not state it; 0.1 as its close relatives.
+        val_timesteps: validation draws every image's t from this many evenly spaced timesteps
+            in [0, T - 1] (in turn) with noise from a fixed seed, so that the validation
+            diffusion loss of different runs is comparable point by point.
+        val_noise_seed: seed of the fixed validation noise.
     """
 
     name: str = "ar"
     z_loss: float = 1e-5
+    diffusion_weight: float = 5.0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    noise_limit: int = 500
+    caption_first: float = 0.8
+    caption_dropout: float = 0.1
+    val_timesteps: int = 8
+    val_noise_seed: int = 1234
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -46,6 +75,23 @@ class ObjectiveConfig:
             )
         if not (math.isfinite(self.z_loss) and self.z_loss >= 0):
             raise ValueError(f"objective.z_loss must be a finite number >= 0, got {self.z_loss}")
+        if not (math.isfinite(self.diffusion_weight) and self.diffusion_weight >= 0):
+            raise ValueError(
+                f"objective.diffusion_weight must be finite and >= 0, got {self.diffusion_weight}"
+            )
+        if self.num_train_timesteps < 2:
+            raise ValueError(
+                f"objective.num_train_timesteps must be >= 2, got {self.num_train_timesteps}"
+            )
+        if not 1 <= self.noise_limit <= self.num_train_timesteps:
+            raise ValueError(
+                f"objective.noise_limit must be in [1, num_train_timesteps], got {self.noise_limit}"
+            )
+        for key in ("caption_first", "caption_dropout"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"objective.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.val_timesteps < 1:
+            raise ValueError(f"objective.val_timesteps must be >= 1, got {self.val_timesteps}")
 
 
 @dataclass

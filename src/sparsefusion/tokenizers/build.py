@@ -27,7 +27,9 @@ from PIL import Image
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.mixture import vocab_modalities
+from sparsefusion.tokenizers.image_vae import ImageVAEConfig, train_vae
 from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer, train_vq
+from sparsefusion.tokenizers.latent import LatentTokenizer, manifest_kind
 from sparsefusion.tokenizers.multimodal import (
     FORMAT_VERSION,
     MultimodalTokenizer,
@@ -51,6 +53,9 @@ class TokenizerConfig:
         speech: the speech unit tokenizer settings (used when the source has speech).
         speech_train_clips: speech clips collected (from document 0 on) to train the units.
         path: a trained tokenizer directory to load instead of training (empty: train/cache).
+        image_kind: "vq" (discrete codes, the Chameleon setting) or "vae" (continuous latents
+            of a KL autoencoder, the Transfusion setting; needs the ``transfusion`` extra).
+        vae: the autoencoder settings (used when ``image_kind`` is "vae").
     """
 
     text_vocab_size: int = 2048
@@ -61,8 +66,12 @@ class TokenizerConfig:
     speech: SpeechUnitsConfig = field(default_factory=SpeechUnitsConfig)
     speech_train_clips: int = 400
     path: str = ""
+    image_kind: str = "vq"
+    vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
 
     def __post_init__(self) -> None:
+        if self.image_kind not in ("vq", "vae"):
+            raise ValueError(f"tokenizer.image_kind must be 'vq' or 'vae', got {self.image_kind!r}")
         if self.text_vocab_size < NUM_BYTES:
             raise ValueError(
                 f"TokenizerConfig.text_vocab_size must be >= {NUM_BYTES}, "
@@ -100,6 +109,11 @@ def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
     settings = asdict(cfg)
     settings.pop("cache_dir")
     settings.pop("path")
+    # Only the image tokenizer in use enters the key (VQ keys are unchanged by the VAE fields).
+    kind = settings.pop("image_kind")
+    settings.pop("vae" if kind == "vq" else "image")
+    if kind != "vq":
+        settings["image_kind"] = kind
     if SPEECH not in vocab_modalities(source):
         settings.pop("speech")
         settings.pop("speech_train_clips")
@@ -116,7 +130,7 @@ def load_or_train_tokenizer(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> MultimodalTokenizer:
+) -> MultimodalTokenizer | LatentTokenizer:
     """Return the tokenizer for ``source``, from the cache when a verified copy exists.
 
     Args:
@@ -134,7 +148,7 @@ def load_or_train_tokenizer(
     """
     if cfg.path:
         try:
-            tok = MultimodalTokenizer.load(cfg.path)
+            tok = load_tokenizer(cfg.path)
         except TokenizerCacheError as e:
             raise ValueError(f"tokenizer.path: {e}") from e
         log(f"tokenizer: loaded {cfg.path} (tokenizer.path)")
@@ -143,7 +157,7 @@ def load_or_train_tokenizer(
     final = root / f"{source.name}-{cache_key(cfg, source)}"
     if final.exists():
         try:
-            tok = MultimodalTokenizer.load(final)
+            tok = load_tokenizer(final)
             log(f"tokenizer: loaded {final}")
             return tok
         except TokenizerCacheError as e:
@@ -156,17 +170,26 @@ def load_or_train_tokenizer(
     return tok
 
 
+def load_tokenizer(directory: str | Path) -> MultimodalTokenizer | LatentTokenizer:
+    """Load a saved tokenizer of either kind (discrete Chameleon or latent Transfusion)."""
+    if manifest_kind(directory) == "latent":
+        return LatentTokenizer.load(directory)
+    return MultimodalTokenizer.load(directory)
+
+
 def train_tokenizer(
     cfg: TokenizerConfig,
     source: DocumentSource,
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> MultimodalTokenizer:
-    """Train the BPE, the VQ and (for a source with speech) the speech units (no caching)."""
+) -> MultimodalTokenizer | LatentTokenizer:
+    """Train the BPE, the VQ (or VAE) and (for a source with speech) the speech units."""
     texts, images, clips = collect_training_data(cfg, source)
     log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
     text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
+    if cfg.image_kind == "vae":
+        return _train_latent(cfg, text, images, progress, log)
     if images:
         log(f"tokenizer: training image VQ on {len(images)} images ({cfg.image.train_steps} steps)")
         image, report = train_vq(cfg.image, images, progress=progress)
@@ -193,6 +216,19 @@ def train_tokenizer(
         )
         sizes[SPEECH] = speech.codebook_size
     return MultimodalTokenizer(text, image, UnifiedVocab(sizes), speech)
+
+
+def _train_latent(cfg, text, images, progress, log) -> LatentTokenizer:
+    if not images:
+        raise ValueError("tokenizer.image_kind=vae needs a source with images; none was found")
+    log(f"tokenizer: training image VAE on {len(images)} images ({cfg.vae.train_steps} steps)")
+    vae, report = train_vae(cfg.vae, images, progress=progress)
+    log(
+        f"tokenizer: image VAE recon_mse={report['recon_mse']:.5f} "
+        f"recon_l1={report['recon_l1']:.4f} latent_std={report['latent_std']:.3f} "
+        f"({report['train_seconds']:.0f}s)"
+    )
+    return LatentTokenizer(text, vae, UnifiedVocab({TEXT: text.vocab_size, IMAGE: 1}))
 
 
 def collect_training_data(

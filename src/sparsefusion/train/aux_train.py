@@ -36,6 +36,7 @@ from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context, resolve_device
+from sparsefusion.train.latent_data import is_latent, latent_loaders, latent_val_batches
 from sparsefusion.train.step import forward_loss
 from sparsefusion.train.validate import evaluate
 
@@ -103,9 +104,12 @@ def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(aux.parameters(), lr=cfg.lr, weight_decay=0.0)
     data = run_cfg.data
     accum = run_cfg.train.grad_accum
-    loader = ShardedLoaders(
-        source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, grad_accum=accum
-    )
+    if is_latent(run_cfg):  # the Transfusion setting: latent streams
+        loader = latent_loaders(run_cfg, source, tokenizer, 0, 1)
+    else:
+        loader = ShardedLoaders(
+            source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, grad_accum=accum
+        )
     loader.load_state_dict(saved["loader"])  # unseen data after the main run
     objective = build_objective(run_cfg.objective, run_cfg.model)
     t0 = time.perf_counter()
@@ -148,13 +152,16 @@ def validate_aux(
     val_source = build_source(run_cfg.data, seed=run_cfg.seed, split="val")
     tokenizer = load_or_train_tokenizer(run_cfg.tokenizer, val_source, log=log.info)
     data = run_cfg.data
-    val = validation_batches(
-        val_source,
-        tokenizer,
-        seq_len=data.seq_len,
-        batch_size=data.batch_size,
-        num_batches=data.val_batches,
-    )
+    if is_latent(run_cfg):
+        val = latent_val_batches(run_cfg, val_source, tokenizer)
+    else:
+        val = validation_batches(
+            val_source,
+            tokenizer,
+            seq_len=data.seq_len,
+            batch_size=data.batch_size,
+            num_batches=data.val_batches,
+        )
     objective = build_objective(run_cfg.objective, run_cfg.model)
     amp = autocast_context(run_cfg.train.precision, device)
     row: dict[str, Any] = {}

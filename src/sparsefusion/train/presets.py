@@ -13,6 +13,17 @@ experts, capacity 1 = one expert per token on average), ``moma-1t1i``, ``moma-4t
 at the demo size the capacity is then nudged to about 0.26 so that compute including attention
 matches dense, see ``_matched_capacity``).
 Each has a ``<name>-debug`` twin for tests.
+
+Transfusion recipes (arXiv 2408.11039; MoT section 5.4 (c)): ``tf-dense`` and ``tf-mot`` train
+text next-token prediction plus image diffusion on continuous latents of a VAE the project trains
+(``objective.name=transfusion``, ``tokenizer.image_kind=vae``; diffusers needed), with the
+Transfusion paper's Llama-style block: pre-norm and no QK-norm (both switchable:
+``model.norm_placement=post model.qk_norm=true``) and no z-loss. At the demo size the 32-pixel
+images become 8x8x4 latents and 2x2 patches: 16 positions per image. ``tf-<arch>-debug`` twins
+exist for every architecture (dense, mot, moe, moma, mod, hybrid); ``tf-dense-<size>`` and
+``tf-mot-<size>`` use the MoT paper's Transfusion shapes (163m, 760m, 1.4b, 7b; spec section 5.5)
+with the Transfusion optimizer (lr 3e-4, 4000 warm-up steps, cosine to 1.5e-5) and a 256-pixel,
+8x-downsampling, 8-channel VAE (a 32x32x8 latent: 256 patches of 2x2), and need a GPU.
 """
 
 from __future__ import annotations
@@ -110,6 +121,68 @@ def _matched_capacity(base: dict[str, Any], sparse: dict[str, Any]) -> float:
     return mod_matched_capacity(dense, mod, seq_len=seq_len, doc_len=doc_len, tower_share=share)
 
 
+_TF: dict[str, Any] = {
+    "objective": {"name": "transfusion", "z_loss": 0.0},
+    "tokenizer": {"image_kind": "vae"},
+    "model": {"norm_placement": "pre", "qk_norm": False},
+    "data": {"workers": 0},  # latent streams load in the training thread
+}
+_TF_DEBUG_VAE = {"train_steps": 30, "batch_size": 8, "channels": [8, 16, 16], "held_out": 16}
+_TF_GPU_VAE = {"image_size": 256, "latent_channels": 8, "channels": [64, 128, 256, 256]}
+_TF_GPU_OPTIM = {
+    "lr": 3e-4,
+    "warmup_steps": 4000,
+    "schedule": "cosine",
+    "min_lr_ratio": 0.05,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+}
+# MoT paper, Transfusion setting (spec section 5.5): name -> (dim, layers, heads).
+TF_SIZES = {
+    "163m": (768, 16, 12),
+    "760m": (1536, 24, 24),
+    "1.4b": (2048, 24, 16),
+    "7b": (4096, 32, 32),
+}
+# Architectures of the tf-<arch>-debug twins: name -> (arch, model overrides).
+_TF_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dense": ("dense", {}),
+    "mot": ("mot", {}),
+    "moe": ("moe", {"moe": {"num_experts": 4, "capacity": 1.0}}),
+    "moma": ("moma", {"moe": {"experts": {"text": 2, "image": 2}, "capacity": 1.0}}),
+    "mod": ("dense", {"mod": _MOD}),
+    "hybrid": ("mot", {"moe": {"experts": {"text": 2}, "capacity": 1.0}}),
+}
+
+
+def _transfusion(
+    base: dict[str, Any], arch: str, extra: dict[str, Any], size: str | None = None
+) -> dict[str, Any]:
+    out = _with_arch(base, arch, size) if size else _sparse(base, arch, extra)
+    for section, values in _TF.items():
+        out[section] = {**out.get(section, {}), **values}
+    return out
+
+
+def _tf_registry() -> dict[str, dict[str, Any]]:
+    reg: dict[str, dict[str, Any]] = {}
+    for name, (arch, extra) in _TF_ARCHS.items():
+        debug = _transfusion(_DEBUG, arch, extra)
+        debug["tokenizer"]["vae"] = dict(_TF_DEBUG_VAE)
+        debug["data"] = {**debug["data"], "seq_len": 64}
+        reg[f"tf-{name}-debug"] = debug
+        if name in ("dense", "mot"):
+            reg[f"tf-{name}"] = _transfusion(_DEMO, arch, extra)
+            for size, (dim, layers, heads) in TF_SIZES.items():
+                gpu = _transfusion(_GPU, arch, extra, size="small")
+                gpu["model"].update(dim=dim, num_layers=layers, num_heads=heads, multiple_of=256)
+                gpu["tokenizer"]["vae"] = dict(_TF_GPU_VAE)
+                gpu["data"] = {**gpu["data"], "image_size": 256}
+                gpu["optim"] = dict(_TF_GPU_OPTIM)
+                reg[f"tf-{name}-{size}"] = gpu
+    return reg
+
+
 def _build_registry() -> dict[str, dict[str, Any]]:
     reg: dict[str, dict[str, Any]] = {}
     for arch in ("mot", "dense"):
@@ -122,6 +195,7 @@ def _build_registry() -> dict[str, dict[str, Any]]:
     for name, (arch, extra) in _SPARSE.items():
         reg[name] = _sparse(_DEMO, arch, extra)
         reg[f"{name}-debug"] = _sparse(_DEBUG, arch, extra)
+    reg.update(_tf_registry())
     return reg
 
 

@@ -47,6 +47,13 @@ from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context, resolve_device
+from sparsefusion.train.latent_data import (
+    check_latent_resume,
+    finalize_latent,
+    is_latent,
+    latent_loaders,
+    latent_val_batches,
+)
 from sparsefusion.train.metrics import LogWindow, MetricsLogger, NullMetrics
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
@@ -144,7 +151,12 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
     # them (the cache key ignores the seed) whatever order the runs happen in.
     tokenizer = _tokenizer(cfg, build_source(cfg.data, seed=0, split="train"), env)
     cfg = finalize_config(cfg, tokenizer.modalities, tokenizer.vocab.padded_size())
+    latent = is_latent(cfg)
+    if latent:
+        cfg = finalize_latent(cfg, tokenizer)
     if env.is_main:
+        if latent:
+            check_latent_resume(run_dir, cfg)
         _check_resume_config(run_dir, cfg)
         dump_yaml(cfg, run_dir / "config.yaml")
     barrier()
@@ -160,31 +172,38 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
     bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
-    loaders = ShardedLoaders(
-        source,
-        tokenizer,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        grad_accum=cfg.train.grad_accum,
-        **bad_input,
-    )
-    loaders = BatchStream(
-        loaders,
-        workers=cfg.data.workers,
-        prefetch=cfg.data.prefetch,
-        pin_memory=device.type == "cuda",
-        kind=cfg.data.worker_kind,
-    )
-    val = validation_batches(
-        val_source,
-        tokenizer,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size,
-        num_batches=cfg.data.val_batches,
-        **bad_input,
-    )
+    if latent:  # the Transfusion setting: latent streams (read in the training thread)
+        if cfg.data.workers:
+            log.warning("data.workers=%d is ignored: latent streams load synchronously",
+                        cfg.data.workers)  # fmt: skip
+        loaders = latent_loaders(cfg, source, tokenizer, env.rank, env.world_size)
+        val = latent_val_batches(cfg, val_source, tokenizer)
+    else:
+        loaders = ShardedLoaders(
+            source,
+            tokenizer,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.data.batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            grad_accum=cfg.train.grad_accum,
+            **bad_input,
+        )
+        loaders = BatchStream(
+            loaders,
+            workers=cfg.data.workers,
+            prefetch=cfg.data.prefetch,
+            pin_memory=device.type == "cuda",
+            kind=cfg.data.worker_kind,
+        )
+        val = validation_batches(
+            val_source,
+            tokenizer,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.data.batch_size,
+            num_batches=cfg.data.val_batches,
+            **bad_input,
+        )
 
     state = TrainState()
     if ckpt is not None:
@@ -341,6 +360,8 @@ def _flops(cfg: TrainConfig, batch: Batch, out: StepOutput) -> float:
         batch.document_BT,
         tower_counts=out.inputs.plan.counts,
         mod_pairs=mod_pairs or None,
+        span_BT=batch.span_BT,
+        num_patches=0 if out.inputs.patch_slot_P is None else out.inputs.patch_slot_P.numel(),
     )
 
 

@@ -1,0 +1,214 @@
+"""Documents -> text ids plus continuous image latents (Transfusion tokenizer, arXiv 2408.11039).
+
+A document becomes ``[BOS] seg_1 ... [EOS]`` where a text segment is its BPE ids and an image
+segment is ``[BOI] p_1 .. p_n [EOI]``: n = (h / k) * (w / k) continuous positions, the k x k
+patches of the image's VAE latent in raster order (k = ``patch_size``). A patch position holds the
+one id of the ``image`` modality (a placeholder the model overwrites with the patch embedding);
+sentinels are text positions, as in the Chameleon setting (``vocab.py``). The latents travel
+beside the ids, one (Z, h, w) tensor per image, unpatchified (noise is added to the whole latent
+before patchifying, in the objective).
+
+Saved like :class:`MultimodalTokenizer` (a manifest of SHA-256 hashes, verified on load), with
+``kind: latent`` in the manifest.
+
+Shape legend: Z = latent channels, h/w = latent side, k = patch side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sparsefusion.data.documents import IMAGE, TEXT, Document
+from sparsefusion.tokenizers.image_vae import VAEImageTokenizer
+from sparsefusion.tokenizers.multimodal import TokenizerCacheError
+from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
+from sparsefusion.tokenizers.vocab import UnifiedVocab
+
+MANIFEST = "manifest.json"
+FILES = ("text.json", "image_vae.safetensors", "image_vae.json", "vocab.json")
+FORMAT_VERSION = 1
+KIND = "latent"
+
+
+class LatentTokenizerError(TokenizerCacheError):
+    """A saved latent tokenizer directory is missing files, corrupt, or inconsistent."""
+
+
+@dataclass
+class LatentDocument:
+    """One encoded document.
+
+    Attributes:
+        ids: unified ids (patch positions hold the image placeholder id).
+        modalities: modality index per id (patches: the image index).
+        latents: one (Z, h, w) float tensor per image, in order.
+        boi: index in ``ids`` of each image's BOI.
+    """
+
+    ids: list[int]
+    modalities: list[int]
+    latents: list[torch.Tensor]
+    boi: list[int]
+
+
+class LatentTokenizer:
+    """Text BPE + VAE latents + the unified vocabulary (text ids, sentinels, one image id).
+
+    Args:
+        text: the text BPE.
+        vae: the image autoencoder.
+        vocab: ``{"text": text size, "image": 1}``.
+    """
+
+    def __init__(self, text: BPETextTokenizer, vae: VAEImageTokenizer, vocab: UnifiedVocab):
+        if vocab.modalities != [TEXT, IMAGE] or vocab.modality_sizes[IMAGE] != 1:
+            raise ValueError(f"a latent tokenizer's vocab is text + one image id, got {vocab}")
+        if vocab.modality_sizes[TEXT] != text.vocab_size:
+            raise ValueError("vocab text size differs from the BPE's")
+        self.text, self.vae, self.vocab = text, vae, vocab
+        self.image = vae  # what `data preview` and `tokenizer inspect` look at
+        self.speech = None
+        self.patch_id = vocab.offset(IMAGE)
+        self._text_off = vocab.offset(TEXT)
+        self._image_idx = vocab.modality_index(IMAGE)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.vocab.modalities)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(Z, h, w) of one image's latent."""
+        return self.vae.latent_shape
+
+    def patches_per_image(self, patch_size: int) -> int:
+        """n = (h / k) * (w / k) (ValueError naming the key when k does not divide the grid)."""
+        _, h, w = self.latent_shape
+        if h % patch_size or w % patch_size:
+            raise ValueError(
+                f"model.patch_size={patch_size} does not divide the {h}x{w} latent grid"
+            )
+        return (h // patch_size) * (w // patch_size)
+
+    def encode_latent_documents(
+        self, docs: list[Document], patch_size: int
+    ) -> list[LatentDocument]:
+        """Documents -> ids with n placeholder positions per image, and the latents."""
+        images: list[Image.Image] = []
+        texts: list[str] = []
+        for doc in docs:
+            for seg in doc.segments:
+                if seg.modality == IMAGE:
+                    images.append(seg.payload)
+                elif seg.modality == TEXT:
+                    texts.append(seg.payload)
+                else:
+                    raise ValueError(
+                        f"cannot tokenize segment modality {seg.modality!r}; supported: "
+                        f"{self.modalities}"
+                    )
+        n = self.patches_per_image(patch_size)
+        latents = list(self.vae.encode(images)) if images else []
+        text_rows = [[i + self._text_off for i in t] for t in self.text.encode_batch(texts)]
+        out, next_image, next_text = [], 0, 0
+        for doc in docs:
+            enc = LatentDocument([self.vocab.bos_id], [0], [], [])
+            for seg in doc.segments:
+                if seg.modality == TEXT:
+                    t = text_rows[next_text]
+                    next_text += 1
+                    enc.ids += t
+                    enc.modalities += [0] * len(t)
+                else:
+                    enc.boi.append(len(enc.ids))
+                    enc.latents.append(latents[next_image])
+                    next_image += 1
+                    enc.ids += [self.vocab.boi_id, *([self.patch_id] * n), self.vocab.eoi_id]
+                    enc.modalities += [0, *([self._image_idx] * n), 0]
+            enc.ids.append(self.vocab.eos_id)
+            enc.modalities.append(0)
+            out.append(enc)
+        return out
+
+    def encode_documents(
+        self, docs: list[Document], patch_size: int = 2
+    ) -> list[tuple[list[int], list[int]]]:
+        """(ids, modality per id) of every document (latents dropped; for statistics)."""
+        return [(d.ids, d.modalities) for d in self.encode_latent_documents(docs, patch_size)]
+
+    def decode_text(self, ids: list[int]) -> str:
+        """The text of the text ids among ``ids`` (other ids are dropped)."""
+        lo, hi = self._text_off, self._text_off + self.text.vocab_size
+        return self.text.decode([i - lo for i in ids if lo <= i < hi])
+
+    # ---- persistence --------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write text.json, image_vae.safetensors/.json, vocab.json and manifest.json."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.text.save(d / "text.json")
+        self.vae.save(d / "image_vae.safetensors")
+        (d / "vocab.json").write_text(json.dumps(self.vocab.to_dict(), indent=2), encoding="utf-8")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "files": {f: _sha256(d / f) for f in FILES},
+        }
+        (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> LatentTokenizer:
+        """Load a directory written by :meth:`save`, verifying every file hash.
+
+        Raises:
+            LatentTokenizerError: on a missing/corrupt file, a hash mismatch or another kind.
+        """
+        d = Path(directory)
+        _verify(d)
+        try:
+            text = BPETextTokenizer.load(d / "text.json")
+            vae = VAEImageTokenizer.load(d / "image_vae.safetensors")
+            vocab = UnifiedVocab.from_dict(json.loads((d / "vocab.json").read_text("utf-8")))
+            return cls(text, vae, vocab)
+        except ImportError:
+            raise
+        except Exception as e:  # any parse / shape error means the cache cannot be trusted
+            raise LatentTokenizerError(f"{d}: cannot load latent tokenizer ({e})") from e
+
+
+def manifest_kind(directory: str | os.PathLike[str]) -> str:
+    """``latent`` or ``discrete`` (the Chameleon tokenizer) from a tokenizer directory."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError):
+        return "discrete"
+    return str(manifest.get("kind", "discrete"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verify(d: Path) -> None:
+    try:
+        manifest = json.loads((d / MANIFEST).read_text("utf-8"))
+        files, version, kind = manifest["files"], manifest["format_version"], manifest.get("kind")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LatentTokenizerError(f"{d}: missing or unreadable {MANIFEST} ({e})") from e
+    if kind != KIND or version != FORMAT_VERSION:
+        raise LatentTokenizerError(f"{d}: not a latent tokenizer (kind={kind}, v{version})")
+    if set(files) != set(FILES):
+        raise LatentTokenizerError(f"{d}: manifest lists {sorted(files)}, expected {list(FILES)}")
+    for name, digest in files.items():
+        if not (d / name).is_file():
+            raise LatentTokenizerError(f"{d}: missing {name}")
+        if _sha256(d / name) != digest:
+            raise LatentTokenizerError(f"{d}: {name} does not match its manifest hash")
