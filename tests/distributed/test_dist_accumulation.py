@@ -28,6 +28,8 @@ def _two_rank_grads(rank: int, world: int, preset: str, path: str) -> None:
     accumulate_gradients(ddp, [halves[rank]], objective, env=replace(DistEnv(), world_size=world))
     if rank == 0:
         torch.save(_grads(model), path)
+    del ddp  # the reducer's threads end before the group does (no abort at exit)
+    torch.distributed.barrier()
 
 
 @pytest.mark.distributed
