@@ -208,7 +208,7 @@ def test_eval_cli_errors(run, tmp_path, capsys):
     )
     assert bad.returncode == 2 and "num_samples" in bad.stderr
     assert main(["eval", str(run_dir), "--checkpoint", "7"]) == 1
-    assert "no checkpoint of step 7" in capsys.readouterr().err
+    assert "step_00000007 does not exist" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "num_samples=3"]) == 2
@@ -257,7 +257,7 @@ def test_damaged_checkpoint_is_a_clear_error(run, tmp_path, capsys):
     weights = copy / "checkpoints" / "step_00000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["eval", str(copy), "--checkpoint", "2"]) == 1
-    assert "step_00000002 cannot be evaluated" in capsys.readouterr().err
+    assert "step_00000002 is damaged" in capsys.readouterr().err
     assert main(["eval", str(copy)]) == 1
     assert "none can be resumed" in capsys.readouterr().err
 

@@ -26,12 +26,11 @@ from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context
 from sparsefusion.train.latent_data import is_latent, latent_val_batches
-from sparsefusion.train.resume import check_checkpoint, model_shapes, select_checkpoint
 from sparsefusion.train.validate import evaluate
+from sparsefusion.train.weights import load_weights, pick_checkpoint
 
 log = logging.getLogger("sparsefusion")
 
@@ -51,28 +50,9 @@ def load_model(
     folder and its saved counters. Checkpoints are validated first (``train/resume.py``): a
     damaged newest one is skipped with a warning; a damaged or missing requested one is an error.
     """
-    from sparsefusion.distributed.mesh import DistEnv
-    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
-
     model = Transformer(run_cfg.model)
-    if step is None:
-        ckpt, _ = select_checkpoint(run_dir, model)
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-    else:
-        ckpt = checkpoint_dir(run_dir) / f"step_{step:08d}"
-        if not ckpt.is_dir():
-            have = sorted(p.name for p in checkpoint_dir(run_dir).glob("step_*"))
-            raise CheckpointError(
-                f"{run_dir}: no checkpoint of step {step} (have: {have or 'none'})"
-            )
-        problem = check_checkpoint(ckpt, model_shapes(model))
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {ckpt} cannot be evaluated: {problem.detail}")
-    if is_dcp_checkpoint(ckpt):
-        load_dcp_checkpoint(ckpt, model, None, DistEnv())
-    else:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    ckpt = pick_checkpoint(run_dir, model, step)
+    load_weights(ckpt, model)
     state = json.loads((ckpt / "state.json").read_text())
     return model.to(device).eval().requires_grad_(False), ckpt, state
 

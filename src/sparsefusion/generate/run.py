@@ -14,13 +14,8 @@ from sparsefusion.generate.engine import MissingAuxRouters, aux_router_message
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
-from sparsefusion.train.resume import (
-    check_checkpoint,
-    model_shapes,
-    select_checkpoint,
-    step_folders,
-)
+from sparsefusion.train.checkpoint import CheckpointError
+from sparsefusion.train.weights import load_weights, pick_checkpoint
 
 log = logging.getLogger("sparsefusion")
 
@@ -37,23 +32,6 @@ class LoadedRun:
     checkpoint: Path
     max_speech_units: int
     config: Any = None
-
-
-def find_checkpoint(run_dir: Path, model: Transformer, step: int | None) -> Path:
-    """The newest valid checkpoint (as resuming picks it), or ``checkpoints/step_<step>``."""
-    if step is None:
-        ckpt, _ = select_checkpoint(run_dir, model)  # warns about damaged newer ones
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-        return ckpt
-    ckpt = checkpoint_dir(run_dir) / f"step_{step:08d}"
-    if not ckpt.is_dir():
-        have = [p.name for p in reversed(step_folders(run_dir))]
-        raise CheckpointError(f"--checkpoint {step}: {ckpt} does not exist; the run has {have}")
-    problem = check_checkpoint(ckpt, model_shapes(model))
-    if problem is not None:
-        raise CheckpointError(f"--checkpoint {step}: {ckpt} is {problem.kind}: {problem.detail}")
-    return ckpt
 
 
 def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -> LoadedRun:
@@ -73,11 +51,11 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
         raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = from_dict(TrainConfig, load_yaml(run_dir / "config.yaml"))
     model = Transformer(cfg.model)
-    ckpt = find_checkpoint(run_dir, model, checkpoint)
+    ckpt = pick_checkpoint(run_dir, model, checkpoint)
     aux = None
     if model.router_sites():
         aux = _load_aux(run_dir, model)
-    _load_weights(ckpt, model)
+    load_weights(ckpt, model)
     if cfg.tokenizer.path:  # a tokenizer folder used as is
         from sparsefusion.tokenizers.build import load_tokenizer
 
@@ -102,17 +80,3 @@ def _load_aux(run_dir: Path, model: Transformer) -> AuxRouters:
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"{path} does not match the model's router sites: {e}") from e
     return aux
-
-
-def _load_weights(ckpt: Path, model: Transformer) -> None:
-    from sparsefusion.distributed.mesh import DistEnv
-    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
-
-    if is_dcp_checkpoint(ckpt):
-        load_dcp_checkpoint(ckpt, model, None, DistEnv())
-        return
-    try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-        model.load_state_dict(weights, strict=True)
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load {ckpt / 'model.safetensors'}: {e}") from e

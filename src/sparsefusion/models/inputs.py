@@ -63,7 +63,7 @@ class ModelInputs:
             elif isinstance(v, RoutingPlan):
                 v = v.to(device)
             out[f.name] = v
-        return ModelInputs(**out)
+        return type(self)(**out)  # subclasses (objectives' extra fields) keep their type
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ side, n = patches per image, P = I*n patches, C = values per patch.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 
@@ -33,7 +32,6 @@ from sparsefusion.data.batch import Batch
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig, ModelOutput
 from sparsefusion.nn.patch_embed import patchify
-from sparsefusion.nn.routing import RoutingPlan
 from sparsefusion.objectives.ar import token_cross_entropy
 from sparsefusion.objectives.base import (
     LossTerm,
@@ -76,17 +74,6 @@ class DiffusionInputs(ModelInputs):
 
     noise_PC: torch.Tensor | None = None
     num_images: int = 0
-
-    def to(self, device: torch.device | str) -> DiffusionInputs:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device, non_blocking=True)
-            elif isinstance(v, RoutingPlan):
-                v = v.to(device)
-            out[f.name] = v
-        return DiffusionInputs(**out)
 
 
 class TransfusionObjective:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.models.transformer import ModelConfig, Transformer
 from sparsefusion.train.checkpoint import CheckpointError
-from sparsefusion.train.resume import select_checkpoint, step_folders
+from sparsefusion.train.resume import step_folders
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -30,8 +30,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Raises:
         CheckpointError: when the run has no usable checkpoint or it does not match its config.
     """
-    from sparsefusion.distributed.mesh import DistEnv
-    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
+    from sparsefusion.train.weights import load_weights, pick_checkpoint
 
     run_dir = Path(run_dir)
     if not step_folders(run_dir):
@@ -41,13 +40,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         model = Transformer(from_dict(ModelConfig, config["model"], where="model"))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{run_dir / 'config.yaml'}: not a usable run config ({e})") from e
-    ckpt, _ = select_checkpoint(run_dir, model)  # warns about damaged ones it skips
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-    if is_dcp_checkpoint(ckpt):
-        load_dcp_checkpoint(ckpt, model, None, DistEnv())
-    else:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    ckpt = pick_checkpoint(run_dir, model)  # the newest valid checkpoint
+    load_weights(ckpt, model)
     out = Path(out) if out is not None else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
