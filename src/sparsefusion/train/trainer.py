@@ -171,6 +171,43 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
     num_params = sum(p.numel() for p in model.parameters())
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
+    loaders, val = _data(cfg, source, val_source, tokenizer, env, latent=latent)
+
+    state = TrainState()
+    if ckpt is not None:
+        saved = _load(ckpt, model, optimizer, env)
+        loaders.load_state_dict(saved["loader"])
+        state = TrainState.from_saved(saved)
+        log.info("resumed from %s (step %d)", ckpt, state.step)
+    elif seed_state is not None:  # keep the seed's data position (no data is repeated)
+        loaders.load_state_dict(seed_state["loader"])
+        log.info("upcycled from %s (seed step %d)", cfg.model.upcycle_from, seed_state["step"])
+    log.info(
+        "model %s: %.2fM parameters, %d towers %s, device %s, %d process(es), strategy %s",
+        cfg.model.arch,
+        num_params / 1e6,
+        cfg.model.num_towers,
+        cfg.model.tower_names,
+        device,
+        env.world_size,
+        cfg.dist.resolved_strategy(env.is_distributed),
+    )
+    metrics = (
+        MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
+        if env.is_main
+        else NullMetrics()
+    )
+    try:
+        loop = (model, optimizer, loaders, val, state, metrics, env, run_dir)
+        return _loop(cfg, *loop, on_checkpoint=_hook(on_checkpoint, cfg, env))
+    finally:
+        loaders.close()
+        metrics.close()
+
+
+def _data(cfg: TrainConfig, source, val_source, tokenizer, env: DistEnv, *, latent: bool):
+    """The training batch stream of this rank and the fixed validation batches."""
+    device = env.device
     bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
     if latent:  # the Transfusion setting: latent streams (read in the training thread)
         if cfg.data.workers:
@@ -204,37 +241,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
             num_batches=cfg.data.val_batches,
             **bad_input,
         )
-
-    state = TrainState()
-    if ckpt is not None:
-        saved = _load(ckpt, model, optimizer, env)
-        loaders.load_state_dict(saved["loader"])
-        state = TrainState.from_saved(saved)
-        log.info("resumed from %s (step %d)", ckpt, state.step)
-    elif seed_state is not None:  # keep the seed's data position (no data is repeated)
-        loaders.load_state_dict(seed_state["loader"])
-        log.info("upcycled from %s (seed step %d)", cfg.model.upcycle_from, seed_state["step"])
-    log.info(
-        "model %s: %.2fM parameters, %d towers %s, device %s, %d process(es), strategy %s",
-        cfg.model.arch,
-        num_params / 1e6,
-        cfg.model.num_towers,
-        cfg.model.tower_names,
-        device,
-        env.world_size,
-        cfg.dist.resolved_strategy(env.is_distributed),
-    )
-    metrics = (
-        MetricsLogger(run_dir, resume_step=state.step, tensorboard=cfg.run.tensorboard)
-        if env.is_main
-        else NullMetrics()
-    )
-    try:
-        loop = (model, optimizer, loaders, val, state, metrics, env, run_dir)
-        return _loop(cfg, *loop, on_checkpoint=_hook(on_checkpoint, cfg, env))
-    finally:
-        loaders.close()
-        metrics.close()
+    return loaders, val
 
 
 def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
