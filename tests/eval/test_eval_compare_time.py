@@ -162,3 +162,16 @@ def test_compare_writes_time_plots(tmp_path):
         "time_matching_eval.png",
     ):
         assert n in names, n
+
+
+def test_higher_is_better_notes_name_the_metric_value():
+    import numpy as np
+
+    from sparsefusion.eval.compare import savings_factor
+
+    base_x, base_y = np.array([1.0, 2.0]), -np.array([10.0, 20.0])  # clip_sf 10 -> 20, negated
+    run_x, run_y = np.array([1.0, 2.0]), -np.array([25.0, 30.0])
+    est = savings_factor(base_x, base_y, run_x, run_y, negated=True)
+    assert "at or above 20.0000" in est.note
+    never = savings_factor(base_x, base_y, run_x, -np.array([1.0, 2.0]), negated=True)
+    assert "final value 20.0000" in never.note

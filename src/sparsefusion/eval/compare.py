@@ -148,8 +148,12 @@ def savings_factor(
     run_loss_M: np.ndarray,
     *,
     unit: str = "FLOPs",
+    negated: bool = False,
 ) -> Estimate:
     """The baseline's total FLOPs over the FLOPs at which the run first reaches its final loss.
+
+    ``negated``: the curves are a higher-is-better metric passed negated (notes then name the
+    metric's own value and say "at or above").
 
     With elapsed seconds as x (``unit="s"``) this is the wall-clock savings factor (MoT,
     arXiv:2411.04996, Figure 19: 1 / factor is the share of the baseline's time).
@@ -160,14 +164,16 @@ def savings_factor(
     """
     total, level = float(base_flops_N[-1]), float(base_loss_N[-1])
     cross = first_crossing(run_flops_M, run_loss_M, level)
+    shown, what = (-level, "value") if negated else (level, "loss")
     if cross.kind == "never":
         last = float(run_flops_M[-1])
-        note = f"never reaches the baseline's final loss {level:.4f} within {last:.3g} {unit}"
+        note = f"never reaches the baseline's final {what} {shown:.4f} within {last:.3g} {unit}"
         return Estimate(total / last, "upper", note)
     if cross.x is None or cross.x <= 0:
         return Estimate(None, "none", f"crossing at zero {unit}")
     if cross.kind == "at_or_before":
-        note = f"already at or below {level:.4f} at its first logged point"
+        side = "above" if negated else "below"
+        note = f"already at or {side} {shown:.4f} at its first logged point"
         return Estimate(total / cross.x, "lower", note)
     return Estimate(total / cross.x)
 

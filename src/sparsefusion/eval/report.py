@@ -159,13 +159,15 @@ def _compare_split(base_keys, run_keys, cfg: CompareConfig) -> dict[str, KeyResu
         sign = _sign(key)
         b_y_N, r_y_M = sign * b_y_N, sign * r_y_M
         if b_flops_N[-1] > 0 and r_flops_M[-1] > 0:
-            savings = savings_factor(b_flops_N, b_y_N, r_flops_M, r_y_M)
+            savings = savings_factor(b_flops_N, b_y_N, r_flops_M, r_y_M, negated=sign < 0)
         else:
             savings = Estimate(None, "none", "no FLOPs logged")
         match = match_steps(b_step_N, b_y_N, r_step_M, r_y_M, fit_from=cfg.fit_from)
         result = KeyResult(final, savings, match)
         if np.all(np.isfinite(b_t_N)) and np.all(np.isfinite(r_t_M)) and b_t_N[-1] > 0:
-            result.time_savings = savings_factor(b_t_N, b_y_N, r_t_M, r_y_M, unit="s")
+            result.time_savings = savings_factor(
+                b_t_N, b_y_N, r_t_M, r_y_M, unit="s", negated=sign < 0
+            )
             result.time_match = match_steps(b_t_N, b_y_N, r_t_M, r_y_M, fit_from=cfg.fit_from)
         out[key] = result
     return out
