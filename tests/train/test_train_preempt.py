@@ -7,49 +7,28 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from run_helpers import run_args, train_cli, train_rows, wait_for
 
 from sparsefusion.cli.main import resolve_config
 from sparsefusion.train import checkpoint as ck
 from sparsefusion.train import run_lock
-from sparsefusion.train.faults import ENV
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
-
-COMMON = (
-    "run.progress=log",
-    "run.log_every=1",
-    "run.eval_every=0",
-    "run.save_every=3",
-    "train.steps=7",
-    "train.threads=1",
-)
 
 
 def _args(run_dir: Path, cache: str) -> list[str]:
-    return [f"run.dir={run_dir}", f"tokenizer.cache_dir={cache}", *COMMON]
+    return run_args(run_dir, cache, save_every=3)
 
 
 def _cli(run_dir: Path, cache: str, faults: str = "") -> subprocess.Popen:
-    env = dict(os.environ, **{ENV: faults})
-    cmd = [sys.executable, "-m", "sparsefusion", "train", "mot-debug", *_args(run_dir, cache)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return train_cli(_args(run_dir, cache), faults)
 
 
-def _rows(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r}
-
-
-def _wait_for(proc: subprocess.Popen, marker: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-        assert time.monotonic() < deadline, "the fault point was never reached"
-        time.sleep(0.05)
+_rows = train_rows
+_wait_for = wait_for
 
 
 @pytest.fixture(scope="module")
