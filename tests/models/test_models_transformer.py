@@ -250,7 +250,10 @@ def test_untied_image_weights_only_affect_positions_that_see_images(switch):
 
 
 def _embedding_grads(model, tokens, modality, position, document, span, select):
-    """Gradient of sum(logits[select]) w.r.t. the embedding output, (B, T, D)."""
+    """Gradient of sum(logits[select]) w.r.t. the embedding output, (B, T, D), original order.
+
+    The model looks the embeddings up in plan-sorted order; the plan's unsort maps them back.
+    """
     store = {}
 
     def hook(_module, _inputs, out):
@@ -261,7 +264,8 @@ def _embedding_grads(model, tokens, modality, position, document, span, select):
     logits = _run(model, tokens, modality, position, document, span)
     handle.remove()
     logits[select].sum().backward()
-    return store["emb"].grad
+    grad_ND = _plan(model.cfg, modality).unsort(store["emb"].grad)
+    return grad_ND.view(*tokens.shape, -1)
 
 
 def test_packed_row_equals_documents_run_alone_and_never_crosses():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsefusion.nn.feed_forward import TowerFFN, ffn_hidden_dim
-from sparsefusion.nn.norms import TowerRMSNorm
+from sparsefusion.nn.norms import TowerRMSNorm, per_position
 from sparsefusion.nn.routing import build_plan
 from sparsefusion.nn.tower_linear import TowerLinear, grouped_mm_usable
 
@@ -103,6 +103,30 @@ def test_tower_rmsnorm_matches_loop():
     shared = TowerRMSNorm(8, 1)
     shared.init_weights()
     torch.testing.assert_close(shared(x_NHD), F.rms_norm(x_NHD, (8,), eps=1e-5))
+
+
+@pytest.mark.parametrize("shape", [(9, 8), (9, 3, 8)])
+def test_tower_rmsnorm_slice_path_equals_per_position_product(shape):
+    """The eager per-slice scale (fast path) gives the per-position product's values and grads."""
+    torch.manual_seed(0)
+    plan = build_plan(torch.tensor([2, 0, 2, 2, 0, 0, 2, 0, 2]), 3)  # tower 1 empty
+    norm = TowerRMSNorm(8, 3, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(3, 8))
+    x = torch.randn(*shape, requires_grad=True)
+    grad_out = torch.randn(*shape)
+    y = norm(x, plan)
+    (y * grad_out).sum().backward()
+    w_N = per_position(norm.weight, plan).view(shape[0], *([1] * (len(shape) - 2)), 8)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = norm.weight.detach().clone().requires_grad_(True)
+    w_ref_N = per_position(w_ref, plan).view_as(w_N)
+    y_ref = F.rms_norm(x_ref, (8,), eps=1e-5) * w_ref_N
+    (y_ref * grad_out).sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(norm.weight.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
+    assert norm.weight.grad[1].abs().max() == 0  # the empty tower gets no gradient
 
 
 def test_tower_ffn_matches_per_position_swiglu():

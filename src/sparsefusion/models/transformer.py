@@ -455,7 +455,7 @@ class Transformer(nn.Module):
         rope = rope_angles(inputs.position_BT, self.cfg.head_dim, self.cfg.rope_theta)
         routing = ctx.routing()
         layout = self.layout(inputs)
-        x_ND = plan.sort(self._embed(inputs))
+        x_ND = self._embed(inputs, plan)
         stats = RouterStats.empty()
         for i, layer in enumerate(self.layers):
             kv = cache.layer(i, self._cache_documents(inputs), inputs.span_BT) if cache else None
@@ -476,10 +476,13 @@ class Transformer(nn.Module):
             records=list(stats.records),
         )
 
-    def _embed(self, inputs: ModelInputs) -> torch.Tensor:
-        """Token embeddings (N, D), original order; patch slots hold the patch embeddings."""
+    def _embed(self, inputs: ModelInputs, plan: RoutingPlan) -> torch.Tensor:
+        """Token embeddings (N, D) in plan-sorted order; patch slots hold the patch embeddings.
+
+        The token ids are sorted before the lookup, so no (N, D) activation is gathered.
+        """
         B, T = inputs.shape
-        x_ND = self.embedding(inputs.tokens_BT).view(B * T, -1)
+        x_ND = self.embedding(plan.sort(inputs.tokens_BT.reshape(B * T)))
         if inputs.patches_PC is None or inputs.patches_PC.shape[0] == 0:
             return x_ND
         if self.patch_embed is None or inputs.patch_slot_P is None or inputs.timestep_P is None:
@@ -488,7 +491,8 @@ class Transformer(nn.Module):
                 "embedder: set model.latent_channels (the Transfusion setting)"
             )
         p_PD = self.patch_embed(inputs.patches_PC.to(x_ND.dtype), inputs.timestep_P)
-        return x_ND.index_copy(0, inputs.patch_slot_P, p_PD.to(x_ND.dtype))
+        slot_P = inputs.patch_slot_P if plan.is_identity else plan.inv_perm_N[inputs.patch_slot_P]
+        return x_ND.index_copy(0, slot_P, p_PD.to(x_ND.dtype))
 
     def _heads(
         self, h_ND: torch.Tensor, inputs: ModelInputs

@@ -28,6 +28,36 @@ def per_position(weight_GD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     return torch.repeat_interleave(weight_GD, repeats_G, dim=0, output_size=plan.num_positions)
 
 
+class _TowerScale(torch.autograd.Function):
+    """``y * weight[g]`` on each tower's contiguous slice of rows (plan-sorted input).
+
+    The same arithmetic as the per-position product, but every slice broadcasts its tower's row
+    (as the one-tower norm does), so no (N, D) weight tensor is built, and the weight gradient
+    is a per-slice sum. Eager only: a compiled graph takes the per-position product (the
+    compiler fuses it).
+    """
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, weight_GD: torch.Tensor, slices: list[tuple[int, int]]):
+        ctx.save_for_backward(y_ND, weight_GD)
+        ctx.slices = slices
+        out_ND = torch.empty_like(y_ND)
+        for g, (s, e) in enumerate(slices):
+            torch.mul(y_ND[s:e], weight_GD[g], out=out_ND[s:e])
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        y_ND, weight_GD = ctx.saved_tensors
+        grad_y_ND = torch.empty_like(y_ND)
+        grad_w_GD = torch.zeros_like(weight_GD)
+        for g, (s, e) in enumerate(ctx.slices):
+            torch.mul(grad_ND[s:e], weight_GD[g], out=grad_y_ND[s:e])
+            if e > s:
+                torch.sum((grad_ND[s:e] * y_ND[s:e]).flatten(0, -2), dim=0, out=grad_w_GD[g])
+        return grad_y_ND, grad_w_GD, None
+
+
 class TowerRMSNorm(nn.Module):
     """RMSNorm over the last dim with ``num_towers`` weight vectors.
 
@@ -65,6 +95,8 @@ class TowerRMSNorm(nn.Module):
             return (y_ND * self.weight[0].float()).type_as(x_ND)
         if plan is None or plan.num_groups != self.num_towers:
             raise ValueError(f"TowerRMSNorm with {self.num_towers} towers needs a matching plan")
+        if not torch.compiler.is_compiling():
+            return _TowerScale.apply(y_ND, self.weight.float(), plan.slices()).type_as(x_ND)
         w_ND = per_position(self.weight, plan).float()
         w_ND = w_ND.view(w_ND.shape[0], *([1] * (x_ND.dim() - 2)), self.dim)
         return (y_ND * w_ND).type_as(x_ND)

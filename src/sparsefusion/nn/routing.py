@@ -53,11 +53,11 @@ class RoutingPlan:
 
     def sort(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Original order -> group-sorted order (along dim 0)."""
-        return x_ND if self.is_identity else x_ND.index_select(0, self.perm_N)
+        return x_ND if self.is_identity else permute_rows(x_ND, self.perm_N, self.inv_perm_N)
 
     def unsort(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Group-sorted order -> original order (along dim 0)."""
-        return x_ND if self.is_identity else x_ND.index_select(0, self.inv_perm_N)
+        return x_ND if self.is_identity else permute_rows(x_ND, self.inv_perm_N, self.perm_N)
 
     def to(self, device: torch.device | str) -> RoutingPlan:
         """Copy the index tensors to ``device`` (host counts stay on the host)."""
@@ -82,6 +82,37 @@ class RoutingPlan:
                 raise ValueError("subset() of a device tensor needs host counts")
             return build_plan(group_K, self.num_groups)
         return _plan_from_counts(group_K, counts)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` for a permutation ``index``, whose backward is a gather too.
+
+    The backward of a plain ``index_select`` zero-fills the input gradient and scatter-adds into
+    it; for a permutation the gradient is the output gradient gathered by the inverse.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, index_N: torch.Tensor, inverse_N: torch.Tensor):
+        ctx.save_for_backward(inverse_N)
+        return x_ND.index_select(0, index_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        return grad_ND.index_select(0, inverse_N), None, None
+
+
+def permute_rows(
+    x_ND: torch.Tensor, index_N: torch.Tensor, inverse_N: torch.Tensor
+) -> torch.Tensor:
+    """Rows of ``x_ND`` in the order of the permutation ``index_N`` (``inverse_N`` its inverse).
+
+    Same values as ``x_ND.index_select(0, index_N)``; under autograd the backward gathers the
+    gradient with ``inverse_N`` instead of scatter-adding it.
+    """
+    if not (x_ND.requires_grad and torch.is_grad_enabled()):
+        return x_ND.index_select(0, index_N)
+    return _PermuteRows.apply(x_ND, index_N, inverse_N)
 
 
 def build_plan(group_N: torch.Tensor, num_groups: int) -> RoutingPlan:
