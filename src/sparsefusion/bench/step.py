@@ -33,6 +33,7 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.presets import model_size
 from sparsefusion.models.transformer import ModelConfig, Transformer
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
+from sparsefusion.train.host_malloc import apply_host_malloc
 from sparsefusion.train.optim import OptimConfig, build_optimizer
 from sparsefusion.train.step import forward_loss
 
@@ -56,6 +57,7 @@ class BenchSettings:
         compile: ``torch.compile`` each block.
         rounds: timing rounds over all rows (> 1 interleaves the rows; all models stay alive).
         vocab_size: vocabulary of the synthetic batch.
+        host_malloc: ``reuse`` or ``system``, as ``train.host_malloc`` (process-wide).
     """
 
     archs: list[str]
@@ -70,6 +72,7 @@ class BenchSettings:
     compile: bool = False
     rounds: int = 1
     vocab_size: int = 4096
+    host_malloc: str = "reuse"
 
     def __post_init__(self) -> None:
         if not self.archs:
@@ -233,6 +236,7 @@ def run_bench(s: BenchSettings, *, out: Path | None = None) -> list[dict[str, An
         if s.device == "auto" and torch.cuda.is_available()
         else ("cpu" if s.device == "auto" else s.device)
     )
+    apply_host_malloc(s.host_malloc)
     if s.rounds > 1:
         rows = _bench_interleaved(s, device)
     else:
@@ -259,7 +263,7 @@ def format_table(rows: list[dict[str, Any]], s: BenchSettings, device: torch.dev
     """A Markdown table of the rows."""
     head = (
         f"size={s.size} seq={s.seq_len} batch={s.batch_size} device={_device_name(device)} "
-        f"compile={s.compile} rounds={s.rounds} steps={s.steps}\n"
+        f"compile={s.compile} rounds={s.rounds} steps={s.steps} host_malloc={s.host_malloc}\n"
     )
     lines = [
         "| arch | step (ms) | tokens/s | vs first (throughput) | MFU | peak mem (GB) "

@@ -100,6 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         rounds=args.rounds,
+        host_malloc=args.host_malloc,
     )
     run_bench(settings, out=Path(args.out) if args.out else None)
     return 0
@@ -116,6 +117,12 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument(
+        "--host-malloc",
+        choices=["reuse", "system"],
+        default="reuse",
+        help="glibc allocator setting, as train.host_malloc (default: reuse, as training)",
+    )
     p.add_argument(
         "--rounds", type=int, default=1, help="> 1: time the rows in turn, this many rounds"
     )

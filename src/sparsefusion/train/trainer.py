@@ -47,6 +47,7 @@ from sparsefusion.train import faults, preempt, run_lock
 from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sparsefusion.train.config import TrainConfig
 from sparsefusion.train.device import autocast_context, resolve_device
+from sparsefusion.train.host_malloc import apply_host_malloc
 from sparsefusion.train.latent_data import (
     check_latent_resume,
     finalize_latent,
@@ -137,6 +138,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
         _setup_file_logging(run_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    apply_host_malloc(cfg.train.host_malloc)
     device = env.device
     if cfg.model.attention_backend == "flex" and device.type != "cuda":
         raise ValueError(
