@@ -42,7 +42,7 @@ PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16 FLOP/s
 
 
 def _cfg(preset: str, args: argparse.Namespace, *extra: str):
-    over = [f"tokenizer.cache_dir={args.cache}", "train.threads=1", *extra]
+    over = [f"tokenizer.cache_dir={args.cache}", f"train.threads={args.train_threads}", *extra]
     return resolve_config(preset, over)
 
 
@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12, help="breakdown: timed steps per round")
     p.add_argument("--optim-impls", default="fused,for_loop", help="breakdown: AdamW variants")
     p.add_argument("--trainer-steps", type=int, default=60, help="trainer: steps per run")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="breakdown, trainer: torch threads of the training step (0: torch's default)",
+    )
     p.add_argument("--mfu", type=float, default=0.4, help="gpu: assumed model FLOPs utilisation")
     p.add_argument("--cache", default=".cache/sparsefusion/tokenizers", help="tokenizer cache")
     p.add_argument("--tiny", action="store_true", help="debug sizes, a few steps (CI dry run)")
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.preset, args.batches, args.steps, args.trainer_steps = "mot-debug", 40, 2, 4
         args.rounds, args.image_px = 1, 64
-    torch.set_num_threads(1)
+    args.train_threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # the loader section measures one worker on one core
     sections = [s for s in args.sections.split(",") if s]
     result: dict[str, Any] = {"torch": torch.__version__, "tiny": args.tiny}
     for name in sections:

@@ -24,6 +24,7 @@ from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train import trainer as T
+from sparsefusion.train.host_malloc import apply_host_malloc
 from sparsefusion.train.metrics import LogWindow
 from sparsefusion.train.optim import build_optimizer
 from sparsefusion.train.presets import resolve_config
@@ -46,7 +47,8 @@ class _Setup:
 
 
 def _setup(preset: str, impl: str, args: Any) -> _Setup:
-    over = [f"tokenizer.cache_dir={args.cache}", "train.threads=1", f"optim.impl={impl}"]
+    threads = getattr(args, "train_threads", 1)
+    over = [f"tokenizer.cache_dir={args.cache}", f"train.threads={threads}", f"optim.impl={impl}"]
     cfg = resolve_config(preset, over)
     source = build_source(cfg.data, seed=cfg.seed, split="train")
     tok = load_or_train_tokenizer(
@@ -108,9 +110,12 @@ def breakdown_rows(args: Any) -> dict[str, Any]:
 
     The variants take one step each in turn (``rounds x steps`` times), so that a shared
     machine's slow spells hit them alike. ``args``: ``tiny`` (debug presets), ``rounds``,
-    ``steps``, ``optim_impls`` (comma-separated), ``cache`` (tokenizer cache).
+    ``steps``, ``optim_impls`` (comma-separated), ``cache`` (tokenizer cache),
+    ``train_threads`` (torch threads of the step, default 1).
     """
     impls = [i for i in args.optim_impls.split(",") if i]
+    torch.set_num_threads(getattr(args, "train_threads", 1))
+    apply_host_malloc("reuse")  # as the trainer does by default
     keys = [(a, i) for i in impls for a in ("dense", "mot")]
     setups = {k: _setup(f"{k[0]}-debug" if args.tiny else k[0], k[1], args) for k in keys}
     for s in setups.values():

@@ -16,7 +16,7 @@ import torch
 
 from sparsefusion.data.documents import TEXT, Document, Segment
 from sparsefusion.data.issues import BadInput
-from sparsefusion.data.prefetch import BatchStream
+from sparsefusion.data.prefetch import BatchStream, resolve_workers
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.train.faults import ENV
 from sparsefusion.train.metrics import read_metrics
@@ -49,11 +49,11 @@ class _Source:
         return Document([Segment(TEXT, chr(97 + index % 26) * (3 + index % 11))], meta={})
 
 
-def _stream(workers: int, kind="thread", accum=2, source=None, prefetch=3) -> BatchStream:
+def _stream(workers: int, kind="thread", accum=2, source=None, prefetch=3, nice=0) -> BatchStream:
     loaders = ShardedLoaders(
         source or _Source(), _Tok(), seq_len=16, batch_size=2, grad_accum=accum, docs_per_chunk=4
     )
-    return BatchStream(loaders, workers=workers, prefetch=prefetch, kind=kind)
+    return BatchStream(loaders, workers=workers, prefetch=prefetch, kind=kind, nice=nice)
 
 
 def _take(stream: BatchStream, steps: int, accum: int = 2) -> list[torch.Tensor]:
@@ -117,6 +117,41 @@ def test_close_does_not_hang_with_full_queues(kind):
     stream.close()
     assert time.monotonic() - t0 < 2.0
     assert not any(p.is_alive() for p in stream._procs)
+
+
+def test_auto_workers_take_a_free_core_only(monkeypatch):
+    from sparsefusion.data import prefetch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_workers(0, cpu) == 0 and resolve_workers(3, cpu) == 3  # explicit values stay
+    assert resolve_workers("auto", cuda) == 1
+    monkeypatch.setattr(prefetch.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(prefetch.torch, "get_num_threads", lambda: 2)
+    assert resolve_workers("auto", cpu) == 0  # every core runs a torch thread
+    monkeypatch.setattr(prefetch.torch, "get_num_threads", lambda: 1)
+    assert resolve_workers("auto", cpu) == 1
+
+
+def test_worker_processes_run_at_the_asked_niceness():
+    stream = _stream(1, "process", nice=7)
+    try:
+        stream.next_batch(0)
+        (worker,) = stream._procs
+        parent = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, parent + 7)
+    finally:
+        stream.close()
+
+
+def test_workers_setting_is_auto_or_a_count():
+    from sparsefusion.config import ConfigError
+
+    assert resolve_config("mot-debug", []).data.workers == "auto"
+    assert resolve_config("mot-debug", ["data.workers=2"]).data.workers == 2
+    with pytest.raises((ConfigError, ValueError), match="data.workers"):
+        resolve_config("mot-debug", ["data.workers=many"])
+    with pytest.raises((ConfigError, ValueError), match="data.workers"):
+        resolve_config("mot-debug", ["data.workers=-1"])
 
 
 def _args(run_dir: Path, cache: str, workers: int, kind: str = "process") -> list[str]:

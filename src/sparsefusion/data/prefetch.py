@@ -46,7 +46,24 @@ log = logging.getLogger("sparsefusion")
 
 _POLL_S = 0.2  # how often blocked queue operations look at the stop flag / worker liveness
 KINDS = ("process", "thread")
-LOADING_KEYS = ("workers", "prefetch", "worker_kind")  # data.* keys a resumed run may change
+# data.* keys a resumed run may change (how batches are loaded, not which ones)
+LOADING_KEYS = ("workers", "prefetch", "worker_kind", "worker_nice")
+
+
+def resolve_workers(workers: int | str, device: torch.device) -> int:
+    """The number of background workers ``data.workers`` asks for (``auto`` resolved).
+
+    ``auto`` is one worker, except for CPU training whose torch threads already use every core
+    this process may run on: there a worker gets no core of its own and every batch it makes
+    preempts the step's compute threads (measured on 2 cores: 3-4% slower steps than loading in
+    the training thread, ``docs/benchmarks.md``), so batches load in the training thread.
+    """
+    if workers != "auto":
+        return int(workers)
+    if device.type != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if (cores or 1) > torch.get_num_threads() else 0
 
 
 class _Failure:
@@ -80,6 +97,7 @@ class BatchStream:
         prefetch: ready batches queued per stream (>= 1 when ``workers`` >= 1).
         pin_memory: hand out batches in pinned host memory (for asynchronous CUDA copies).
         kind: ``process`` or ``thread`` workers.
+        nice: niceness added to process workers (they yield the cores to the training step).
     """
 
     def __init__(
@@ -91,6 +109,7 @@ class BatchStream:
         prefetch: int = 2,
         pin_memory: bool = False,
         kind: str = "process",
+        nice: int = 0,
     ) -> None:
         if workers < 0 or (workers and prefetch < 1) or kind not in KINDS:
             raise ValueError(
@@ -106,7 +125,7 @@ class BatchStream:
                 "data.workers=%d but this rank has %d data stream(s) (train.grad_accum); one "
                 "worker per stream: using %d", workers, self.num_streams, self.workers,
             )  # fmt: skip
-        self.prefetch, self.pin_memory, self.kind = prefetch, pin_memory, kind
+        self.prefetch, self.pin_memory, self.kind, self.nice = prefetch, pin_memory, kind, nice
         self._queues: list[Any] = []
         self._procs: list[Any] = []  # threads or processes
         self._stop: Any = None
@@ -205,7 +224,7 @@ class BatchStream:
             mine = list(range(w, self.num_streams, self.workers))
             args = (w, [self.loaders.loaders[j] for j in mine], [self._queues[j] for j in mine],
                     self._stop, self.prepare, self.pin_memory and self.kind == "thread",
-                    None if self.kind == "thread" else os.getpid())  # fmt: skip
+                    None if self.kind == "thread" else os.getpid(), self.nice)  # fmt: skip
             self._procs.append(make_worker(target=_work, args=args, name=f"data-{w}", daemon=True))
         for p in self._procs:
             p.start()
@@ -219,13 +238,16 @@ def _produce(loader: Any, prepare, pin: bool) -> tuple[Batch, dict[str, Any]]:
     return (_pin(batch) if pin else batch), snapshot
 
 
-def _work(worker, loaders, queues, stop, prepare, pin, parent_pid) -> None:
+def _work(worker, loaders, queues, stop, prepare, pin, parent_pid, nice=0) -> None:
     """A worker's loop: produce the next batch of each of its streams in turn.
 
     ``parent_pid``: the training process (None for a thread worker, which lives inside it).
+    ``nice``: niceness a process worker adds to itself.
     """
     if parent_pid is not None:
         torch.set_num_threads(1)
+        if nice:
+            os.nice(nice)
         # SIGTERM/SIGINT sent to the whole job are the trainer's to handle (it finishes the step,
         # saves, then stops us); a worker keeps feeding it meanwhile.
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sparsefusion.data.limits import InputLimits
 from sparsefusion.data.scenes import DEFAULT_DOC_MIX, SceneCorpus, validate_doc_mix
@@ -43,9 +43,14 @@ class DataConfig:
         max_audio_seconds: users' data: an audio clip longer than this (from its header) is
             skipped before it is decoded.
         workers: background workers producing batches ahead of the step (0: load in the
-            training thread); see ``data/prefetch.py``.
+            training thread); ``auto``: one, unless the step's torch threads already occupy
+            every core of a CPU run, where a worker only preempts them (then 0); see
+            ``data/prefetch.py``.
         prefetch: ready batches queued per stream when ``workers`` >= 1.
         worker_kind: ``process`` (forked workers, no GIL shared with training) or ``thread``.
+        worker_nice: scheduling niceness added to process workers (0-19; 0 = the trainer's), so
+            that where cores are short a worker fills idle time instead of preempting the
+            step's compute threads.
     """
 
     source: str = "scenes"
@@ -63,9 +68,10 @@ class DataConfig:
     max_file_bytes: int = InputLimits.max_file_bytes
     max_image_pixels: int = InputLimits.max_image_pixels
     max_audio_seconds: float = InputLimits.max_audio_seconds
-    workers: int = 1
+    workers: int | Literal["auto"] = "auto"
     prefetch: int = 2
     worker_kind: str = "process"
+    worker_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.path and self.source == "scenes":
@@ -100,11 +106,13 @@ class DataConfig:
         for name in ("max_doc_bytes", "max_file_bytes", "max_image_pixels", "max_audio_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"data.{name} must be > 0, got {getattr(self, name)}")
-        if self.workers < 0 or self.prefetch < 1:
+        if (self.workers != "auto" and self.workers < 0) or self.prefetch < 1:
             raise ValueError(
-                f"data.workers must be >= 0 and data.prefetch >= 1, got {self.workers}, "
+                f"data.workers must be 'auto' or >= 0 and data.prefetch >= 1, got {self.workers}, "
                 f"{self.prefetch}"
             )
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError(f"data.worker_nice must be in [0, 19], got {self.worker_nice}")
         if self.worker_kind not in ("process", "thread"):
             raise ValueError(
                 f"data.worker_kind must be 'process' or 'thread', got {self.worker_kind!r}"

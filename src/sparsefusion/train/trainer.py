@@ -25,7 +25,7 @@ import torch
 from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
-from sparsefusion.data.prefetch import LOADING_KEYS, BatchStream
+from sparsefusion.data.prefetch import LOADING_KEYS, BatchStream, resolve_workers
 from sparsefusion.data.shards import ShardedLoaders
 from sparsefusion.data.sources import build_source
 from sparsefusion.distributed.mesh import (
@@ -211,8 +211,12 @@ def _data(cfg: TrainConfig, source, val_source, tokenizer, env: DistEnv, *, late
     """The training batch stream of this rank and the fixed validation batches."""
     device = env.device
     bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
+    workers = resolve_workers(cfg.data.workers, device)
+    if cfg.data.workers == "auto" and not latent:
+        log.info("data.workers=auto: %s", "one background worker" if workers else
+                 "loading in the training thread (torch's threads use every core)")  # fmt: skip
     if latent:  # the Transfusion setting: latent streams (read in the training thread)
-        if cfg.data.workers:
+        if workers and cfg.data.workers != "auto":
             log.warning("data.workers=%d is ignored: latent streams load synchronously",
                         cfg.data.workers)  # fmt: skip
         loaders = latent_loaders(cfg, source, tokenizer, env.rank, env.world_size)
@@ -230,10 +234,11 @@ def _data(cfg: TrainConfig, source, val_source, tokenizer, env: DistEnv, *, late
         )
         loaders = BatchStream(
             loaders,
-            workers=cfg.data.workers,
+            workers=workers,
             prefetch=cfg.data.prefetch,
             pin_memory=device.type == "cuda",
             kind=cfg.data.worker_kind,
+            nice=cfg.data.worker_nice,
         )
         val = validation_batches(
             val_source,
