@@ -35,8 +35,8 @@ import torch
 
 from sparsefusion.data.loader import PackedLoader
 from sparsefusion.data.sources import build_source
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.presets import resolve_config
 
 PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16 FLOP/s
 

@@ -22,13 +22,14 @@ from sparsefusion.distributed.mesh import DistEnv
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
+from sparsefusion.objectives.forward import StepOutput
+from sparsefusion.runs.presets import resolve_config
+from sparsefusion.runtime.host_malloc import apply_host_malloc
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.train import trainer as T
-from sparsefusion.train.host_malloc import apply_host_malloc
 from sparsefusion.train.metrics import LogWindow
 from sparsefusion.train.optim import build_optimizer
-from sparsefusion.train.presets import resolve_config
-from sparsefusion.train.step import StepOutput, global_counts
+from sparsefusion.train.step import global_counts
 
 PHASES = ("data", "plan_flops", "forward", "backward", "optimizer", "logging")
 

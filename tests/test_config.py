@@ -64,7 +64,7 @@ def test_bad_override_syntax():
 
 
 def test_train_config_presets_and_precedence(tmp_path: Path):
-    from sparsefusion.cli.main import resolve_config
+    from sparsefusion.runs.presets import resolve_config
 
     cfg = resolve_config("dense", ["train.steps=7", "seed=3"])
     assert cfg.model.arch == "dense" and cfg.train.steps == 7 and cfg.seed == 3
@@ -79,8 +79,7 @@ def test_train_config_presets_and_precedence(tmp_path: Path):
 
 
 def test_every_shipped_config_loads():
-    from sparsefusion.cli.main import resolve_config
-    from sparsefusion.train.presets import PRESETS
+    from sparsefusion.runs.presets import PRESETS, resolve_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.yaml"))

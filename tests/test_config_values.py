@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sparsefusion.config import ConfigError, load_yaml, merge, parse_overrides
-from sparsefusion.train.config import TrainConfig
+from sparsefusion.runs.config import TrainConfig
 from sparsefusion.train.optim import OptimConfig
 
 

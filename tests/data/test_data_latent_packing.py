@@ -13,9 +13,9 @@ from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
 from sparsefusion.data.latent_packing import LatentPackedLoader, arrange_pair
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
+from sparsefusion.objectives.forward import forward_loss
 from sparsefusion.tokenizers.latent import LatentDocument
 from sparsefusion.tokenizers.vocab import UnifiedVocab
-from sparsefusion.train.step import forward_loss
 
 PATCH_ID = 16 + 40  # vocab: 16 specials, 40 text ids, then the one image id
 

@@ -18,9 +18,9 @@ from sparsefusion.data.documents import TEXT, Document, Segment
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.prefetch import BatchStream, resolve_workers
 from sparsefusion.data.shards import ShardedLoaders
-from sparsefusion.train.faults import ENV
+from sparsefusion.runs.presets import resolve_config
+from sparsefusion.runtime.faults import ENV
 from sparsefusion.train.metrics import read_metrics
-from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
 
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from sparsefusion.distributed.mesh import DistEnv
-from sparsefusion.train import dcp as dist_ckpt
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint
-from sparsefusion.train.dcp import (
+from sparsefusion.checkpoint import dcp as dist_ckpt
+from sparsefusion.checkpoint.dcp import (
     SafeFileSystemReader,
     is_dcp_checkpoint,
     load_dcp_checkpoint,
     safe_load_metadata,
     save_dcp_checkpoint,
 )
+from sparsefusion.checkpoint.store import CheckpointError, checkpoint_dir, latest_checkpoint
+from sparsefusion.distributed.mesh import DistEnv
 
 
 def _save(path: Path, state: dict) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsefusion.cli.main import resolve_config
-from sparsefusion.train.checkpoint import checkpoint_dir, latest_checkpoint
-from sparsefusion.train.faults import ENV
+from sparsefusion.checkpoint.store import checkpoint_dir, latest_checkpoint
+from sparsefusion.runs.presets import resolve_config
+from sparsefusion.runtime.faults import ENV
 from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.distributed
 
 def _agree(rank: int, world_size: int, run_dir: str) -> None:
     from sparsefusion.distributed.mesh import DistEnv
-    from sparsefusion.train import preempt, run_lock
+    from sparsefusion.runtime import preempt, run_lock
 
     env = DistEnv(rank=rank, world_size=world_size, mesh=object())  # a process group is up
     assert preempt.stop_requested(1, env) is False
@@ -40,9 +40,9 @@ def test_torchrun_sigterm_on_one_rank_saves_the_same_step_on_all(tmp_path, token
     import subprocess
     import sys
 
-    from sparsefusion.train.checkpoint import latest_checkpoint
-    from sparsefusion.train.dcp import is_dcp_checkpoint
-    from sparsefusion.train.faults import ENV
+    from sparsefusion.checkpoint.dcp import is_dcp_checkpoint
+    from sparsefusion.checkpoint.store import latest_checkpoint
+    from sparsefusion.runtime.faults import ENV
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -17,8 +17,8 @@ import torch
 from dist_helpers import run_distributed_test
 from safetensors.torch import load_file
 
-from sparsefusion.cli.main import resolve_config
-from sparsefusion.train.export import export_run
+from sparsefusion.checkpoint.export import export_run
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 

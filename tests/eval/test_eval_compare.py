@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparsefusion.eval.compare import (
+from sparsefusion.compare.savings import (
     CompareConfig,
     checkpoint_point,
     ema,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsefusion.eval.compare import CompareConfig
-from sparsefusion.eval.curves import load_run
-from sparsefusion.eval.report import as_dict, compare_runs, markdown, run_compare
+from sparsefusion.compare.curves import load_run
+from sparsefusion.compare.report import as_dict, compare_runs, markdown, run_compare
+from sparsefusion.compare.savings import CompareConfig
 
 
 def _loss(x):
@@ -167,7 +167,7 @@ def test_compare_writes_time_plots(tmp_path):
 def test_higher_is_better_notes_name_the_metric_value():
     import numpy as np
 
-    from sparsefusion.eval.compare import savings_factor
+    from sparsefusion.compare.savings import savings_factor
 
     base_x, base_y = np.array([1.0, 2.0]), -np.array([10.0, 20.0])  # clip_sf 10 -> 20, negated
     run_x, run_y = np.array([1.0, 2.0]), -np.array([25.0, 30.0])

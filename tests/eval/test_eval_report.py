@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from sparsefusion.cli.main import main
-from sparsefusion.eval.compare import CompareConfig
-from sparsefusion.eval.curves import load_run
-from sparsefusion.eval.report import compare_runs, markdown, run_compare
+from sparsefusion.compare.curves import load_run
+from sparsefusion.compare.report import compare_runs, markdown, run_compare
+from sparsefusion.compare.savings import CompareConfig
 
 
 def _write_run(

@@ -16,8 +16,8 @@ import torch
 
 from sparsefusion.config import merge
 from sparsefusion.eval.run_eval import EvalConfig, evaluate_at_checkpoint, evaluate_run
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.train.aux_train import AuxTrainConfig, train_aux
-from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
 
 METRICS = ("loss/batch", "ppl/batch/text", "ppl/batch/image", "fid_sf", "clip_sf", "cider")

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from sparsefusion.cli.main import main
+from sparsefusion.compare.sweep import load_sweep
 from sparsefusion.config import ConfigError
-from sparsefusion.eval.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,11 +13,11 @@ from sparsefusion.generate.diffusion import DiffusionSettings, TransfusionGenera
 from sparsefusion.generate.request import GenerationRequest
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
+from sparsefusion.objectives.forward import forward_loss
 from sparsefusion.tokenizers.image_vae import ImageVAEConfig, VAEImageTokenizer
 from sparsefusion.tokenizers.latent import LatentTokenizer
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
 from sparsefusion.tokenizers.vocab import UnifiedVocab
-from sparsefusion.train.step import forward_loss
 
 pytest.importorskip("diffusers", reason="the transfusion extra is not installed")
 

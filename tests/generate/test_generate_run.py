@@ -12,12 +12,12 @@ from generate_archs import DOCS, tiny_generator_model, tiny_tokenizer
 from PIL import Image
 from safetensors.torch import save_file
 
+from sparsefusion.checkpoint.store import save_checkpoint
 from sparsefusion.config import to_dict
 from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
 from sparsefusion.generate import GenerationRequest, Generator, MissingAuxRouters, write_samples
 from sparsefusion.generate.engine import sequence_inputs
-from sparsefusion.train.checkpoint import save_checkpoint
-from sparsefusion.train.config import TrainConfig
+from sparsefusion.runs.config import TrainConfig
 
 
 def _write_run(tmp_path, tok, model, aux=None):

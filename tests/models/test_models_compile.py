@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
-from sparsefusion.cli.main import resolve_config
 from sparsefusion.nn.rope import rope_angles
 from sparsefusion.nn.routing_context import RoutingContext
+from sparsefusion.runs.presets import resolve_config
 
 PRESETS = ["dense", "mot", "moe-8x", "moma-1t1i", "moma-4t4i", "mot-text-moe4"]
 

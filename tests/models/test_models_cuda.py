@@ -77,7 +77,7 @@ def test_cuda_sparse_step_has_no_host_sync(preset):
     """Expert-choice groups take k from the plan's host counts: no sync inside the step."""
     from dataclasses import replace
 
-    from sparsefusion.cli.main import resolve_config
+    from sparsefusion.runs.presets import resolve_config
 
     cfg = replace(resolve_config(f"{preset}-debug", []).model, vocab_size=256)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ pytest.importorskip("fastapi", reason="needs the serve extra (pip install -e '.[
 
 from serve_helpers import STEPS  # noqa: E402
 
-from sparsefusion.train.presets import resolve_config  # noqa: E402
+from sparsefusion.runs.presets import resolve_config  # noqa: E402
 from sparsefusion.train.trainer import train  # noqa: E402
 
 
@@ -19,8 +19,8 @@ from sparsefusion.train.trainer import train  # noqa: E402
 def tiny_runs(tmp_path_factory, tokenizer_cache) -> dict[str, Path]:
     """``mot`` and ``dense`` debug runs (6 steps, checkpoints 3 and 6, validation at 3 and 6)
     and a compare report ``compare/`` beside them."""
-    from sparsefusion.eval.compare import CompareConfig
-    from sparsefusion.eval.report import run_compare
+    from sparsefusion.compare.report import run_compare
+    from sparsefusion.compare.savings import CompareConfig
 
     root = tmp_path_factory.mktemp("serve_runs")
     runs = {}

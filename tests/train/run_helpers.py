@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sparsefusion.train.faults import ENV
+from sparsefusion.runtime.faults import ENV
 from sparsefusion.train.metrics import read_metrics
 
 

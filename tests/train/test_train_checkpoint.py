@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsefusion.train import checkpoint as ck
+from sparsefusion.checkpoint import store as ck
 from sparsefusion.train.optim import OptimConfig, build_optimizer, lr_at
 
 

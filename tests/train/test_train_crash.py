@@ -14,9 +14,9 @@ import torch
 from run_helpers import run_args, train_cli, train_rows, wait_for
 from safetensors.torch import load_file
 
-from sparsefusion.cli.main import resolve_config
-from sparsefusion.train import checkpoint as ck
-from sparsefusion.train.faults import ENV
+from sparsefusion.checkpoint import store as ck
+from sparsefusion.runs.presets import resolve_config
+from sparsefusion.runtime.faults import ENV
 from sparsefusion.train.trainer import train
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsefusion.train import checkpoint as ck
+from sparsefusion.checkpoint import store as ck
 
 
 @pytest.fixture()

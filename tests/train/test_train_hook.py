@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from sparsefusion.train.checkpoint import latest_checkpoint
+from sparsefusion.checkpoint.store import latest_checkpoint
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.train.metrics import read_metrics
-from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
 
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from sparsefusion.train.config import LoopConfig
-from sparsefusion.train.host_malloc import _glibc, apply_host_malloc
+from sparsefusion.runs.config import LoopConfig
+from sparsefusion.runtime.host_malloc import _glibc, apply_host_malloc
 
 needs_mallinfo2 = pytest.mark.skipif(
     _glibc() is None or not hasattr(_glibc(), "mallinfo2"), reason="needs glibc >= 2.33"
@@ -18,7 +18,7 @@ needs_mallinfo2 = pytest.mark.skipif(
 # put it (mmapped bytes while it lives) and what does the heap keep once it is freed?
 _HEAP = """
 import ctypes, sys, torch
-from sparsefusion.train.host_malloc import apply_host_malloc
+from sparsefusion.runtime.host_malloc import apply_host_malloc
 names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
          "fordblks", "keepcost")
 class Info(ctypes.Structure):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sparsefusion.cli.main import resolve_config
-from sparsefusion.train.checkpoint import latest_checkpoint
+from sparsefusion.checkpoint.store import latest_checkpoint
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from run_helpers import run_args, train_cli, train_rows, wait_for
 
-from sparsefusion.cli.main import resolve_config
-from sparsefusion.train import checkpoint as ck
-from sparsefusion.train import run_lock
+from sparsefusion.checkpoint import store as ck
+from sparsefusion.runs.presets import resolve_config
+from sparsefusion.runtime import run_lock
 from sparsefusion.train.trainer import train
 
 
@@ -106,7 +106,7 @@ def test_lock_is_released_after_a_run(tmp_path):
 
 
 def test_signal_before_the_first_step_exits_at_once_with_its_code():
-    from sparsefusion.train import preempt
+    from sparsefusion.runtime import preempt
 
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(preempt.Preempted, match="before training started") as e:

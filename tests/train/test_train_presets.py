@@ -5,7 +5,7 @@ import torch
 
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.inputs import plan_for
-from sparsefusion.train.presets import resolve_config
+from sparsefusion.runs.presets import resolve_config
 
 
 @pytest.mark.parametrize("preset", ["mod", "moma-4t4i-mod", "moma-4t4i", "moe-8x"])

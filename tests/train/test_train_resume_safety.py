@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsefusion.cli.main import resolve_config
-from sparsefusion.train import checkpoint as ck
-from sparsefusion.train.export import export_run
+from sparsefusion.checkpoint import store as ck
+from sparsefusion.checkpoint.export import export_run
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
@@ -133,9 +133,9 @@ def test_export_skips_a_damaged_newest_checkpoint(tmp_path, stopped_at_6, caplog
 
 
 def test_sharded_dcp_checkpoints_are_validated_too(tmp_path, caplog):
+    from sparsefusion.checkpoint.dcp import save_dcp_checkpoint
+    from sparsefusion.checkpoint.resume import select_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
-    from sparsefusion.train.dcp import save_dcp_checkpoint
-    from sparsefusion.train.resume import select_checkpoint
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))

@@ -17,8 +17,9 @@ from sparsefusion.distributed.mesh import DistEnv
 from sparsefusion.distributed.parallelize import apply_activation_checkpointing
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
-from sparsefusion.train.presets import resolve_config
-from sparsefusion.train.step import accumulate_gradients, forward_loss
+from sparsefusion.objectives.forward import forward_loss
+from sparsefusion.runs.presets import resolve_config
+from sparsefusion.train.step import accumulate_gradients
 
 B, T, V = 4, 24, 97
 

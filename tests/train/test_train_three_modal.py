@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsefusion.cli.main import resolve_config
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 

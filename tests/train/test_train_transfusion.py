@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sparsefusion.runs.presets import resolve_config
 from sparsefusion.train.metrics import read_metrics
-from sparsefusion.train.presets import resolve_config
 from sparsefusion.train.trainer import train
 
 pytest.importorskip("diffusers", reason="the transfusion extra is not installed")

@@ -33,9 +33,9 @@ from sparsefusion.models.flops import train_flops
 from sparsefusion.models.presets import model_size
 from sparsefusion.models.transformer import ModelConfig, Transformer
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
-from sparsefusion.train.host_malloc import apply_host_malloc
+from sparsefusion.objectives.forward import forward_loss
+from sparsefusion.runtime.host_malloc import apply_host_malloc
 from sparsefusion.train.optim import OptimConfig, build_optimizer
-from sparsefusion.train.step import forward_loss
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -110,7 +110,7 @@ def synthetic_batch(s: BenchSettings, *, seed: int = 0) -> Batch:
 
 def model_config(arch: str, s: BenchSettings) -> ModelConfig:
     """The model config of a bench row: a training preset's model at the bench size."""
-    from sparsefusion.train.presets import resolve_config
+    from sparsefusion.runs.presets import resolve_config
 
     preset = "mot" if arch == "naive-mot" else arch
     cfg = resolve_config(preset, []).model

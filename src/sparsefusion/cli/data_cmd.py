@@ -25,7 +25,7 @@ TEXT_H = 40
 
 def _config(target: str, preset: str, overrides: list[str]):
     from sparsefusion.data.sources import SOURCES
-    from sparsefusion.train.presets import resolve_config
+    from sparsefusion.runs.presets import resolve_config
 
     if target in SOURCES:
         extra = [f"data.source={target}"]

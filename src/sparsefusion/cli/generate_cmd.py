@@ -105,7 +105,7 @@ def _check_early(base, args: argparse.Namespace) -> None:
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
-    from sparsefusion.generate.bench import DecodeBenchSettings, run_decode_bench
+    from sparsefusion.bench.decode import DecodeBenchSettings, run_decode_bench
 
     settings = DecodeBenchSettings(
         arch=args.arch,

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from sparsefusion.config import ConfigError, merge, parse_overrides, to_dict
-from sparsefusion.train.presets import DEFAULT_PRESET, resolve_config  # noqa: F401
+from sparsefusion.runs.presets import resolve_config
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparsefusion.train.export import export_run
+    from sparsefusion.checkpoint.export import export_run
 
     out = export_run(args.run_dir, args.out)
     print(f"exported {out / 'model.safetensors'} and {out / 'config.yaml'}")
@@ -75,7 +75,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from sparsefusion.train.presets import PRESETS
+    from sparsefusion.runs.presets import PRESETS
 
     for name in sorted(PRESETS):
         model = PRESETS[name].get("model", {})
@@ -131,9 +131,9 @@ def _add_bench_parser(sub) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from sparsefusion.compare.report import markdown, run_compare
+    from sparsefusion.compare.savings import CompareConfig
     from sparsefusion.config import merge
-    from sparsefusion.eval.compare import CompareConfig
-    from sparsefusion.eval.report import markdown, run_compare
 
     runs = [a for a in args.runs if "=" not in a]
     if len(runs) < 2:
@@ -149,7 +149,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sparsefusion.eval.sweep import load_sweep, run_sweep
+    from sparsefusion.compare.sweep import load_sweep, run_sweep
 
     cfg = load_sweep(args.recipe)
     outcome = run_sweep(cfg, out=Path(args.out) if args.out else None, recipe=args.recipe)
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from sparsefusion.train.checkpoint import CheckpointError
+    from sparsefusion.checkpoint.store import CheckpointError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

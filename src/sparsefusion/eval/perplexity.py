@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from sparsefusion.checkpoint.weights import load_weights, pick_checkpoint
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.sources import build_source
@@ -25,12 +26,11 @@ from sparsefusion.models.inputs import ForwardContext
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.objectives.base import build_objective
+from sparsefusion.objectives.validate import evaluate
+from sparsefusion.runs.config import TrainConfig
+from sparsefusion.runtime.device import autocast_context
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.config import TrainConfig
-from sparsefusion.train.device import autocast_context
 from sparsefusion.train.latent_data import is_latent, latent_val_batches
-from sparsefusion.train.validate import evaluate
-from sparsefusion.train.weights import load_weights, pick_checkpoint
 
 log = logging.getLogger("sparsefusion")
 
@@ -47,7 +47,7 @@ def load_model(
     run_dir: Path, run_cfg: TrainConfig, step: int | None, device: torch.device
 ) -> tuple[Any, Path, dict]:
     """The model of checkpoint ``step`` (the newest usable one when None), in eval mode, its
-    folder and its saved counters. Checkpoints are validated first (``train/resume.py``): a
+    folder and its saved counters. Checkpoints are validated first (``checkpoint/resume.py``): a
     damaged newest one is skipped with a warning; a damaged or missing requested one is an error.
     """
     model = Transformer(run_cfg.model)

@@ -33,7 +33,7 @@ from sparsefusion.eval.generation_eval import (
 )
 from sparsefusion.eval.pairs import read_pairs
 from sparsefusion.eval.perplexity import load_model, routing_perplexity, run_config, val_batches
-from sparsefusion.train.config import TrainConfig
+from sparsefusion.runs.config import TrainConfig
 
 log = logging.getLogger("sparsefusion")
 SIZES = ("full", "small")
@@ -98,7 +98,7 @@ class EvalConfig:
 
 
 def _device(name: str) -> torch.device:
-    from sparsefusion.train.device import resolve_device
+    from sparsefusion.runtime.device import resolve_device
 
     return resolve_device(name)
 

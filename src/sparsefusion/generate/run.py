@@ -9,13 +9,13 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from sparsefusion.checkpoint.store import CheckpointError
+from sparsefusion.checkpoint.weights import load_weights, pick_checkpoint
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.generate.engine import MissingAuxRouters, aux_router_message
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-from sparsefusion.train.checkpoint import CheckpointError
-from sparsefusion.train.weights import load_weights, pick_checkpoint
 
 log = logging.getLogger("sparsefusion")
 
@@ -41,9 +41,9 @@ def load_run(run_dir: str | Path, checkpoint: int | None = None, device="cpu") -
         MissingAuxRouters: the model has batch-routed sites and the run has no aux routers.
     """
     from sparsefusion.data.sources import build_source
+    from sparsefusion.runs.config import TrainConfig
+    from sparsefusion.runtime.device import resolve_device
     from sparsefusion.tokenizers.build import load_or_train_tokenizer
-    from sparsefusion.train.config import TrainConfig
-    from sparsefusion.train.device import resolve_device
 
     device = resolve_device(str(device))
     run_dir = Path(run_dir)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from sparsefusion.checkpoint.store import latest_checkpoint, load_checkpoint
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.data.loader import validation_batches
 from sparsefusion.data.shards import ShardedLoaders
@@ -32,13 +33,12 @@ from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.nn.routing_context import RouterRecord
 from sparsefusion.objectives.base import Objective, build_objective
+from sparsefusion.objectives.forward import forward_loss
+from sparsefusion.objectives.validate import evaluate
+from sparsefusion.runs.config import TrainConfig
+from sparsefusion.runtime.device import autocast_context, resolve_device
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint
-from sparsefusion.train.config import TrainConfig
-from sparsefusion.train.device import autocast_context, resolve_device
 from sparsefusion.train.latent_data import is_latent, latent_loaders, latent_val_batches
-from sparsefusion.train.step import forward_loss
-from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
 

@@ -11,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sparsefusion.checkpoint.store import latest_checkpoint
 from sparsefusion.config import load_yaml
 from sparsefusion.data.latent_packing import LatentShardedLoaders, latent_validation_batches
-from sparsefusion.train.checkpoint import latest_checkpoint
-from sparsefusion.train.config import TrainConfig
+from sparsefusion.runs.config import TrainConfig
 
 
 def is_latent(cfg: TrainConfig) -> bool:

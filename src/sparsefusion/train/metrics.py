@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sparsefusion.distributed.mesh import all_reduce_sum
-from sparsefusion.train.step import LoggedSums, StepOutput, means
+from sparsefusion.objectives.forward import LoggedSums, StepOutput, means
 
 log = logging.getLogger(__name__)
 

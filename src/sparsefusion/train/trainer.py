@@ -22,6 +22,14 @@ from typing import Any
 
 import torch
 
+from sparsefusion.checkpoint import dcp as dist_ckpt
+from sparsefusion.checkpoint.resume import resume_checkpoint, step_folders
+from sparsefusion.checkpoint.store import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import validation_batches
@@ -40,14 +48,14 @@ from sparsefusion.distributed.parallelize import parallelize_model
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
+from sparsefusion.objectives.forward import StepOutput
+from sparsefusion.objectives.validate import evaluate
+from sparsefusion.runs.config import TrainConfig
+from sparsefusion.runtime import faults, preempt, run_lock
+from sparsefusion.runtime.device import autocast_context, resolve_device
+from sparsefusion.runtime.host_malloc import apply_host_malloc
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-from sparsefusion.train import dcp as dist_ckpt
-from sparsefusion.train import faults, preempt, run_lock
-from sparsefusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sparsefusion.train.config import TrainConfig
-from sparsefusion.train.device import autocast_context, resolve_device
-from sparsefusion.train.host_malloc import apply_host_malloc
 from sparsefusion.train.latent_data import (
     check_latent_resume,
     finalize_latent,
@@ -58,10 +66,8 @@ from sparsefusion.train.latent_data import (
 from sparsefusion.train.metrics import LogWindow, MetricsLogger, NullMetrics
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
-from sparsefusion.train.resume import resume_checkpoint, step_folders
-from sparsefusion.train.step import StepOutput, accumulate_gradients
+from sparsefusion.train.step import accumulate_gradients
 from sparsefusion.train.upcycle import upcycle
-from sparsefusion.train.validate import evaluate
 
 log = logging.getLogger("sparsefusion")
 
@@ -347,7 +353,7 @@ def _loop(
         if hook_now:
             on_checkpoint(run_dir, model, cfg, step)
         if stop and step < end:
-            preempt.exit_after_save(step, run_dir)
+            preempt.exit_after_save(step, checkpoint_dir(run_dir) / f"step_{step:08d}")
     progress.close()
     return last
 

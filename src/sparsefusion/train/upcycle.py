@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from sparsefusion.checkpoint.store import latest_checkpoint
 from sparsefusion.models.transformer import Transformer
-from sparsefusion.train.checkpoint import latest_checkpoint
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.groups\.(\d+)\.(w13|w2)$")
 _NEW = re.compile(r"(^layers\.\d+\.feed_forward\.groups\.\d+\.router$)|(^mod_routers\.)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,7 +11,56 @@ from sparsefusion.distributed.parallelize import DistConfig
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.base import ObjectiveConfig
 from sparsefusion.tokenizers.build import TokenizerConfig
-from sparsefusion.train.optim import OptimConfig
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and schedule (Chameleon defaults, spec section 1).
+
+    Attributes:
+        lr: peak learning rate.
+        betas: AdamW (beta1, beta2).
+        eps: AdamW epsilon.
+        weight_decay: decoupled weight decay, applied to matrices only (not norms).
+        grad_clip: global gradient-norm clip (0 disables).
+        warmup_steps: linear warm-up from 0 to ``lr``.
+        schedule: decay after warm-up: ``linear`` or ``cosine`` to ``lr * min_lr_ratio``, or
+            ``constant``.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        impl: AdamW implementation: ``auto`` (``fused`` when every parameter is a float tensor
+            on CPU or CUDA, else ``foreach``), ``fused`` (one kernel over all tensors; on CPU
+            about 5x faster than the loop for the demo models), ``foreach`` or ``for_loop``.
+    """
+
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        for name, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)):
+            if not 0 <= value < math.inf:  # also refuses NaN
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"optim.eps must be a finite number > 0, got {self.eps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.impl not in _IMPLS:
+            raise ValueError(f"optim.impl must be one of {_IMPLS}, got {self.impl!r}")
+
+
+_IMPLS = ("auto", "fused", "foreach", "for_loop")
 
 
 @dataclass(kw_only=True)

@@ -23,8 +23,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsefusion.compare.savings import CompareConfig
 from sparsefusion.config import ConfigError, from_dict, load_yaml
-from sparsefusion.eval.compare import CompareConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class SweepOutcome:
 
 def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") -> SweepOutcome:
     """Train every run (skipping finished ones), then compare the finished runs to the baseline."""
-    from sparsefusion.eval.report import run_compare
-    from sparsefusion.train.presets import resolve_config
+    from sparsefusion.compare.report import run_compare
+    from sparsefusion.runs.presets import resolve_config
 
     root = Path(cfg.out)
     outcome = SweepOutcome()
@@ -168,7 +168,7 @@ def _record(outcome: SweepOutcome, name: str, status: str, reason: str) -> None:
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    from sparsefusion.train.checkpoint import latest_checkpoint
+    from sparsefusion.checkpoint.store import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from sparsefusion.train import faults
+from sparsefusion.runtime import faults
 
 log = logging.getLogger("sparsefusion")
 
@@ -119,11 +119,8 @@ def stop_requested(step: int, env: Any) -> bool:
     return flag.item() > 0
 
 
-def exit_after_save(step: int, run_dir: Any) -> NoReturn:
-    """Log that the checkpoint of ``step`` is written and exit with ``128 + signal``."""
-    from sparsefusion.train.checkpoint import checkpoint_dir
-
-    checkpoint = checkpoint_dir(run_dir) / f"step_{step:08d}"
+def exit_after_save(step: int, checkpoint: Any) -> NoReturn:
+    """Log that ``checkpoint`` (of ``step``) is written and exit with ``128 + signal``."""
     signum = _state.requested or signal.SIGTERM
     msg = (
         f"{_name(signum)}: stopped after step {step}; checkpoint {checkpoint} is written. "

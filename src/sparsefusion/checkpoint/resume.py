@@ -27,7 +27,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from sparsefusion.train.checkpoint import STEP_DIR, CheckpointError, checkpoint_dir
+from sparsefusion.checkpoint.store import STEP_DIR, CheckpointError, checkpoint_dir
 
 log = logging.getLogger("sparsefusion")
 
@@ -191,7 +191,7 @@ def _check_loader_state(loader: Any) -> None:
 def _dcp_shapes(path: Path, state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from sparsefusion.train.dcp import safe_load_metadata
+    from sparsefusion.checkpoint.dcp import safe_load_metadata
 
     meta_file = path / "dcp" / ".metadata"
     try:

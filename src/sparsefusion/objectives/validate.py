@@ -12,7 +12,7 @@ from torch import nn
 from sparsefusion.data.batch import Batch
 from sparsefusion.models.inputs import ForwardContext
 from sparsefusion.objectives.base import Objective
-from sparsefusion.train.step import LoggedSums, forward_loss, means
+from sparsefusion.objectives.forward import LoggedSums, forward_loss, means
 
 
 @torch.no_grad()

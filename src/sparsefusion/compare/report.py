@@ -6,7 +6,7 @@ each key the baseline logs (``loss``, ``loss/<modality>``; ``fid_sf``, ``clip_sf
 against wall-clock time (``elapsed_s``, MoT's Figure 19), and per split the "x% checkpoint".
 ``clip_sf`` and ``cider`` are higher-is-better: a run "reaches" a level when it is at or above it.
 Non-finite rows (a diverged run) are reported with the step where they start. The math and its
-documented choices are in :mod:`sparsefusion.eval.compare`.
+documented choices are in :mod:`sparsefusion.compare.savings`.
 
 Legend: N = logged points of the baseline curve, M = logged points of a run curve.
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from sparsefusion.config import to_dict
-from sparsefusion.eval.compare import (
+from sparsefusion.compare.curves import SPLITS, RunCurves, SplitCurves, higher_is_better, load_run
+from sparsefusion.compare.savings import (
     CompareConfig,
     Estimate,
     StepMatch,
@@ -32,7 +32,7 @@ from sparsefusion.eval.compare import (
     match_steps,
     savings_factor,
 )
-from sparsefusion.eval.curves import SPLITS, RunCurves, SplitCurves, higher_is_better, load_run
+from sparsefusion.config import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def write_report(comp: Comparison, out: Path) -> list[Path]:
     js.write_text(json.dumps(as_dict(comp), indent=2) + "\n")
     written = [md, js]
     if comp.cfg.plots:
-        from sparsefusion.eval.plots import plot_loss_vs_flops, plot_step_matching
+        from sparsefusion.compare.plots import plot_loss_vs_flops, plot_step_matching
 
         for split in SPLITS:
             if split in comp.smoothed[comp.baseline.name]:

@@ -40,7 +40,7 @@ class DecodeBenchSettings:
 
 def build_bench_model(settings: DecodeBenchSettings):
     """The preset's model with the demo vocabulary (random init) and its aux routers."""
-    from sparsefusion.train.presets import resolve_config
+    from sparsefusion.runs.presets import resolve_config
 
     vocab = UnifiedVocab(dict(DEMO_VOCAB))
     cfg = resolve_config(

@@ -33,9 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsefusion.distributed.mesh import DistEnv, all_reduce_sum, barrier
-from sparsefusion.train import faults
-from sparsefusion.train.checkpoint import (
+from sparsefusion.checkpoint.store import (
     CheckpointError,
     checkpoint_dir,
     disk_error_message,
@@ -44,6 +42,8 @@ from sparsefusion.train.checkpoint import (
     restore_rng,
     rng_tensors,
 )
+from sparsefusion.distributed.mesh import DistEnv, all_reduce_sum, barrier
+from sparsefusion.runtime import faults
 
 log = logging.getLogger("sparsefusion")
 
@@ -303,7 +303,7 @@ def load_single_checkpoint(
         set_state_dict,
     )
 
-    from sparsefusion.train.checkpoint import unflatten_optimizer
+    from sparsefusion.checkpoint.store import unflatten_optimizer
 
     path = Path(path)
     try:

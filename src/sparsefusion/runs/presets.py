@@ -218,7 +218,7 @@ def resolve_config(config: str | None, overrides: list[str]):
     Precedence: dataclass defaults < preset < YAML file < overrides. A YAML file may name a
     preset to start from with a top-level ``preset:`` key.
     """
-    from sparsefusion.train.config import TrainConfig
+    from sparsefusion.runs.config import TrainConfig
 
     layers: list[tuple[str, dict]] = []
     if config is None:

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsefusion.train import faults
+from sparsefusion.runtime import faults
 
 log = logging.getLogger(__name__)
 

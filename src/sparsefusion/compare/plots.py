@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 if TYPE_CHECKING:
-    from sparsefusion.eval.report import Comparison
+    from sparsefusion.compare.report import Comparison
 
 _TITLES = {"train": "training", "val": "validation", "eval": "eval"}
 

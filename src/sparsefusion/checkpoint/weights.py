@@ -1,7 +1,7 @@
 """Load a finished run's weights for inference (generate, eval, export, serve).
 
 One way for every reader: the checkpoint is chosen as resuming chooses it (the newest that passes
-``train/resume.py``'s validation; damaged newer ones are skipped with a warning) or named by its
+``checkpoint/resume.py``'s validation; damaged newer ones are skipped with a warning) or named by
 step (then validated, and a problem is an error), and either format loads (single-process
 safetensors or sharded DCP, into a plain process).
 """
@@ -13,13 +13,13 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
-from sparsefusion.train.checkpoint import CheckpointError, checkpoint_dir
-from sparsefusion.train.resume import (
+from sparsefusion.checkpoint.resume import (
     check_checkpoint,
     model_shapes,
     select_checkpoint,
     step_folders,
 )
+from sparsefusion.checkpoint.store import CheckpointError, checkpoint_dir
 
 
 def pick_checkpoint(run_dir: Path, model: nn.Module, step: int | None = None) -> Path:
@@ -46,8 +46,8 @@ def pick_checkpoint(run_dir: Path, model: nn.Module, step: int | None = None) ->
 
 def load_weights(ckpt: Path, model: nn.Module) -> None:
     """Load the model weights of checkpoint folder ``ckpt`` (either format) into ``model``."""
+    from sparsefusion.checkpoint.dcp import is_dcp_checkpoint, load_dcp_checkpoint
     from sparsefusion.distributed.mesh import DistEnv
-    from sparsefusion.train.dcp import is_dcp_checkpoint, load_dcp_checkpoint
 
     if is_dcp_checkpoint(ckpt):
         load_dcp_checkpoint(ckpt, model, None, DistEnv())

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from sparsefusion.checkpoint.resume import step_folders
+from sparsefusion.checkpoint.store import CheckpointError
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.models.transformer import ModelConfig, Transformer
-from sparsefusion.train.checkpoint import CheckpointError
-from sparsefusion.train.resume import step_folders
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -25,12 +25,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         The output folder.
 
     The newest checkpoint that passes validation is used (damaged newer ones are skipped with a
-    warning, see ``train/resume.py``).
+    warning, see ``checkpoint/resume.py``).
 
     Raises:
         CheckpointError: when the run has no usable checkpoint or it does not match its config.
     """
-    from sparsefusion.train.weights import load_weights, pick_checkpoint
+    from sparsefusion.checkpoint.weights import load_weights, pick_checkpoint
 
     run_dir = Path(run_dir)
     if not step_folders(run_dir):
