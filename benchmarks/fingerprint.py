@@ -97,18 +97,20 @@ def _hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def fingerprint(work: Path, resume_from: Path | None) -> dict:
+def fingerprint(work: Path, resume_from: Path | None, only: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     common = [f"tokenizer.cache_dir={cache}", "run.progress=log", "train.threads=1",
               "train.steps=30", "run.log_every=1", "run.eval_every=15",
               "run.save_every=15"]  # fmt: skip
     out: dict = {"train": {}, "generate": {}, "eval": {}, "resume": {}}
-    for preset in FAMILIES:
+    for preset in [f for f in FAMILIES if not only or f in only]:
         run = work / "runs" / preset
         shutil.rmtree(run, ignore_errors=True)
         _cli("train", preset, f"run.dir={run}", *common)
         out["train"][preset] = _rows(run)
+    if only:  # a quick subset: trained runs and their generations only
+        return _generate(work, out, only)
     run = work / "runs" / "speech-mot-debug"
     shutil.rmtree(run, ignore_errors=True)
     speech = _speech_jsonl(work / "speech_data")
@@ -116,18 +118,7 @@ def fingerprint(work: Path, resume_from: Path | None) -> dict:
          "data.val_fraction=0.2", "data.val_batches=1", "model.modalities=[text,image,speech]",
          *SPEECH_TOK)  # fmt: skip
     out["train"]["speech-mot-debug"] = _rows(run)
-    gens = {
-        "mot-debug": ["--prompt", "A red circle", "--mode", "text_to_image", "--num", "2"],
-        "tf-mot-debug": ["--prompt", "A red circle", "--mode", "text_to_image", "--num", "2",
-                         "--diffusion-steps", "4"],
-        "tf-dense-debug": ["--prompt", "There is", "--num", "2", "--max-new-tokens", "12"],
-    }  # fmt: skip
-    for preset, args in gens.items():
-        dest = work / "gen" / preset
-        shutil.rmtree(dest, ignore_errors=True)
-        _cli("generate", str(work / "runs" / preset), *args, "--seed", "3", "--device", "cpu",
-             "--out", str(dest))  # fmt: skip
-        out["generate"][preset] = _hashes(dest)
+    _generate(work, out, None)
     for preset in ("mot-debug", "tf-mot-debug"):
         run = work / "runs" / preset
         _cli("eval", str(run), "eval.generate=false", "eval.device=cpu")
@@ -141,6 +132,24 @@ def fingerprint(work: Path, resume_from: Path | None) -> dict:
             _cli("train", preset, f"run.dir={run}", *common[:3], "train.steps=40",
                  "run.log_every=1", "run.eval_every=0", "run.save_every=40")  # fmt: skip
             out["resume"][preset] = [r for r in _rows(run) if r["step"] > 30]
+    return out
+
+
+def _generate(work: Path, out: dict, only: list[str] | None) -> dict:
+    gens = {
+        "mot-debug": ["--prompt", "A red circle", "--mode", "text_to_image", "--num", "2"],
+        "tf-mot-debug": ["--prompt", "A red circle", "--mode", "text_to_image", "--num", "2",
+                         "--diffusion-steps", "4"],
+        "tf-dense-debug": ["--prompt", "There is", "--num", "2", "--max-new-tokens", "12"],
+    }  # fmt: skip
+    for preset, args in gens.items():
+        if only and preset not in only:
+            continue
+        dest = work / "gen" / preset
+        shutil.rmtree(dest, ignore_errors=True)
+        _cli("generate", str(work / "runs" / preset), *args, "--seed", "3", "--device", "cpu",
+             "--out", str(dest))  # fmt: skip
+        out["generate"][preset] = _hashes(dest)
     return out
 
 
@@ -159,7 +168,9 @@ def diff(a_path: Path, b_path: Path) -> int:
     bad = 0
     for section in a:
         for name in a[section]:
-            if a[section][name] != b.get(section, {}).get(name):
+            if name not in b.get(section, {}):
+                continue  # not in the (quick) other file
+            if a[section][name] != b[section][name]:
                 bad += 1
                 print(f"DIFFERENT: {section}/{name}")
     print(f"{bad} differences in {sum(len(v) for v in a.values())} entries")
@@ -172,10 +183,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/sf_fingerprint"))
     ap.add_argument("--resume-from", type=Path, help="a --work folder written by another commit")
     ap.add_argument("--diff", nargs=2, type=Path)
+    ap.add_argument("--only", nargs="+", help="train and generate just these presets (quick)")
     args = ap.parse_args()
     if args.diff:
         raise SystemExit(diff(*args.diff))
-    result = fingerprint(args.work, args.resume_from)
+    result = fingerprint(args.work, args.resume_from, args.only)
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True))
     print(f"wrote {args.out}")
 
