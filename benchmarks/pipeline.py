@@ -132,7 +132,7 @@ def bench_breakdown(args: argparse.Namespace) -> dict[str, Any]:
 
 def bench_trainer(args: argparse.Namespace) -> dict[str, Any]:
     """``sparsefusion train`` tokens/s: dense/MoT x sync/background, in turn, ``rounds`` times."""
-    from sparsefusion.train.metrics import read_metrics
+    from sparsefusion.runs.folder import read_metrics
     from sparsefusion.train.trainer import train
 
     variants = [(a, w) for a in ("dense", "mot") for w in (0, 1)]

@@ -24,9 +24,11 @@ from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.objectives.forward import StepOutput
 from sparsefusion.runs.presets import resolve_config
+from sparsefusion.runs.tokenizer import finalize_config
+from sparsefusion.runtime.device import autocast_context
 from sparsefusion.runtime.host_malloc import apply_host_malloc
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train import trainer as T
+from sparsefusion.train.guards import clip_gradients
 from sparsefusion.train.metrics import LogWindow
 from sparsefusion.train.optim import build_optimizer
 from sparsefusion.train.step import global_counts
@@ -56,7 +58,7 @@ def _setup(preset: str, impl: str, args: Any) -> _Setup:
         cfg.tokenizer, build_source(cfg.data, seed=0, split="train"), progress=False,
         log=lambda m: None,
     )  # fmt: skip
-    cfg = T.finalize_config(cfg, tok.modalities, tok.vocab.padded_size())
+    cfg = finalize_config(cfg, tok)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model)
     model.init_weights()
@@ -70,7 +72,7 @@ def _setup(preset: str, impl: str, args: Any) -> _Setup:
 def _step(s: _Setup, *, timed: bool) -> None:
     """One step as ``train/step.py``'s ``accumulate_gradients`` and the trainer's loop run it."""
     cfg, env = s.cfg, DistEnv()
-    amp = T.autocast_context(cfg.train.precision, env.device)
+    amp = autocast_context(cfg.train.precision, env.device)
     clock = [time.perf_counter()]
     batch = s.loaders.next_batch(0)
     clock.append(time.perf_counter())
@@ -88,7 +90,7 @@ def _step(s: _Setup, *, timed: bool) -> None:
     clock.append(time.perf_counter())
     loss.backward()
     clock.append(time.perf_counter())
-    grad_norm = T._clip(s.model, cfg.optim.grad_clip)
+    grad_norm = clip_gradients(s.model, cfg.optim.grad_clip)
     if bool(torch.isfinite(grad_norm)):
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)

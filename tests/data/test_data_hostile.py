@@ -126,8 +126,8 @@ def test_no_usable_document_never_caches_a_tokenizer(tmp_path):
 
 
 def test_planted_records_train_to_the_end_each_counted(tmp_path, user_jsonl, tokenizer_cache):
+    from sparsefusion.runs.folder import read_metrics
     from sparsefusion.runs.presets import resolve_config
-    from sparsefusion.train.metrics import read_metrics
     from sparsefusion.train.trainer import train
 
     planted = plant(user_jsonl.parent)

@@ -18,9 +18,9 @@ from sparsefusion.data.documents import TEXT, Document, Segment
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.prefetch import BatchStream, resolve_workers
 from sparsefusion.data.shards import ShardedLoaders
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
 from sparsefusion.runtime.faults import ENV
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 

@@ -15,9 +15,9 @@ from sparsefusion.cli.main import main as cli_main
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.token_shards import TokenShardSource
 from sparsefusion.data.tokenize import FAULT_ENV
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 TOKENIZE = ["--docs", "40", "--val-docs", "8", "--docs-per-shard", "16", "--quiet"]

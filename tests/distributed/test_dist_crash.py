@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from sparsefusion.checkpoint.store import checkpoint_dir, latest_checkpoint
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
 from sparsefusion.runtime.faults import ENV
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 pytestmark = pytest.mark.distributed

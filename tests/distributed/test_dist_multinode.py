@@ -13,7 +13,7 @@ import pytest
 from dist_helpers import free_port
 
 from sparsefusion.distributed.parallelize import DistConfig
-from sparsefusion.train.metrics import read_metrics
+from sparsefusion.runs.folder import read_metrics
 
 pytestmark = pytest.mark.distributed
 

@@ -17,9 +17,9 @@ import torch
 from dist_helpers import run_distributed_test
 from safetensors.torch import load_file
 
-from sparsefusion.checkpoint.export import export_run
+from sparsefusion.runs.export import export_run
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 pytestmark = pytest.mark.distributed

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runtime.faults import ENV
-from sparsefusion.train.metrics import read_metrics
 
 
 def run_args(run_dir: Path, cache: str, save_every: int) -> list[str]:

@@ -12,7 +12,7 @@ from sparsefusion.train.trainer import train
 LOAD = """
 import sys, torch
 from safetensors.torch import load_file
-from sparsefusion.checkpoint.export import load_exported
+from sparsefusion.runs.export import load_exported
 model = load_exported(sys.argv[1])
 ref = load_file(sys.argv[2])
 assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())

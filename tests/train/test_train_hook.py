@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from sparsefusion.checkpoint.store import latest_checkpoint
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 

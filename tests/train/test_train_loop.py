@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 

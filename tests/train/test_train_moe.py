@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from sparsefusion.checkpoint.store import latest_checkpoint
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 SPARSE = ["moe-8x", "moma-1t1i", "moma-4t4i", "mod", "moma-4t4i-mod", "mot-text-moe4"]

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsefusion.checkpoint import store as ck
-from sparsefusion.checkpoint.export import export_run
+from sparsefusion.runs.export import export_run
+from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
-from sparsefusion.train.metrics import read_metrics
 from sparsefusion.train.trainer import train
 
 COMMON = (

@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparsefusion.checkpoint.export import export_run
+    from sparsefusion.runs.export import export_run
 
     out = export_run(args.run_dir, args.out)
     print(f"exported {out / 'model.safetensors'} and {out / 'config.yaml'}")

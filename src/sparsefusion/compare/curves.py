@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsefusion.train.metrics import read_metrics
+from sparsefusion.runs.folder import read_metrics
 
 SPLITS = ("train", "val", "eval")
 # eval.jsonl metrics compared by `compare`; every other numeric eval key is ignored

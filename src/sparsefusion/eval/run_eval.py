@@ -32,8 +32,11 @@ from sparsefusion.eval.generation_eval import (
     score_generation,
 )
 from sparsefusion.eval.pairs import read_pairs
-from sparsefusion.eval.perplexity import load_model, routing_perplexity, run_config, val_batches
+from sparsefusion.eval.perplexity import routing_perplexity
 from sparsefusion.runs.config import TrainConfig
+from sparsefusion.runs.data import data_for
+from sparsefusion.runs.folder import load_model, run_config
+from sparsefusion.runs.tokenizer import run_tokenizer
 
 log = logging.getLogger("sparsefusion")
 SIZES = ("full", "small")
@@ -122,9 +125,8 @@ def evaluate_run(
     row.update(_counters(run_dir, state, step))
     skipped: dict[str, str] = {}
     if cfg.perplexity:
-        ppl, notes = routing_perplexity(
-            run_dir, model, run_cfg, device, val_batches(run_cfg, cfg.val_batches)
-        )
+        val = data_for(run_cfg, "val", run_tokenizer(run_dir, run_cfg), num_batches=cfg.val_batches)
+        ppl, notes = routing_perplexity(run_dir, model, run_cfg, device, val)
         row.update(ppl)
         skipped.update({f"ppl/{k}": v for k, v in notes.items() if f"loss/{k}" not in ppl})
         row["notes"] = notes

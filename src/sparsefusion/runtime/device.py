@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -22,3 +23,16 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def training_autocast(precision: str, dist: Any, env: Any) -> contextlib.AbstractContextManager:
+    """Autocast for training, except under FSDP with bf16 parameters (whose mixed-precision
+    policy casts): ``dist`` is the run's ``DistConfig``, ``env`` its ``DistEnv``."""
+    fsdp_bf16 = (
+        env.is_distributed
+        and dist.resolved_strategy(env.is_distributed) == "fsdp"
+        and dist.param_dtype(env.device) == torch.bfloat16
+    )
+    if fsdp_bf16:
+        return contextlib.nullcontext()
+    return autocast_context(precision, env.device)

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
+from sparsefusion.checkpoint.resume import step_folders
+from sparsefusion.runs.folder import METRICS_FILE, config_path, is_run_folder, read_metrics
 from sparsefusion.serve.paths import inside
-from sparsefusion.train.metrics import read_metrics
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 SAMPLE_DIRS = ("eval", "samples")
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".wav", ".txt", ".md", ".jsonl")
@@ -59,28 +59,17 @@ class RunInfo:
 
     def config(self) -> dict[str, Any]:
         """The run's resolved config (``config.yaml``)."""
-        data = yaml.safe_load((self.path / "config.yaml").read_text())
+        data = yaml.safe_load(config_path(self.path).read_text())
         return data if isinstance(data, dict) else {}
 
     def checkpoints(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
-        root = self.path / "checkpoints"
-        if not root.is_dir():
-            return []
-        steps = [
-            int(m.group(1))
-            for p in root.iterdir()
-            if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()
-        ]
-        return sorted(steps)
-
-    def checkpoint_path(self, step: int) -> Path:
-        """The folder of the checkpoint at ``step``."""
-        return self.path / "checkpoints" / f"step_{step:08d}"
+        folders = step_folders(self.path)
+        return sorted(int(p.name[5:]) for p in folders if (p / "state.json").is_file())
 
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of ``metrics.jsonl`` ([] when absent)."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS_FILE
         return read_metrics(path) if path.is_file() else []
 
     def curves(self) -> dict[str, dict[str, dict[str, list[float]]]]:
@@ -170,7 +159,7 @@ class RunCatalog:
             path = Path(d).resolve()
             if not path.is_dir():
                 raise ValueError(f"run folder {d} does not exist")
-            if not (path / "config.yaml").is_file():
+            if not is_run_folder(path):
                 raise ValueError(f"{d} is not a run folder (no config.yaml)")
             name = self._unique(_NAME_CHARS.sub("-", path.name) or "run")
             self.runs[name] = RunInfo(name, path)

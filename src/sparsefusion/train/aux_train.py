@@ -12,7 +12,6 @@ row to ``RUN_DIR/aux_routers/metrics.jsonl``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,13 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from sparsefusion.checkpoint.store import latest_checkpoint, load_checkpoint
-from sparsefusion.config import from_dict, load_yaml
-from sparsefusion.data.loader import validation_batches
-from sparsefusion.data.shards import ShardedLoaders
-from sparsefusion.data.sources import build_source
+from sparsefusion.distributed.mesh import DistEnv
 from sparsefusion.models.inputs import ForwardContext
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
@@ -36,9 +30,11 @@ from sparsefusion.objectives.base import Objective, build_objective
 from sparsefusion.objectives.forward import forward_loss
 from sparsefusion.objectives.validate import evaluate
 from sparsefusion.runs.config import TrainConfig
+from sparsefusion.runs.data import data_for
+from sparsefusion.runs.folder import load_model, require_checkpoint, run_config, save_aux_routers
+from sparsefusion.runs.tokenizer import run_tokenizer
+from sparsefusion.runtime import run_lock
 from sparsefusion.runtime.device import autocast_context, resolve_device
-from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.latent_data import is_latent, latent_loaders, latent_val_batches
 
 log = logging.getLogger("sparsefusion")
 
@@ -85,50 +81,59 @@ def aux_bce(aux: AuxRouters, records: list[RouterRecord]) -> tuple[torch.Tensor,
 def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
     """Train, validate and save the auxiliary routers of a finished run (see module doc)."""
     run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None or not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir} holds no finished run (config.yaml and a checkpoint)")
-    run_cfg = from_dict(TrainConfig, load_yaml(run_dir / "config.yaml"))
+    require_checkpoint(run_dir)
+    with run_lock.hold(run_dir, DistEnv()):  # a writer of the run folder
+        return _train_aux(run_dir, cfg)
+
+
+def _train_aux(run_dir: Path, cfg: AuxTrainConfig) -> dict[str, Any]:
+    run_cfg = run_config(run_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     torch.manual_seed(run_cfg.seed)
-    source = build_source(run_cfg.data, seed=run_cfg.seed, split="train")
-    tokenizer = load_or_train_tokenizer(run_cfg.tokenizer, source, log=log.info)
-    model = Transformer(run_cfg.model)
-    saved = load_checkpoint(ckpt, model, None)
-    model.to(device).eval().requires_grad_(False)
+    tokenizer = run_tokenizer(run_dir, run_cfg)
+    model, _, saved = load_model(run_dir, run_cfg, None, device)
     aux = AuxRouters(run_cfg.model.dim, model.router_sites())
     aux.init_weights()
     aux.to(device)
     optimizer = torch.optim.AdamW(aux.parameters(), lr=cfg.lr, weight_decay=0.0)
-    data = run_cfg.data
     accum = run_cfg.train.grad_accum
-    if is_latent(run_cfg):  # the Transfusion setting: latent streams
-        loader = latent_loaders(run_cfg, source, tokenizer, 0, 1)
-    else:
-        loader = ShardedLoaders(
-            source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, grad_accum=accum
-        )
-    loader.load_state_dict(saved["loader"])  # unseen data after the main run
+    loader = data_for(run_cfg, "train", tokenizer, device=device)
+    loader.load_state_dict(_loader_state(run_dir, saved))  # unseen data after the main run
     objective = build_objective(run_cfg.objective, run_cfg.model)
     t0 = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
-        batch = loader.next_batch(step % accum)
-        with torch.no_grad():
-            records = _trace(model, batch, objective, device)
-        loss, _ = aux_bce(aux, records)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.info("aux step %d: bce=%.4f (%.1fs)", step, loss.item(), time.perf_counter() - t0)
-    row = validate_aux(model, aux, run_cfg, device)
+    try:
+        for step in range(1, cfg.steps + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, cfg)
+            batch = loader.next_batch(step % accum)
+            with torch.no_grad():
+                records = _trace(model, batch, objective, device)
+            loss, _ = aux_bce(aux, records)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.info("aux step %d: bce=%.4f (%.1fs)", step, loss.item(),
+                         time.perf_counter() - t0)  # fmt: skip
+    finally:
+        loader.close()
+    val = data_for(run_cfg, "val", tokenizer)
+    row = validate_aux(model, aux, run_cfg, val, device)
     row.update(step=cfg.steps, main_step=saved["step"])
-    _save(run_dir, aux, row)
+    save_aux_routers(run_dir, aux, row)
     return row
+
+
+def _loader_state(run_dir: Path, saved: dict[str, Any]) -> Any:
+    """The data position the main run's checkpoint stored (single-process checkpoints)."""
+    if "loader" not in saved:
+        raise ValueError(
+            f"{run_dir}: train-aux reads single-process checkpoints; this one is sharded (DCP). "
+            f"Resume it for one step in one process (sparsefusion train) first"
+        )
+    return saved["loader"]
 
 
 def _lr(step: int, cfg: AuxTrainConfig) -> float:
@@ -146,22 +151,9 @@ def _trace(model: Transformer, batch, objective: Objective, device) -> list[Rout
 
 @torch.no_grad()
 def validate_aux(
-    model: Transformer, aux: AuxRouters, run_cfg: TrainConfig, device: torch.device
+    model: Transformer, aux: AuxRouters, run_cfg: TrainConfig, val: list, device: torch.device
 ) -> dict[str, Any]:
     """Validation loss in batch and causal routing modes, and each aux router's accuracy."""
-    val_source = build_source(run_cfg.data, seed=run_cfg.seed, split="val")
-    tokenizer = load_or_train_tokenizer(run_cfg.tokenizer, val_source, log=log.info)
-    data = run_cfg.data
-    if is_latent(run_cfg):
-        val = latent_val_batches(run_cfg, val_source, tokenizer)
-    else:
-        val = validation_batches(
-            val_source,
-            tokenizer,
-            seq_len=data.seq_len,
-            batch_size=data.batch_size,
-            num_batches=data.val_batches,
-        )
     objective = build_objective(run_cfg.objective, run_cfg.model)
     amp = autocast_context(run_cfg.train.precision, device)
     row: dict[str, Any] = {}
@@ -181,12 +173,3 @@ def validate_aux(
         row[f"acc/{site}"] = correct[site] / max(1, total[site])
     row["acc/mean"] = sum(correct.values()) / max(1, sum(total.values()))
     return row
-
-
-def _save(run_dir: Path, aux: AuxRouters, row: dict[str, Any]) -> None:
-    out = run_dir / "aux_routers"
-    out.mkdir(exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()}
-    save_file(state, str(out / "aux_routers.safetensors"))
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")

@@ -52,20 +52,6 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Read a ``metrics.jsonl`` file; a malformed line raises ValueError naming file and line."""
-    rows = []
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed metrics row: {e}") from e
-    return rows
-
-
 def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return

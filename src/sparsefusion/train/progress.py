@@ -43,3 +43,21 @@ def _summary(row: dict[str, Any]) -> str:
     parts.append(f"lr={row['lr']:.2e}")
     parts.append(f"tok/s={row['tokens_per_s']:.0f}")
     return " ".join(parts)
+
+
+def use_bar(progress: str) -> bool:
+    """``run.progress``: ``bar``, ``log``, or ``auto`` (a bar when stderr is a terminal)."""
+    import sys
+
+    if progress == "bar":
+        return True
+    if progress == "log":
+        return False
+    return sys.stderr.isatty()
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """A validation row as one line of ``key=value`` losses."""
+    keys = [k for k in row if k.startswith("loss")]
+    body = " ".join(f"{k}={row[k]:.4f}" for k in keys)
+    return f"step {row['step']} {row.get('split', 'train')}: {body}"

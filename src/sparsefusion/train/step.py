@@ -9,6 +9,8 @@ from torch import nn
 
 from sparsefusion.data.batch import Batch
 from sparsefusion.distributed.mesh import DistEnv, all_reduce_sum
+from sparsefusion.models.flops import train_flops
+from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.base import Objective
 from sparsefusion.objectives.forward import StepOutput, forward_loss
 
@@ -57,3 +59,20 @@ def _maybe_no_sync(model, *, last_micro: bool) -> contextlib.AbstractContextMana
     if not last_micro and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def step_flops(model_cfg: ModelConfig, batch: Batch, out: StepOutput) -> float:
+    """Training FLOPs of one micro-batch (MoD layers count the pairs they attended)."""
+    mod_pairs = {
+        int(k.split("/")[1][5:].split("_")[0]): float(v)
+        for k, v in out.model.metrics.items()
+        if k.startswith("mod/") and k.endswith("/pairs")
+    }
+    return train_flops(
+        model_cfg,
+        batch.document_BT,
+        tower_counts=out.inputs.plan.counts,
+        mod_pairs=mod_pairs or None,
+        span_BT=batch.span_BT,
+        num_patches=0 if out.inputs.patch_slot_P is None else out.inputs.patch_slot_P.numel(),
+    )

@@ -18,8 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from sparsefusion.checkpoint.store import latest_checkpoint
+from sparsefusion.checkpoint.resume import step_folders
+from sparsefusion.checkpoint.store import CheckpointError
+from sparsefusion.checkpoint.weights import pick_checkpoint
 from sparsefusion.models.transformer import Transformer
+from sparsefusion.runs.folder import is_run_folder, run_config
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.groups\.(\d+)\.(w13|w2)$")
 _NEW = re.compile(r"(^layers\.\d+\.feed_forward\.groups\.\d+\.router$)|(^mod_routers\.)")
@@ -30,10 +33,14 @@ def seed_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "model.safetensors").is_file():
         return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
+    if not is_run_folder(path) or not step_folders(path):
         raise ValueError(f"model.upcycle_from={path}: no checkpoint (model.safetensors) found")
-    return ckpt
+    with torch.device("meta"):  # shapes only: the newest checkpoint that passes validation
+        seed_model = Transformer(run_config(path).model)
+    try:
+        return pick_checkpoint(path, seed_model)
+    except CheckpointError as e:
+        raise ValueError(f"model.upcycle_from={path}: {e}") from e
 
 
 def upcycled_state_dict(

@@ -16,6 +16,7 @@ from sparsefusion.checkpoint.resume import step_folders
 from sparsefusion.checkpoint.store import CheckpointError
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.models.transformer import ModelConfig, Transformer
+from sparsefusion.runs.folder import CONFIG_FILE, config_path, load_model, run_config
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -30,23 +31,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Raises:
         CheckpointError: when the run has no usable checkpoint or it does not match its config.
     """
-    from sparsefusion.checkpoint.weights import load_weights, pick_checkpoint
-
     run_dir = Path(run_dir)
     if not step_folders(run_dir):
         raise CheckpointError(f"{run_dir} holds no complete checkpoint")
     try:
-        config = load_yaml(run_dir / "config.yaml")
-        model = Transformer(from_dict(ModelConfig, config["model"], where="model"))
+        cfg = run_config(run_dir)
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{run_dir / 'config.yaml'}: not a usable run config ({e})") from e
-    ckpt = pick_checkpoint(run_dir, model)  # the newest valid checkpoint
-    load_weights(ckpt, model)
+        raise CheckpointError(f"{config_path(run_dir)}: not a usable run config ({e})") from e
+    model, ckpt, _ = load_model(run_dir, cfg)  # the newest valid checkpoint
     out = Path(out) if out is not None else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"checkpoint": ckpt.name})
-    (out / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (out / CONFIG_FILE).write_text(config_path(run_dir).read_text())
     return out
 
 
