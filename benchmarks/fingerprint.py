@@ -89,12 +89,25 @@ def _speech_jsonl(root: Path) -> Path:
     return path
 
 
+def _untimed(value):
+    """A JSON value without its wall-clock fields (``seconds``, ``*_s``)."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k != "seconds" and not k.endswith("_s")}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
 def _hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.suffix in (".png", ".wav", ".txt", ".json")
-    }
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not (p.is_file() and p.suffix in (".png", ".wav", ".txt", ".json")):
+            continue
+        data = p.read_bytes()
+        if p.suffix == ".json":
+            data = json.dumps(_untimed(json.loads(data)), sort_keys=True).encode()
+        out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return out
 
 
 def fingerprint(work: Path, resume_from: Path | None, only: list[str] | None = None) -> dict:
@@ -183,10 +196,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/sf_fingerprint"))
     ap.add_argument("--resume-from", type=Path, help="a --work folder written by another commit")
     ap.add_argument("--diff", nargs=2, type=Path)
+    ap.add_argument("--rehash", type=Path, help="recompute the generate hashes of a --work folder")
     ap.add_argument("--only", nargs="+", help="train and generate just these presets (quick)")
     args = ap.parse_args()
     if args.diff:
         raise SystemExit(diff(*args.diff))
+    if args.rehash:  # update a fingerprint file's generate hashes from its work folder
+        data = json.loads(args.out.read_text())
+        data["generate"] = {g.name: _hashes(g) for g in sorted((args.rehash / "gen").iterdir())}
+        args.out.write_text(json.dumps(data, indent=1, sort_keys=True))
+        return
     result = fingerprint(args.work, args.resume_from, args.only)
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True))
     print(f"wrote {args.out}")

@@ -37,7 +37,7 @@ ALLOWLIST: dict[str, str] = {}
 OVERRIDE_CONFIGS = {
     "eval": ("sparsefusion.eval.run_eval", "EvalConfig", "eval"),
     "train-aux": ("sparsefusion.train.aux_train", "AuxTrainConfig", "aux"),
-    "compare": ("sparsefusion.eval.compare", "CompareConfig", None),
+    "compare": ("sparsefusion.compare.savings", "CompareConfig", None),
 }
 
 
