@@ -91,10 +91,18 @@ def _speech_jsonl(root: Path) -> Path:
 
 def _hashes(folder: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(folder)): hashlib.sha256(_content(p)).hexdigest()
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.suffix in (".png", ".wav", ".txt", ".json")
     }
+
+
+def _content(path: Path) -> bytes:
+    """The file's bytes; ``tokens.json`` without its wall-clock ``seconds`` (new on every run)."""
+    if path.name != "tokens.json":
+        return path.read_bytes()
+    rows = json.loads(path.read_text())
+    return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows]).encode()
 
 
 def fingerprint(work: Path, resume_from: Path | None, only: list[str] | None = None) -> dict:
