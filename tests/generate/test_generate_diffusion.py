@@ -1,6 +1,6 @@
 """Diffusion span sampling: a tiny model overfit on one image-caption pair samples that image
 (through the VAE), with and without guidance, far closer than a random-init model; cached ==
-uncached."""
+uncached; a batch of requests samples what each request samples alone."""
 
 from __future__ import annotations
 
@@ -169,3 +169,35 @@ def test_cached_image_pass_equals_the_full_forward_and_is_not_committed():
     )
     torch.testing.assert_close(first, full.predictions["noise_PC"], atol=1e-5, rtol=1e-4)
 
+
+def _batch_requests() -> list[GenerationRequest]:
+    """Guided and plain images, text that may open an image, captioning (DDPM draws too)."""
+    return [
+        GenerationRequest(prompt=CAPTION, mode="text_to_image", cfg_scale=2.0, seed=1,
+                          num_samples=2),
+        GenerationRequest(prompt="a red", mode="text_to_image", seed=2),
+        GenerationRequest(prompt="", mode="text", max_new_tokens=40, seed=3, num_samples=2),
+        GenerationRequest(prompt="a red", mode="interleaved", max_new_tokens=40, seed=4),
+        GenerationRequest(mode="image_to_text", image=_image(), max_new_tokens=8, seed=5),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_samples", [False, True])
+def test_batched_requests_equal_each_request_alone(trained, batch_samples):
+    tok, model = trained
+    settings = DiffusionSettings(steps=4, sampler="ddpm", batch_samples=batch_samples)
+    gen = _generator(tok, model, settings)
+    reqs = _batch_requests()
+    together = gen.generate(reqs)
+    alone = [s for r in reqs for s in gen.generate([r])]
+    assert [s.token_ids for s in together] == [s.token_ids for s in alone]
+    got, want = _latents(gen, reqs), [x for r in reqs for x in _latents(gen, [r])]
+    assert [len(x) for x in got] == [len(x) for x in want]
+    opened = {s.token_ids.index(tok.vocab.boi_id) for s in together[3:6] if s.images}
+    assert len(opened) >= 2  # rows opened their images at different steps (the rest waited)
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            if batch_samples:  # one forward for all rows: equal up to the last bits of a float
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            else:  # each sample in a batch of its own: bit for bit
+                assert torch.equal(a, b)
