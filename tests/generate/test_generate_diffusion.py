@@ -1,5 +1,6 @@
-"""Diffusion sampling: a tiny model overfit on one image-caption pair samples that image (through
-the VAE), with and without guidance, far closer than a random-init model; cached == uncached."""
+"""Diffusion span sampling: a tiny model overfit on one image-caption pair samples that image
+(through the VAE), with and without guidance, far closer than a random-init model; cached ==
+uncached; a batch of requests samples what each request samples alone."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from PIL import Image
 
 from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
 from sparsefusion.data.latent_packing import LatentPackedLoader
-from sparsefusion.generate.diffusion import DiffusionSettings, TransfusionGenerator
-from sparsefusion.generate.request import GenerationRequest
+from sparsefusion.generate import GenerationRequest, Generator
+from sparsefusion.generate.span_samplers import DiffusionSettings, DiffusionSpanSampler
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
 from sparsefusion.objectives.forward import forward_loss
@@ -80,14 +81,29 @@ def _overfit(tok, model, steps: int = 250):
     return model.eval()
 
 
+def _generator(tok, model, settings: DiffusionSettings | None = None) -> Generator:
+    """The run's generator: diffusion spans on the objective's noise schedule."""
+    schedule = build_objective(ObjectiveConfig(name="transfusion"), model.cfg).noise_schedule
+    spans = DiffusionSpanSampler(tok, model.cfg.patch_size, schedule, settings)
+    return Generator(model, tok, span_sampler=spans)
+
+
+def _latents(gen: Generator, reqs) -> list[list[torch.Tensor]]:
+    """The images (latents) of every sample, in ``generate``'s order."""
+    _, owners, result = gen.decode(reqs)
+    return [result.images[row] for row in owners.values()]
+
+
 def _sample_mse(tok, model, cfg_scale: float) -> float:
     """Latent MSE of a sampled image to the pair's image (both through the VAE encoder)."""
-    gen = TransfusionGenerator(model, tok, settings=DiffusionSettings(steps=20, sampler="ddim"))
+    gen = _generator(tok, model, DiffusionSettings(steps=20, sampler="ddim"))
     req = GenerationRequest(prompt=CAPTION, mode="text_to_image", cfg_scale=cfg_scale, seed=3)
     (sample,) = gen.generate([req])
     (image,) = sample.images
     assert image.size == (16, 16)  # decoded by the VAE
-    new, (latent,) = gen.sample_one(req, torch.Generator().manual_seed(3))
+    # sample 3 of seed 0 draws from torch.Generator().manual_seed(3) (see row_generator)
+    req = GenerationRequest(**{**req.__dict__, "seed": 0, "num_samples": 4})
+    (latent,) = _latents(gen, [req])[3]
     target = tok.vae.encode([_image()])[0]
     return float((latent - target).pow(2).mean())
 
@@ -111,7 +127,7 @@ def test_overfit_model_samples_its_image(trained, cfg_scale):
 
 def test_captioning_runs_and_emits_text(trained):
     tok, model = trained
-    gen = TransfusionGenerator(model, tok)
+    gen = _generator(tok, model)
     req = GenerationRequest(mode="image_to_text", image=_image(), max_new_tokens=8, temperature=0)
     (sample,) = gen.generate([req])
     assert sample.new_tokens >= 1 and not sample.images
@@ -119,7 +135,8 @@ def test_captioning_runs_and_emits_text(trained):
 
 
 def test_cached_image_pass_equals_the_full_forward_and_is_not_committed():
-    from sparsefusion.generate.diffusion import LatentDecoder
+    from sparsefusion.generate import Decoder
+    from sparsefusion.generate.span_samplers import patch_inputs
     from sparsefusion.models.inputs import ModelInputs, plan_for
 
     tok = _tokenizer()
@@ -127,11 +144,11 @@ def test_cached_image_pass_equals_the_full_forward_and_is_not_committed():
     prompt = [1, 20, 21, 22, tok.vocab.boi_id]
     n, pid = tok.patches_per_image(2), tok.patch_id
     patches = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
-    dec = LatentDecoder(model, tok.vocab, batch=1, capacity=32)
-    dec.run([prompt], commit=True)
-    step = dict(span_ids=[[0] * n], patches=[patches], timestep=400, patch_start=[0])
-    first = dec.run([[pid] * n], commit=False, **step).predictions["noise_PC"]
-    again = dec.run([[pid] * n], commit=False, **step).predictions["noise_PC"]
+    dec = Decoder(model, tok.vocab, batch=1, capacity=32)
+    dec.step([prompt], commit=True)
+    step = dict(span_ids=[[0] * n], **patch_inputs([0], [patches], n, 400))
+    first = dec.step([[pid] * n], commit=False, **step).predictions["noise_PC"]
+    again = dec.step([[pid] * n], commit=False, **step).predictions["noise_PC"]
     assert dec.cache.lengths() == [len(prompt)]  # the passes were not kept
     torch.testing.assert_close(first, again)
     ids = torch.tensor([prompt + [pid] * n])
@@ -151,3 +168,36 @@ def test_cached_image_pass_equals_the_full_forward_and_is_not_committed():
         )
     )
     torch.testing.assert_close(first, full.predictions["noise_PC"], atol=1e-5, rtol=1e-4)
+
+
+def _batch_requests() -> list[GenerationRequest]:
+    """Guided and plain images, text that may open an image, captioning (DDPM draws too)."""
+    return [
+        GenerationRequest(prompt=CAPTION, mode="text_to_image", cfg_scale=2.0, seed=1,
+                          num_samples=2),
+        GenerationRequest(prompt="a red", mode="text_to_image", seed=2),
+        GenerationRequest(prompt="", mode="text", max_new_tokens=40, seed=3, num_samples=2),
+        GenerationRequest(prompt="a red", mode="interleaved", max_new_tokens=40, seed=4),
+        GenerationRequest(mode="image_to_text", image=_image(), max_new_tokens=8, seed=5),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_samples", [False, True])
+def test_batched_requests_equal_each_request_alone(trained, batch_samples):
+    tok, model = trained
+    settings = DiffusionSettings(steps=4, sampler="ddpm", batch_samples=batch_samples)
+    gen = _generator(tok, model, settings)
+    reqs = _batch_requests()
+    together = gen.generate(reqs)
+    alone = [s for r in reqs for s in gen.generate([r])]
+    assert [s.token_ids for s in together] == [s.token_ids for s in alone]
+    got, want = _latents(gen, reqs), [x for r in reqs for x in _latents(gen, [r])]
+    assert [len(x) for x in got] == [len(x) for x in want]
+    opened = {s.token_ids.index(tok.vocab.boi_id) for s in together[3:6] if s.images}
+    assert len(opened) >= 2  # rows opened their images at different steps (the rest waited)
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            if batch_samples:  # one forward for all rows: equal up to the last bits of a float
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            else:  # each sample in a batch of its own: bit for bit
+                assert torch.equal(a, b)

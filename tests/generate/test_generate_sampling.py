@@ -9,6 +9,7 @@ from generate_archs import tiny_generator_model, tiny_tokenizer
 from sparsefusion.generate import GenerationRequest, Generator
 from sparsefusion.generate.constraints import RowConstraint, SpanRules
 from sparsefusion.generate.sampling import SamplingParams, pick, process_logits
+from sparsefusion.generate.span_samplers import Prompt
 
 
 @pytest.fixture(scope="module")
@@ -163,15 +164,16 @@ def test_cfg_scale_one_is_plain_sampling_and_larger_scales_change_it(tok):
     plain = [s.token_ids for s in gen.generate([req])]
 
     def guided(scale: float):
-        prompts = [gen.prompt_ids(req)]
+        prompts = [gen.encode_prompt(req)]
         rows = gen._rows([GenerationRequest(**{**req.__dict__, "cfg_scale": 2.0})], prompts)[0]
         for r in rows:
             r.scale = scale
         dec = Decoder(model, tok.vocab, batch=len(rows), capacity=32)
-        new = decode(dec, rows).new_ids
+        new = decode(dec, rows, gen.spans).new_ids
         return [new[i] for i in range(0, len(rows), 2)]
 
-    rows = gen._rows([GenerationRequest(**{**req.__dict__, "cfg_scale": 2.0})], [[1, 20]])[0]
+    two = GenerationRequest(**{**req.__dict__, "cfg_scale": 2.0})
+    rows = gen._rows([two], [Prompt([1, 20])])[0]
     uncond = rows[1]  # the unconditional partner: a document that opens with BOI
     assert uncond.follower and rows[0].guide == 1
     assert uncond.prompt + uncond.opening == [tok.vocab.bos_id, tok.vocab.boi_id]

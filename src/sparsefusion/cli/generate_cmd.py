@@ -41,12 +41,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_ids=tuple(args.stop_id),
     )
-    _check_early(base, args)
-    gen = Generator.from_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
-    if hasattr(gen, "settings"):  # a Transfusion run: image spans are sampled by diffusion
-        from sparsefusion.generate.diffusion import DiffusionSettings
-
-        gen.settings = DiffusionSettings(steps=args.diffusion_steps, sampler=args.sampler)
+    diffusion = _check_early(base, args)
+    gen = Generator.from_run(
+        args.run_dir, checkpoint=args.checkpoint, device=args.device, diffusion=diffusion
+    )
     if args.demo:
         from sparsefusion.generate.demo import demo_requests
 
@@ -81,10 +79,14 @@ def _with_mode(req, mode: str):
     return req if "mode" in req.document.meta else dataclasses.replace(req, mode=mode)
 
 
-def _check_early(base, args: argparse.Namespace) -> None:
-    """Option errors before the run is loaded (the rest: ``validate``, before model work)."""
+def _check_early(base, args: argparse.Namespace):
+    """Option errors before the run is loaded (the rest: ``validate``, before model work).
+
+    Returns the diffusion settings (used by runs that sample images by diffusion).
+    """
     from sparsefusion.generate.constraints import MODES
     from sparsefusion.generate.sampling import sampling_problems
+    from sparsefusion.generate.span_samplers import DiffusionSettings
 
     if base.mode not in MODES:
         raise ValueError(f"--mode must be one of {list(MODES)}, got {base.mode!r}")
@@ -102,6 +104,7 @@ def _check_early(base, args: argparse.Namespace) -> None:
         raise ValueError(f"--prompts: {args.prompts} is not a file")
     if not Path(args.run_dir, "config.yaml").is_file():
         raise ValueError(f"{args.run_dir} is not a run folder (no config.yaml)")
+    return DiffusionSettings(steps=args.diffusion_steps, sampler=args.sampler)
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:

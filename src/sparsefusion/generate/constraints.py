@@ -3,8 +3,9 @@
 A small state machine per row (Chameleon-style text/image switching):
 
 - text: text ids and EOS (plus, in ``interleaved`` mode, BOI / BOA when the row has room to
-  finish the span: BOI + L codes + EOI, or BOA + ``MIN_SPEECH_UNITS`` units + EOA);
-- image (after BOI): exactly the image tokenizer's L codes, then EOI is forced;
+  finish the span: BOI + L codes + EOI, or BOA + ``MIN_SPEECH_UNITS`` units + EOA; the span
+  sampler may allow BOI in more modes and cap the images of a row);
+- image (after BOI): exactly the L ids of an image span, then EOI is forced;
 - speech (after BOA): speech units until EOA (allowed after ``MIN_SPEECH_UNITS`` units: one
   unit decodes to no samples; forced at the unit limit or when one token of budget is left).
 
@@ -43,14 +44,18 @@ class SpanRules:
     Attributes:
         vocab: the unified vocabulary.
         width: logits width V (>= vocab size).
-        image_tokens: codes per image L (0: the run has no images).
+        image_tokens: ids per image span L (0: the run has no images).
         max_speech_units: longest speech span (0: the run has no speech).
+        image_modes: modes in which a row may open an image span itself (BOI).
+        max_images: most image spans a row may open itself (None: no limit).
     """
 
     vocab: UnifiedVocab
     width: int
     image_tokens: int = 0
     max_speech_units: int = 0
+    image_modes: tuple[str, ...] = ("interleaved",)
+    max_images: int | None = None
     _masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +105,7 @@ class RowConstraint:
         self.rules, self.mode, self.budget = rules, mode, budget
         self.state = "text"
         self.in_span = 0
+        self.images = 0  # image spans opened so far
         self.done = budget <= 0
 
     @property
@@ -118,9 +124,11 @@ class RowConstraint:
                 return r.mask("eoa")
             return r.mask("speech") | r.mask("eoa") if enough else r.mask("speech")
         allowed = r.mask("text")
-        if self.mode == "interleaved":
+        more_images = r.max_images is None or self.images < r.max_images
+        if self.mode in r.image_modes and more_images:
             if r.image_tokens and self.budget >= r.image_tokens + 2:
                 allowed = allowed | r.mask("boi")
+        if self.mode == "interleaved":
             if r.max_speech_units and self.budget >= MIN_SPEECH_UNITS + 2:
                 allowed = allowed | r.mask("boa")
         return allowed
@@ -139,6 +147,7 @@ class RowConstraint:
             elif token in (v.boi_id, v.boa_id):
                 self.state = "image" if token == v.boi_id else "speech"
                 self.in_span = 0
+                self.images += token == v.boi_id
         elif token in (v.eoi_id, v.eoa_id):
             self.state = "text"
             self.done = self.done or self.mode in ("text_to_image", "text_to_speech")

@@ -1,10 +1,16 @@
-"""The sampling loop over a batch of rows: prefill, then one token per active row per step.
+"""The one decoding loop over a batch of rows: prefill, then one id per active row per step.
 
 Each :class:`RowSpec` carries its prompt, constraint state machine, sampling settings and
 generator. A classifier-free-guidance pair is two rows: the conditional row names its
 unconditional partner (``guide``) and the scale; inside image/speech spans its logits become
 ``uncond + scale * (cond - uncond)`` (scale 1 = the conditional logits), the pair samples ONE id
 and both rows append it. Outside spans the conditional logits are used as they are.
+
+Image spans come from the run's span sampler (``span_samplers.py``). Discrete codes are sampled
+here like any other id. A span the sampler fills as a whole (diffusion) opens when a row feeds
+its BOI: right after that step the sampler fills the spans of every row that opened one, all
+together against the cache, and EOI becomes the row's next id (forced ids draw no random
+number). An opening id that opens such a span is fed after the prefill, not in it.
 
 Shape legend: B = rows, V = vocabulary.
 """
@@ -20,6 +26,7 @@ import torch
 from sparsefusion.generate.constraints import RowConstraint
 from sparsefusion.generate.engine import Decoder
 from sparsefusion.generate.sampling import SamplingParams, pick, process_logits
+from sparsefusion.generate.span_samplers import OpenSpan, SpanSampler, patch_inputs
 
 
 @dataclass
@@ -36,6 +43,8 @@ class RowSpec:
         guide: index of the unconditional partner row (classifier-free guidance), or None.
         scale: guidance scale of a guided row.
         follower: an unconditional row (it appends what its conditional row samples).
+        patches: the prompt's clean image patches (continuous prompts; see ``Prompt``).
+        penalize_prompt: the repetition penalty counts the prompt's ids too.
     """
 
     prompt: list[int]
@@ -47,14 +56,23 @@ class RowSpec:
     guide: int | None = None
     scale: float = 1.0
     follower: bool = False
+    patches: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    penalize_prompt: bool = True
 
 
 @dataclass
 class DecodeResult:
-    """New ids of every row (opening ids included) and the wall seconds of the batch."""
+    """New ids of every row (opening ids included), the images its filled spans made, seconds.
+
+    Attributes:
+        new_ids: every row's new ids.
+        images: every row's images from filled spans (continuous latents), in order.
+        seconds: every row's wall seconds of the batch it decoded in.
+    """
 
     new_ids: list[list[int]]
-    seconds: float
+    images: list[list[torch.Tensor]]
+    seconds: list[float]
 
 
 def capacity_for(rows: Sequence[RowSpec]) -> int:
@@ -63,43 +81,101 @@ def capacity_for(rows: Sequence[RowSpec]) -> int:
 
 
 @torch.no_grad()
-def decode(decoder: Decoder, rows: Sequence[RowSpec]) -> DecodeResult:
+def decode(decoder: Decoder, rows: Sequence[RowSpec], spans: SpanSampler) -> DecodeResult:
     """Generate every row to its end (stop id, mode end or budget)."""
     t0 = time.perf_counter()
     new: list[list[int]] = [[] for _ in rows]
+    images: list[list[torch.Tensor]] = [[] for _ in rows]
+    forced: list[list[int]] = [[] for _ in rows]  # ids a row feeds before it samples again
     first = []
     for b, row in enumerate(rows):
-        for i in row.opening:
+        k = next((j for j, i in enumerate(row.opening) if spans.opens_block(i)), None)
+        k = len(row.opening) if k is None else k
+        for i in row.opening[:k]:
             row.constraint.advance(i, forced=True)
             new[b].append(i)
-        first.append(list(row.prompt) + list(row.opening))
-    logits_BV = decoder.last_logits(decoder.extend(first), first)
+        forced[b] = [] if row.follower else list(row.opening[k:])  # a follower copies its lead
+        first.append(list(row.prompt) + list(row.opening[:k]))
+    out = decoder.step(first, **_prompt_inputs(rows, first))
+    logits_BV = decoder.last_logits(out.logits_BTV, first)
     while True:
-        step = _sample_step(rows, logits_BV.float().cpu(), new)  # the step's one host sync
+        step = _next_ids(rows, logits_BV.float().cpu(), new, forced, spans)  # the one host sync
         if all(r.constraint.done for r in rows):
             break
-        logits_BV = decoder.last_logits(decoder.extend(step), step)
-    return DecodeResult(new, time.perf_counter() - t0)
+        if any(step):
+            logits_BV = decoder.last_logits(decoder.extend(step), step)
+        opened = [
+            b
+            for b, ids in enumerate(step)
+            if ids and spans.opens_block(ids[0]) and not rows[b].follower
+        ]
+        if opened:
+            _fill(decoder, rows, opened, spans, new, images)
+            for b in opened:
+                forced[b].append(decoder.vocab.eoi_id)
+    return DecodeResult(new, images, [time.perf_counter() - t0] * len(rows))
 
 
-def _sample_step(rows: Sequence[RowSpec], logits_BV: torch.Tensor, new: list[list[int]]):
-    """Sample one id for every active leading row (and its follower); the ids to feed next."""
+def _next_ids(rows, logits_BV, new, forced, spans: SpanSampler) -> list[list[int]]:
+    """One id for every active leading row (and its follower): forced, else sampled."""
     step: list[list[int]] = [[] for _ in rows]
     for b, row in enumerate(rows):
         c = row.constraint
         if row.follower or c.done:
             continue
-        logits_V = logits_BV[b]
-        if row.guide is not None and c.in_guided_span:
-            u_V = logits_BV[row.guide]
-            logits_V = u_V + row.scale * (logits_V - u_V)
-        allowed_V = c.allowed()
-        x_V = process_logits(logits_V, row.params, allowed_V, row.prompt + new[b])
-        token = pick(x_V, row.params, row.generator)
+        is_forced = bool(forced[b])
+        if is_forced:
+            token = forced[b].pop(0)
+        else:
+            logits_V = logits_BV[b]
+            if row.guide is not None and c.in_guided_span:
+                u_V = logits_BV[row.guide]
+                logits_V = u_V + row.scale * (logits_V - u_V)
+            history = (row.prompt if row.penalize_prompt else []) + new[b]
+            x_V = process_logits(logits_V, row.params, c.allowed(), history)
+            token = pick(x_V, row.params, row.generator)
+        stops = not is_forced and token in row.stop_ids and not spans.opens_block(token)
         for r in (b,) if row.guide is None else (b, row.guide):
-            rows[r].constraint.advance(token)
+            rows[r].constraint.advance(token, forced=is_forced)
             new[r].append(token)
             step[r] = [token]
-            if token in row.stop_ids:
+            if stops:
                 rows[r].constraint.done = True
     return step
+
+
+def _fill(decoder, rows, opened: list[int], spans: SpanSampler, new, images) -> None:
+    """Let the span sampler fill the spans the rows ``opened`` (and their partners) just opened."""
+    open_spans = [
+        OpenSpan(
+            row=b,
+            generator=rows[b].generator,
+            span=len(rows[b].patches) + rows[b].constraint.images - 1,
+            guide=rows[b].guide,
+            scale=rows[b].scale,
+        )
+        for b in opened
+    ]
+    made = spans.fill(decoder, open_spans)
+    for b, image in zip(opened, made, strict=True):
+        images[b].append(image)
+        for r in (b,) if rows[b].guide is None else (b, rows[b].guide):
+            for i in spans.span_ids:
+                rows[r].constraint.advance(i, forced=True)
+            new[r].extend(spans.span_ids)
+
+
+def _prompt_inputs(rows: Sequence[RowSpec], first: list[list[int]]) -> dict:
+    """The prefill's span ids and clean prompt patches (nothing for discrete prompts)."""
+    if not any(r.patches for r in rows):
+        return {}
+    T = max(len(ids) for ids in first)
+    span_ids = [[-1] * len(ids) for ids in first]
+    where, blocks, starts = [], [], []
+    for b, row in enumerate(rows):
+        for j, (start, p) in enumerate(row.patches):
+            span_ids[b][start : start + p.shape[0]] = [j] * p.shape[0]
+            where.append(b)
+            blocks.append(p)
+            starts.append(start)
+    return {"span_ids": span_ids, **patch_inputs(where, blocks, T, 0, starts)}

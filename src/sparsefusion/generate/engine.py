@@ -9,9 +9,10 @@ runs the model once with the cache in the forward context. Batch-routed sites (e
 Mixture-of-Depths) run in causal mode with the run's auxiliary routers.
 
 ``extend(..., commit=False)`` runs tokens against the cache without keeping them (their keys
-and values are overwritten by the next call): the call a diffusion sampler repeats for every
-denoising pass of an image span before committing the span once; :meth:`Decoder.step` takes the
-step's continuous inputs (latent patches, timesteps) and returns the whole model output.
+and values are overwritten by the next call): the call a diffusion span sampler
+(``span_samplers.py``) repeats for every denoising pass of an image span before committing the
+span once; :meth:`Decoder.step` takes the step's continuous inputs (latent patches, timesteps)
+and returns the whole model output.
 
 Shape legend: B = rows, T = tokens of a step, V = vocabulary.
 """
@@ -96,6 +97,11 @@ class Decoder:
             device=param.device,
         )
         self.rows = [RowState(ids=[]) for _ in range(batch)]
+
+    @property
+    def batch(self) -> int:
+        """Rows B."""
+        return len(self.rows)
 
     @property
     def device(self) -> torch.device:

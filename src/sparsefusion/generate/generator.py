@@ -1,16 +1,19 @@
 """The Python API: ``Generator.from_run(run_dir).generate([GenerationRequest(...)])``.
 
 Every request is validated (and its prompt encoded) before any model work; then all samples of
-all requests decode as one batch (each sample is a row; a guided sample adds its unconditional
-row, a document that opens with BOI, as the model saw images without a caption) and are
-decoded back to text, images and speech by the run's tokenizer.
+all requests decode as one batch in one loop (each sample is a row; a guided sample adds its
+unconditional row, a document that opens with BOI, as the model saw images without a caption)
+and are decoded back to text, images and speech. Image spans come from the run's span sampler
+(``span_samplers.py``): discrete codes sampled one by one, or continuous latents denoised
+against the cache, as the run's objective says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -25,14 +28,24 @@ from sparsefusion.generate.constraints import (
     RowConstraint,
     SpanRules,
 )
-from sparsefusion.generate.decode import RowSpec, capacity_for, decode
+from sparsefusion.generate.decode import DecodeResult, RowSpec, capacity_for, decode
 from sparsefusion.generate.engine import Decoder, MissingAuxRouters, aux_router_message
 from sparsefusion.generate.output import Sample, Segment
 from sparsefusion.generate.request import GUIDED_MODES, GenerationRequest
 from sparsefusion.generate.sampling import row_generator
+from sparsefusion.generate.span_samplers import (
+    CodeSpanSampler,
+    DiffusionSettings,
+    Prompt,
+    SpanSampler,
+    span_sampler_for,
+)
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.routing_context import AuxRouterLookup
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
+
+if TYPE_CHECKING:
+    from sparsefusion.tokenizers.latent import LatentTokenizer
 
 
 class Generator:
@@ -44,20 +57,27 @@ class Generator:
         aux_routers: the run's auxiliary routers (required with batch-routed sites).
         run_dir: named in messages.
         max_speech_units: longest speech span a sample may emit.
+        span_sampler: how image spans are produced (default: discrete codes from
+            ``tokenizer``); :meth:`from_run` picks the one of the run's objective.
     """
 
     def __init__(
         self,
         model: Transformer,
-        tokenizer: MultimodalTokenizer,
+        tokenizer: MultimodalTokenizer | LatentTokenizer,
         aux_routers: AuxRouterLookup | None = None,
         *,
         run_dir: str = "RUN_DIR",
         max_speech_units: int = 256,
+        span_sampler: SpanSampler | None = None,
     ):
         if model.router_sites() and aux_routers is None:
             raise MissingAuxRouters(aux_router_message(run_dir, list(model.router_sites())))
+        if span_sampler is None:
+            assert isinstance(tokenizer, MultimodalTokenizer), "give a span sampler"
+            span_sampler = CodeSpanSampler(tokenizer)
         self.model, self.tokenizer, self.aux_routers = model.eval(), tokenizer, aux_routers
+        self.spans = span_sampler
         self.run_dir = run_dir
         self.run_config: Any = None  # the run's TrainConfig (set by from_run)
         self.checkpoint: Path | None = None
@@ -66,28 +86,37 @@ class Generator:
         self.rules = SpanRules(
             tokenizer.vocab,
             model.cfg.vocab_size,
-            image_tokens=tokenizer.image.tokens_per_image if has_image else 0,
+            image_tokens=span_sampler.image_tokens if has_image else 0,
             max_speech_units=max_speech_units if has_speech else 0,
+            image_modes=span_sampler.image_modes,
+            max_images=span_sampler.max_images,
         )
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, checkpoint: int | None = None, device: str = "cpu"
+        cls,
+        run_dir: str | Path,
+        checkpoint: int | None = None,
+        device: str = "cpu",
+        diffusion: DiffusionSettings | None = None,
     ) -> Generator:
-        """Load a run folder's newest (or ``checkpoint``-step) model, tokenizer, aux routers."""
+        """Load a run folder's newest (or ``checkpoint``-step) model, tokenizer, aux routers.
+
+        ``diffusion`` sets how continuous images are sampled (runs whose objective has a noise
+        schedule); discrete runs ignore it.
+        """
         from sparsefusion.generate.run import load_run
+        from sparsefusion.objectives.base import build_objective
 
         run = load_run(run_dir, checkpoint, device)
-        if run.model.cfg.latent_channels:  # the Transfusion setting: images by diffusion
-            from sparsefusion.generate.diffusion import transfusion_generator
-
-            return transfusion_generator(run, run_dir)  # type: ignore[return-value]
+        objective = build_objective(run.config.objective, run.model.cfg)
         gen = cls(
             run.model,
             run.tokenizer,
             run.aux_routers,
             run_dir=str(run_dir),
             max_speech_units=run.max_speech_units,
+            span_sampler=span_sampler_for(objective, run.tokenizer, run.model.cfg, diffusion),
         )
         gen.run_config, gen.checkpoint = run.config, run.checkpoint
         return gen
@@ -127,11 +156,12 @@ class Generator:
 
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
         """The request's prompt as unified ids: BOS, its segments, no EOS."""
+        return self.encode_prompt(req).ids
+
+    def encode_prompt(self, req: GenerationRequest) -> Prompt:
+        """The request's prompt: its ids (BOS, its segments, no EOS) and continuous inputs."""
         doc = req.document if req.document is not None else self._prompt_document(req)
-        if not doc.segments:
-            return [self.tokenizer.vocab.bos_id]
-        ids, _ = self.tokenizer.encode_document(doc)
-        return ids[:-1]  # drop EOS: the model continues the document
+        return self.spans.encode(doc)
 
     def _prompt_document(self, req: GenerationRequest) -> Document:
         segments = []
@@ -157,8 +187,52 @@ class Generator:
         """One Sample per (request, sample index), in order; deterministic per seed."""
         if not requests:
             return []
-        prompts = [req.validate(self) for req in requests]  # every check before model work
+        prompts, owners, result = self.decode(requests)
+        samples = []
+        for (r, i), row_index in owners.items():
+            req, new = requests[r], result.new_ids[row_index]
+            samples.append(
+                Sample(
+                    segments=self.spans.segments(new, result.images[row_index]),
+                    token_ids=list(new),
+                    new_tokens=len(new),
+                    seconds=result.seconds[row_index],
+                    prompt=req.prompt,
+                    mode=req.mode,
+                    request=r,
+                    index=i,
+                    prompt_ids=prompts[r].ids,
+                    prompt_segments=self.spans.input_segments(prompts[r]),
+                )
+            )
+        return samples
+
+    def decode(
+        self, requests: Sequence[GenerationRequest]
+    ) -> tuple[list[Prompt], dict[tuple[int, int], int], DecodeResult]:
+        """The encoded prompts, the row of every (request, sample index), the decoded rows.
+
+        All rows decode as one batch, or each sample's rows as a batch of their own when the
+        span sampler says so (``batch_samples``).
+        """
+        prompts = [req.encode(self) for req in requests]  # every check before model work
         rows, owners = self._rows(requests, prompts)
+        if self.spans.batch_samples:
+            return prompts, owners, self._decode_batch(rows)
+        result = DecodeResult([], [], [])
+        for start in sorted(owners.values()):
+            end = start + (2 if rows[start].guide is not None else 1)
+            part = [
+                dataclasses.replace(r, guide=None if r.guide is None else r.guide - start)
+                for r in rows[start:end]
+            ]
+            one = self._decode_batch(part)
+            result.new_ids += one.new_ids
+            result.images += one.images
+            result.seconds += one.seconds
+        return prompts, owners, result
+
+    def _decode_batch(self, rows: list[RowSpec]) -> DecodeResult:
         decoder = Decoder(
             self.model,
             self.tokenizer.vocab,
@@ -167,70 +241,40 @@ class Generator:
             aux_routers=self.aux_routers,
             run_dir=self.run_dir,
         )
-        result = decode(decoder, rows)
-        samples = []
-        for (r, i), row_index in owners.items():
-            req, new = requests[r], result.new_ids[row_index]
-            samples.append(
-                Sample(
-                    segments=self.segments(new),
-                    token_ids=list(new),
-                    new_tokens=len(new),
-                    seconds=result.seconds,
-                    prompt=req.prompt,
-                    mode=req.mode,
-                    request=r,
-                    index=i,
-                    prompt_ids=prompts[r],
-                    prompt_segments=self._input_segments(prompts[r]),
-                )
-            )
-        return samples
+        return decode(decoder, rows, self.spans)
 
-    def _rows(self, requests, prompts) -> tuple[list[RowSpec], dict[tuple[int, int], int]]:
+    def _rows(
+        self, requests: Sequence[GenerationRequest], prompts: Sequence[Prompt]
+    ) -> tuple[list[RowSpec], dict[tuple[int, int], int]]:
         rows: list[RowSpec] = []
         owners: dict[tuple[int, int], int] = {}
         for r, (req, prompt) in enumerate(zip(requests, prompts, strict=True)):
-            budget = min(req.max_new_tokens, self.max_len - len(prompt))
+            budget = min(req.max_new_tokens, self.max_len - len(prompt.ids))
             for i in range(req.num_samples):
                 owners[(r, i)] = len(rows)
                 rows.append(self._row(req, prompt, budget, i))
                 if req.cfg_scale != 1.0 and req.mode in GUIDED_MODES:
-                    uncond = self._row(req, [self.tokenizer.vocab.bos_id], budget, i)
+                    uncond = self._row(req, Prompt([self.tokenizer.vocab.bos_id]), budget, i)
                     uncond.follower = True
                     rows[-1].guide, rows[-1].scale = len(rows), req.cfg_scale
                     rows.append(uncond)
         return rows, owners
 
-    def _row(self, req: GenerationRequest, prompt: list[int], budget: int, i: int) -> RowSpec:
+    def _row(self, req: GenerationRequest, prompt: Prompt, budget: int, i: int) -> RowSpec:
         return RowSpec(
-            prompt=list(prompt),
+            prompt=list(prompt.ids),
             constraint=RowConstraint(self.rules, req.mode, budget),
             params=req.sampling(),
             generator=row_generator(req.seed, i),
             opening=self.rules.opening(req.mode),
             stop_ids=frozenset(req.stop_ids),
+            patches=list(prompt.patches),
+            penalize_prompt=self.spans.penalize_prompt,
         )
 
     def segments(self, ids: Sequence[int]) -> list[Segment]:
-        """Decode unified ids into text / image / speech segments."""
-        out = []
-        for seg in self.tokenizer.decode(list(ids)):
-            if seg.modality == TEXT:
-                out.append(Segment(TEXT, text=seg.payload))
-            elif seg.modality == IMAGE:
-                out.append(Segment(IMAGE, image=seg.payload))
-            else:
-                wave = torch.as_tensor(seg.payload).detach().float().cpu().numpy()
-                out.append(Segment(SPEECH, audio=wave, sample_rate=_rate()))
-        return out
-
-    def _input_segments(self, prompt: list[int]) -> list[Segment]:
-        """The prompt's images and speech (shown next to a caption or a transcript)."""
-        vocab = self.tokenizer.vocab
-        if vocab.boi_id not in prompt and vocab.boa_id not in prompt:
-            return []
-        return [s for s in self.segments(prompt) if s.modality != TEXT]
+        """Decode unified ids of a discrete run into text / image / speech segments."""
+        return self.spans.segments(ids, [])
 
 
 def _audio(audio) -> torch.Tensor:
@@ -239,9 +283,3 @@ def _audio(audio) -> torch.Tensor:
     if isinstance(audio, torch.Tensor):
         return audio.float().reshape(-1)
     return read_wav(audio, f"audio {audio}")
-
-
-def _rate() -> int:
-    from sparsefusion.data.audio import SAMPLE_RATE
-
-    return SAMPLE_RATE

@@ -71,10 +71,6 @@ class KVCache:
         self.commit = commit
         self.memo = {}
 
-    @property
-    def step_counts(self) -> list[int]:
-        return list(self._counts)
-
     def lengths(self, layer: int = 0) -> list[int]:
         """Committed tokens of every row at ``layer`` (host ints)."""
         return list(self.layers[layer].length)

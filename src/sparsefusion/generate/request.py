@@ -11,6 +11,7 @@ from sparsefusion.generate.sampling import SamplingParams, sampling_problems
 
 if TYPE_CHECKING:
     from sparsefusion.generate.generator import Generator
+    from sparsefusion.generate.span_samplers import Prompt
 
 GUIDED_MODES = ("text_to_image", "text_to_speech")
 
@@ -70,21 +71,25 @@ class GenerationRequest:
 
         Reads and encodes the prompt's image or audio; runs no model.
         """
+        return self.encode(gen).ids
+
+    def encode(self, gen: Generator) -> Prompt:
+        """:meth:`validate`, returning the whole encoded prompt (continuous inputs too)."""
         where = f"{self.where}: " if self.where else ""
         for problem in self._field_problems(gen):
             raise ValueError(where + problem)
         try:
-            ids = gen.prompt_ids(self)
+            prompt = gen.encode_prompt(self)
         except ValueError as e:
             raise ValueError(f"{where}{e}") from e
-        limit = gen.max_len
+        limit, n = gen.max_len, len(prompt.ids)
         need = gen.min_new_tokens(self.mode)
-        if len(ids) + need > limit:
+        if n + need > limit:
             raise ValueError(
-                f"{where}prompt is {len(ids)} tokens; with the {need} new token(s) mode "
+                f"{where}prompt is {n} tokens; with the {need} new token(s) mode "
                 f"{self.mode!r} needs that exceeds the model's max length {limit}"
             )
-        return ids
+        return prompt
 
     def _field_problems(self, gen: Generator) -> list[str]:
         out = []

@@ -50,6 +50,8 @@ class NextTokenObjective:
         towers: ``(tower_of_modality, num_towers)`` of the model (the routing plan).
     """
 
+    noise_schedule = None  # images are discrete codes
+
     def __init__(self, modalities: list[str], z_loss: float, towers: tuple[list[int], int]):
         self.modalities, self.z_loss, self.towers = list(modalities), z_loss, towers
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from sparsefusion.data.batch import Batch
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    from sparsefusion.objectives.diffusion import NoiseSchedule
 
 
 @dataclass(kw_only=True)
@@ -138,7 +141,14 @@ class ObjectiveOutput:
 
 
 class Objective(Protocol):
-    """What the trainer, validation, train-aux, eval and the benchmark need from an objective."""
+    """What the trainer, validation, train-aux, eval and the benchmark need from an objective.
+
+    Attributes:
+        noise_schedule: the diffusion schedule of continuous image spans, which generation samples
+            them on (None: images are discrete codes, sampled token by token).
+    """
+
+    noise_schedule: NoiseSchedule | None
 
     def counts(self, batch: Batch) -> dict[str, int]:
         """Host counts that normalise the loss terms (called on the host batch)."""

@@ -54,6 +54,41 @@ def cosine_alphas_cumprod(
     return sched.alphas_cumprod.double()
 
 
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The DDPM noise schedule a model is trained on, and that its image sampler must follow.
+
+    Attributes:
+        num_train_timesteps: T.
+        beta_schedule: diffusers beta schedule (``squaredcos_cap_v2``: cosine).
+    """
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar_t for t = 0..T-1 (float64 on the host)."""
+        return cosine_alphas_cumprod(self.num_train_timesteps, self.beta_schedule)
+
+    def scheduler(self, sampler: str, steps: int):
+        """A diffusers ``ddim`` or ``ddpm`` scheduler on this schedule, set to ``steps`` passes.
+
+        The model predicts the noise (epsilon); samples are not clipped.
+        """
+        from sparsefusion.tokenizers.image_vae import require_diffusers
+
+        diffusers = require_diffusers()
+        cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
+        sched = cls(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            clip_sample=False,
+            prediction_type="epsilon",
+        )
+        sched.set_timesteps(steps)
+        return sched
+
+
 def add_noise(
     x0_IZhw: torch.Tensor, noise_IZhw: torch.Tensor, t_I: torch.Tensor, abar_T: torch.Tensor
 ) -> torch.Tensor:
@@ -82,6 +117,9 @@ class TransfusionObjective:
     Args:
         cfg: the objective settings (``diffusion_weight``, ``num_train_timesteps``, ...).
         model: the model config (towers, ``patch_size``, ``latent_channels``).
+
+    Attributes:
+        noise_schedule: the training schedule (generation samples images on it).
     """
 
     def __init__(self, cfg: ObjectiveConfig, model: ModelConfig):
@@ -92,7 +130,8 @@ class TransfusionObjective:
             )
         self.cfg, self.towers = cfg, (model.tower_of_modality, model.num_towers)
         self.patch_size = model.patch_size
-        self.abar_T = cosine_alphas_cumprod(cfg.num_train_timesteps, cfg.beta_schedule).float()
+        self.noise_schedule = NoiseSchedule(cfg.num_train_timesteps, cfg.beta_schedule)
+        self.abar_T = self.noise_schedule.alphas_cumprod().float()
 
     def counts(self, batch: Batch) -> dict[str, int]:
         return {"targets": batch.num_targets, "images": batch.num_images}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from sparsefusion.serve.models import Backend, ModelPool, QueueFull
+from sparsefusion.serve.models import Backend, LoadedModel, ModelPool, QueueFull
 from sparsefusion.serve.params import (
     FieldError,
     GenerateParams,
@@ -41,6 +41,9 @@ from sparsefusion.serve.paths import UnsafePath, media_type, safe_file
 from sparsefusion.serve.plots import loss_plot_png
 from sparsefusion.serve.render import sample_json
 from sparsefusion.serve.runs import RunCatalog, RunInfo, summary
+
+if TYPE_CHECKING:
+    from sparsefusion.generate import Sample
 
 log = logging.getLogger(__name__)
 STATIC = resources.files("sparsefusion.serve") / "static"
@@ -206,7 +209,7 @@ def _add_generate(app: FastAPI, catalog: RunCatalog, pool: ModelPool, limits: Li
         }
 
 
-def _generate(model: Any, params: GenerateParams) -> tuple[list[Any], float, float]:
+def _generate(model: LoadedModel, params: GenerateParams) -> tuple[list[Sample], float, float]:
     if params.mode not in model.modes:
         raise FieldError(
             "mode", f"run {params.run!r} cannot serve {params.mode!r} (modes: {model.modes})"

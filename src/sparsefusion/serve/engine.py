@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sparsefusion.serve.params import FieldError, GenerateParams
 from sparsefusion.serve.runs import RunInfo
+
+if TYPE_CHECKING:
+    from sparsefusion.generate import GenerationRequest, Generator, Sample
 
 
 class EngineModel:
@@ -17,11 +20,11 @@ class EngineModel:
         generator: a loaded ``sparsefusion.generate.Generator``.
     """
 
-    def __init__(self, generator: Any) -> None:
+    def __init__(self, generator: Generator) -> None:
         self.generator = generator
         self.modes = list(generator.modes)
 
-    def request(self, params: GenerateParams) -> Any:
+    def request(self, params: GenerateParams) -> GenerationRequest:
         """The engine request for ``params``, checked by the engine itself.
 
         Raises:
@@ -38,7 +41,7 @@ class EngineModel:
             raise FieldError(_field_named(str(e), known), str(e)) from None
         return req
 
-    def generate(self, params: GenerateParams) -> list[Any]:
+    def generate(self, params: GenerateParams) -> list[Sample]:
         """Samples for one request (deterministic per seed)."""
         return self.generator.generate([self.request(params)])
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from sparsefusion.serve.params import FieldError, GenerateParams
 from sparsefusion.serve.runs import RunInfo
+
+if TYPE_CHECKING:
+    from sparsefusion.generate import Sample
 
 T = TypeVar("T")
 
@@ -26,7 +29,7 @@ class LoadedModel(Protocol):
 
     modes: list[str]
 
-    def generate(self, params: GenerateParams) -> list[Any]:
+    def generate(self, params: GenerateParams) -> list[Sample]:
         """Samples for one request (each with ``segments``, ``new_tokens``, ``seconds``)."""
         ...
 
