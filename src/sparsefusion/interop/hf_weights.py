@@ -1,15 +1,14 @@
 """Read the tensors of a Hugging Face folder one at a time (single file or sharded).
 
-``model.safetensors`` or ``model.safetensors.index.json`` + its shards. Files are opened with
-``safetensors.safe_open`` (memory-mapped); :meth:`HFWeights.get` reads one tensor, so importing
-never holds a second full copy of the weights.
+``model.safetensors`` or ``model.safetensors.index.json`` + its shards, read with
+``safetensors.safe_open``. Each read opens the file, copies one tensor out and closes it again:
+a memory map kept open would keep every page read so far resident, so an import would end with
+the whole checkpoint in the process's memory beside the model.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ SINGLE = "model.safetensors"
 
 
 class HFWeights:
-    """Tensor name -> file map of a folder, with lazily opened safetensors handles.
+    """Tensor name -> file map of a folder; reads one tensor at a time.
 
-    Use as a context manager (closes the files). Names are the checkpoint's own, e.g.
-    ``model.layers.0.self_attn.q_proj.weight``.
+    Names are the checkpoint's own, e.g. ``model.layers.0.self_attn.q_proj.weight``. Usable as a
+    context manager (no file stays open between reads).
 
     Args:
         folder: the Hugging Face model folder.
@@ -38,16 +37,13 @@ class HFWeights:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._file_of = _index(self.folder)
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
         self.read: set[str] = set()
 
     def __enter__(self) -> HFWeights:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-        self._handles.clear()
+        return None
 
     def names(self) -> list[str]:
         """Every tensor name of the checkpoint."""
@@ -65,29 +61,29 @@ class HFWeights:
         file = self._file_of.get(name)
         if file is None:
             raise HFImportError(f"{self.folder}: no tensor '{name}' in the checkpoint")
-        handle = self._handle(file)
-        if shape is not None:
-            have = tuple(handle.get_slice(name).get_shape())
-            if have != tuple(shape):
-                raise HFImportError(
-                    f"{self.folder / file}: tensor '{name}' has shape {list(have)}, expected "
-                    f"{list(shape)} from config.json"
-                )
+        path = self.folder / file
+        with _open(path) as handle:
+            if shape is not None:
+                have = tuple(handle.get_slice(name).get_shape())
+                if have != tuple(shape):
+                    raise HFImportError(
+                        f"{path}: tensor '{name}' has shape {list(have)}, expected "
+                        f"{list(shape)} from config.json"
+                    )
+            tensor = handle.get_tensor(name)
         self.read.add(name)
-        return handle.get_tensor(name)
+        return tensor
 
-    def _handle(self, file: str) -> Any:
-        if file not in self._handles:
-            path = self.folder / file
-            try:
-                self._handles[file] = self._stack.enter_context(safe_open(str(path), "pt"))
-            except (OSError, Exception) as e:  # safetensors raises its own error types
-                raise HFImportError(f"{path}: cannot open safetensors file ({e})") from e
-        return self._handles[file]
-
-    def unread(self) -> Iterator[str]:
+    def unread(self) -> list[str]:
         """Names not read so far (after an import: tensors the model had no place for)."""
-        return (n for n in self._file_of if n not in self.read)
+        return [n for n in self._file_of if n not in self.read]
+
+
+def _open(path: Path) -> Any:
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # safetensors raises its own error types
+        raise HFImportError(f"{path}: cannot open safetensors file ({e})") from e
 
 
 def _index(folder: Path) -> dict[str, str]:
@@ -104,8 +100,8 @@ def _index(folder: Path) -> dict[str, str]:
         return dict(weight_map)
     single = folder / SINGLE
     if single.is_file():
-        with safe_open(str(single), "pt") as f:
-            return {name: SINGLE for name in f.keys()}  # noqa: SIM118 (a handle, not a dict)
+        with _open(single) as f:
+            return dict.fromkeys(f.keys(), SINGLE)
     raise HFImportError(
         f"{folder}: no weights: neither {SINGLE} nor {INDEX} (only safetensors are read)"
     )
