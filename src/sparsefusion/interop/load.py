@@ -30,7 +30,7 @@ from sparsefusion.nn.rope import RopeScalingConfig
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Parameters that never come from the LLM (fresh init): routers, Transfusion patch layers.
-_FRESH = re.compile(r"(\.router$)|(^mod_routers\.)|(^patch_embed\.)|(^patch_head\.)")
+FRESH = re.compile(r"(\.router$)|(^mod_routers\.)|(^patch_embed\.)|(^patch_head\.)")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
@@ -81,7 +81,7 @@ def layer_pieces(rest: str, cfg: ModelConfig) -> list[Piece] | None:
         return table[f"feed_forward.{group.group(1)}.weight"]
     if rest in table:
         return table[rest]
-    if _FRESH.search(rest):
+    if FRESH.search(rest):
         return None
     raise HFImportError(
         f"model parameter layers.N.{rest} has no counterpart in a Llama/Qwen2 checkpoint "
@@ -114,12 +114,12 @@ def load_hf_weights(
             _copy_rows(param, weights, _vocab_source(name, spec), spec, rows)
             filled.add(name)
             continue
-        pieces = _pieces(name, model.cfg)
+        pieces = param_pieces(name, model.cfg)
         if pieces is None:
             continue
         for piece in pieces:
             target = param[:, piece.rows]  # (G, rows, ...): every tower/expert gets the copy
-            tensor = weights.get(_hf_name(name, piece.hf_name), tuple(target.shape[1:]))
+            tensor = weights.get(hf_name(name, piece.hf_name), tuple(target.shape[1:]))
             target.copy_(tensor.unsqueeze(0).expand_as(target))
             del tensor
         filled.add(name)
@@ -127,18 +127,18 @@ def load_hf_weights(
     return filled
 
 
-def _pieces(name: str, cfg: ModelConfig) -> list[Piece] | None:
+def param_pieces(name: str, cfg: ModelConfig) -> list[Piece] | None:
     if name == "norm.weight":
         return [Piece("model.norm.weight", slice(None))]
     match = _LAYER.match(name)
     if match is None:
-        if _FRESH.search(name):
+        if FRESH.search(name):
             return None
         raise HFImportError(f"model parameter {name} has no counterpart in the checkpoint")
     return layer_pieces(match.group(2), cfg)
 
 
-def _hf_name(name: str, hf: str) -> str:
+def hf_name(name: str, hf: str) -> str:
     match = _LAYER.match(name)
     return f"model.layers.{match.group(1)}.{hf}" if match else hf
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from sparsefusion.data.sources import DataConfig
 from sparsefusion.distributed.parallelize import DistConfig
+from sparsefusion.interop.init import InitConfig
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.base import ObjectiveConfig
 from sparsefusion.tokenizers.build import TokenizerConfig
@@ -103,3 +104,4 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    init: InitConfig = field(default_factory=InitConfig)
