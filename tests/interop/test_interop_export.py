@@ -6,7 +6,7 @@ import pytest
 import torch
 from interop_helpers import hf_logits
 
-from sparsefusion.cli.main import main, resolve_config
+from sparsefusion.cli.main import main
 from sparsefusion.interop.export_hf import ExportError, check_exportable, export_hf
 from sparsefusion.interop.export_run import load_run_model, run_tokenizer
 from sparsefusion.interop.forward import text_logits
@@ -14,7 +14,6 @@ from sparsefusion.interop.hf_config import read_hf_config
 from sparsefusion.interop.load import import_hf
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig
-from sparsefusion.train.trainer import train
 
 pytest.importorskip("transformers")
 pytest.importorskip("huggingface_hub")
@@ -30,18 +29,6 @@ def test_import_then_export_round_trip(family, request, tmp_path):
     diff = (hf_logits(out, x) - hf_logits(folder, x)).abs().max().item()
     print(f"{family}: import -> export -> transformers, max |logits diff| = {diff:.2e}")
     assert diff <= 1e-4
-
-
-@pytest.fixture(scope="module")
-def mot_run(tiny_llama, tmp_path_factory):
-    run = tmp_path_factory.mktemp("mot") / "run"
-    cache = tmp_path_factory.mktemp("tok")
-    cfg = resolve_config("mot-debug", [f"run.dir={run}", f"tokenizer.cache_dir={cache}",
-                                       f"init.from_hf={tiny_llama}", "train.steps=3",
-                                       "run.progress=log", "run.log_every=1", "run.eval_every=0",
-                                       "data.val_batches=1", "optim.warmup_steps=0"])  # fmt: skip
-    train(cfg)
-    return run
 
 
 def test_mot_text_tower_exports_as_llama_with_its_tokenizer(mot_run, tmp_path):
