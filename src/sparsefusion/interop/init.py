@@ -20,6 +20,7 @@ So at step 0 the text logits (columns ``16 .. 16 + T``) of a text-only sequence 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -34,6 +35,8 @@ from sparsefusion.tokenizers.vocab import TEXT_MODALITY, UnifiedVocab
 
 if TYPE_CHECKING:
     from sparsefusion.train.config import TrainConfig
+
+log = logging.getLogger("sparsefusion")
 
 
 @dataclass(kw_only=True)
@@ -83,7 +86,8 @@ def resolve_init(cfg: TrainConfig) -> TrainConfig:
     if model.has_experts and model.moe.experts.get(_text_tower(model), 1) > 1:
         raise ValueError(
             "init.from_hf: the text tower must keep one FFN (model.moe.experts"
-            f"[{_text_tower(model)!r}] > 1 would not compute the LLM at step 0)"
+            f"[{_text_tower(model)!r}] > 1 would not compute the LLM at step 0); e.g. "
+            "model.moe.experts={text: 1, image: 4}"
         )
     tokenizer = dataclasses.replace(cfg.tokenizer, text_path=str(folder / "tokenizer.json"))
     init = dataclasses.replace(cfg.init, from_hf=str(folder))
@@ -135,10 +139,17 @@ def apply_init(model: Transformer, cfg: TrainConfig, vocab: UnifiedVocab, *, res
         with HFWeights(folder) as weights:
             load_hf_weights(model, weights, spec, rows)
         init_new_rows(model, rows)
+        log.info("init.from_hf: %s (%s) in every tower of %s; %d LLM vocabulary rows at %d, "
+                 "new rows = their mean", folder, spec.family, model.cfg.tower_names,
+                 rows.count, rows.offset)  # fmt: skip
     if cfg.init.freeze == "text":
         from sparsefusion.interop.freeze import freeze_text
 
-        freeze_text(model, rows)
+        frozen = freeze_text(model, rows)
+        total = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trained -= sum(p[idx].numel() for p, idx in frozen.parts)
+        log.info("init.freeze=text: %.2fM of %.2fM parameters train", trained / 1e6, total / 1e6)
 
 
 def text_rows(spec: HFModelSpec, vocab: UnifiedVocab, folder: Path) -> RowMap:

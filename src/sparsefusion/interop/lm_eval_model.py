@@ -7,7 +7,8 @@ Importing this module registers ``SparsefusionLM`` under the name ``sparsefusion
 
 From the shell (the harness has no plugin discovery, so this module registers, then runs its
 command line): ``python -m sparsefusion.interop.lm_eval_model --model sparsefusion
---model_args run=RUN_DIR --tasks hellaswag``.
+--model_args run=RUN_DIR --batch_size 8 --tasks hellaswag`` (batch size and device as the
+harness's own flags, not in ``--model_args``).
 
 Text is encoded as the run encodes documents: ``<bos>`` then the text ids. Log-likelihoods are
 over the whole unified vocabulary (image codes and sentinels included). ``generate_until`` decodes
@@ -20,6 +21,7 @@ Shape legend: B = rows, T = positions, V = unified vocabulary.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +32,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from sparsefusion.data.documents import TEXT
 from sparsefusion.interop.forward import text_inputs
+
+log = logging.getLogger("sparsefusion")
 
 
 @register_model("sparsefusion")
@@ -56,6 +60,9 @@ class SparsefusionLM(LM):
         super().__init__()
         from sparsefusion.generate.generator import Generator
 
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("lm-eval: device=%s but CUDA is not available; using the CPU", device)
+            device = "cpu"  # the harness's command line defaults to cuda:0
         self.gen = Generator.from_run(run, None if checkpoint is None else int(checkpoint), device)
         self.model, self.tok = self.gen.model, self.gen.tokenizer
         self.vocab = self.tok.vocab
