@@ -5,13 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from interop_helpers import make_llama, make_qwen2
+from interop_helpers import make_llama, make_mistral, make_qwen2
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
     return make_llama(tmp_path_factory.mktemp("hf") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    return make_mistral(tmp_path_factory.mktemp("hf") / "mistral")
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,32 @@ def make_qwen2(folder: Path, *, vocab: int = 320, layers: int = 2, seed: int = 1
     return folder
 
 
+def make_mistral(folder: Path, *, vocab: int = 320, layers: int = 2, seed: int = 2) -> Path:
+    """A Mistral-style model (GQA, no bias, untied head; sliding window off)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=None,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    )
+    model = MistralForCausalLM(cfg).float()
+    _randomize_norms(model)
+    model.save_pretrained(folder)
+    make_tokenizer(folder, vocab - 8)
+    return folder
+
+
 def _randomize_norms(model) -> None:
     """Norm weights away from 1, so a mix-up of norms shows in the logits."""
     import torch

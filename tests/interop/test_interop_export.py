@@ -14,6 +14,7 @@ from sparsefusion.interop.hf_config import read_hf_config
 from sparsefusion.interop.load import import_hf
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig
+from sparsefusion.nn.moe import MoEConfig
 
 pytest.importorskip("transformers")
 pytest.importorskip("huggingface_hub")
@@ -85,3 +86,10 @@ def _rows(run):
 def test_chameleon_graph_is_refused_with_a_pointer_to_hub():
     with pytest.raises(ExportError, match="norm_placement=post.*qk_norm.*--format hub"):
         check_exportable(ModelConfig(), 0)
+
+
+def test_moma_one_expert_text_group_is_exportable_routed_is_not():
+    pre = {"norm_placement": "pre", "qk_norm": False, "arch": "moma"}
+    check_exportable(ModelConfig(**pre, moe=MoEConfig(experts={"text": 1, "image": 4})), 0)
+    with pytest.raises(ExportError, match="routed expert FFN"):
+        check_exportable(ModelConfig(**pre, moe=MoEConfig(experts={"text": 4, "image": 4})), 0)

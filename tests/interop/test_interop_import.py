@@ -22,7 +22,7 @@ def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2", "tiny_mistral"])
 def test_import_logits_equal_transformers(family, request):
     folder = request.getfixturevalue(family)
     ids = _ids(320)

@@ -90,6 +90,18 @@ def test_freeze_text_keeps_the_llm_bit_identical_and_trains_the_rest(
     assert not torch.equal(ckpt["layers.1.feed_forward.w13.weight"][image], w13)
     assert not torch.equal(ckpt["embedding.weight"][3], ckpt["embedding.weight"][4])  # boi, eoi
 
+    # Resuming (same init) keeps the LLM frozen: the snapshot is taken after the checkpoint loads.
+    train(_cfg("mot-debug", run, tokenizer_cache, *extra[:-2], "train.steps=22",
+               "run.save_every=22"))  # fmt: skip
+    resumed = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    assert latest_checkpoint(run).name.endswith("22")
+    assert torch.equal(resumed["layers.1.attention.wqkv.weight"][text], qkv)
+    assert torch.equal(
+        resumed["embedding.weight"][16 : 16 + T], hf["model.embed_tokens.weight"][:T]
+    )
+    assert not torch.equal(resumed["layers.1.attention.wqkv.weight"][image],
+                           ckpt["layers.1.attention.wqkv.weight"][image])  # fmt: skip
+
     # Resuming with another (or no) init.from_hf is refused before any step.
     for other in (f"init.from_hf={tmp_path}", "init.from_hf="):
         with pytest.raises(ValueError, match="init.from_hf"):
@@ -113,5 +125,8 @@ def test_missing_tokenizer_and_conflicting_seed(tiny_llama, tmp_path, tokenizer_
     (folder / "tokenizer.json").unlink()
     with pytest.raises(HFImportError, match="tokenizer.json"):
         resolve_init(_cfg("mot-debug", tmp_path / "r", tokenizer_cache, f"init.from_hf={folder}"))
+    with pytest.raises(ValueError, match="tokenizer.path"):
+        resolve_init(_cfg("mot-debug", tmp_path / "r", tokenizer_cache,
+                          f"init.from_hf={tiny_llama}", f"tokenizer.path={tmp_path}"))  # fmt: skip
     with pytest.raises(ValueError, match="init.freeze=text needs init.from_hf"):
         _cfg("mot-debug", tmp_path / "r", tokenizer_cache, "init.freeze=text")

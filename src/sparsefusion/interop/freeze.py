@@ -31,6 +31,7 @@ from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.norms import TowerRMSNorm
 from sparsefusion.nn.tower_linear import TowerLinear
 
+_DEAD: list = []  # hook handles of models that are gone
 _GROUP = re.compile(r"feed_forward\.groups\.(\d+)\.")
 _NEW = re.compile(r"(\.router$)|(^mod_routers\.)|(^patch_embed\.)|(^patch_head\.)")
 
@@ -124,15 +125,18 @@ def _zero_grad_at(index: tuple):
 
 def _register(frozen: FrozenSlices) -> None:
     """Snapshot before the first step of an optimizer holding these parameters; restore after
-    every step. The global hooks remove themselves once the parameters are gone."""
+    every step. Hooks of a model that is gone do nothing and are removed at the next
+    registration (not while torch iterates over the hooks)."""
+    while _DEAD:
+        _DEAD.pop().remove()
     ref = weakref.ref(frozen)
-    handles = []
+    handles: list = []
 
     def live() -> FrozenSlices | None:
         target = ref()
-        if target is None:  # the model is gone
-            for h in handles:
-                h.remove()
+        if target is None and handles:  # the model is gone
+            _DEAD.extend(handles)
+            handles.clear()
         return target
 
     def pre(optimizer, args, kwargs):

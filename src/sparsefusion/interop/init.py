@@ -80,6 +80,11 @@ def resolve_init(cfg: TrainConfig) -> TrainConfig:
         raise HFImportError(f"{folder / 'tokenizer.json'}: missing (init.from_hf uses it for text)")
     if cfg.model.upcycle_from:
         raise ValueError("init.from_hf and model.upcycle_from are two seeds: set only one")
+    if cfg.tokenizer.path:
+        raise ValueError(
+            f"init.from_hf uses {folder / 'tokenizer.json'} for text; tokenizer.path="
+            f"{cfg.tokenizer.path!r} would replace it: set only one"
+        )
     fields = spec.model_fields()
     fields.pop("vocab_size")  # the unified vocabulary is larger: set from the tokenizer
     model = merge(cfg.model, fields, where="model")
