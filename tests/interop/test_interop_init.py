@@ -41,17 +41,19 @@ def _step0_model(cfg):
     return model.eval(), vocab
 
 
-@pytest.mark.parametrize("preset", ["mot-debug", "moma-1t1i-debug"])
-def test_step0_text_logits_equal_the_llm(preset, tiny_llama, tmp_path, tokenizer_cache):
-    model, vocab = _step0_model(
-        _cfg(preset, tmp_path, tokenizer_cache, f"init.from_hf={tiny_llama}")
-    )
+@pytest.mark.parametrize(
+    "preset,family",
+    [("mot-debug", "tiny_llama"), ("moma-1t1i-debug", "tiny_llama"), ("mot-debug", "tiny_qwen2")],
+)
+def test_step0_text_logits_equal_the_llm(preset, family, request, tmp_path, tokenizer_cache):
+    folder = request.getfixturevalue(family)
+    model, vocab = _step0_model(_cfg(preset, tmp_path, tokenizer_cache, f"init.from_hf={folder}"))
     T = vocab.modality_sizes["text"]
     llm_ids = torch.randint(0, T, (2, 40), generator=torch.Generator().manual_seed(3))
     ours = text_logits(model, llm_ids + vocab.offset("text"))[..., 16 : 16 + T]
-    theirs = hf_logits(tiny_llama, llm_ids)[..., :T]
+    theirs = hf_logits(folder, llm_ids)[..., :T]
     diff = (ours - theirs).abs().max().item()
-    print(f"{preset} from llama, step 0: max |text logits diff| = {diff:.2e}")
+    print(f"{preset} from {family}, step 0: max |text logits diff| = {diff:.2e}")
     assert diff <= 1e-4
     assert model.cfg.num_towers == 2 and not model.cfg.qk_norm
     emb = model.embedding.weight
