@@ -10,7 +10,8 @@ A whole frozen parameter gets ``requires_grad=False`` (the optimizer never sees 
 gradient zeroed by a hook (so it adds nothing to the clipped gradient norm or to Adam's moments)
 and is written back after every optimizer step (decoupled weight decay would otherwise shrink it):
 the frozen values stay bit-identical. They are snapshotted before the first step, i.e. after the
-trainer has loaded a checkpoint when resuming. Not supported under FSDP (sharded parameters).
+trainer has loaded a checkpoint when resuming. Single process and DDP; not FSDP (its sharded
+parameters replace the ones hooked here: ``resolve_init`` refuses the combination).
 """
 
 from __future__ import annotations

@@ -74,6 +74,11 @@ def resolve_init(cfg: TrainConfig) -> TrainConfig:
     _check_resume(cfg)
     if not cfg.init.from_hf:
         return cfg
+    if cfg.init.freeze != "none" and _fsdp(cfg):
+        raise ValueError(
+            "init.freeze=text is not supported with FSDP (its sharded parameters replace the "
+            "frozen ones); use dist.strategy=ddp or one process"
+        )
     folder = Path(cfg.init.from_hf).resolve()
     spec = read_hf_config(folder)
     if not (folder / "tokenizer.json").is_file():
@@ -97,6 +102,14 @@ def resolve_init(cfg: TrainConfig) -> TrainConfig:
     tokenizer = dataclasses.replace(cfg.tokenizer, text_path=str(folder / "tokenizer.json"))
     init = dataclasses.replace(cfg.init, from_hf=str(folder))
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer, init=init)
+
+
+def _fsdp(cfg: TrainConfig) -> bool:
+    """Whether this (already initialised) process group trains with FSDP."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return cfg.dist.resolved_strategy(distributed) == "fsdp"
 
 
 def _text_tower(model_cfg) -> str:
