@@ -125,7 +125,10 @@ def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
     if text_path:  # a given text tokenizer: its content, not the BPE settings, is the key
         for key in ("text_vocab_size", "text_train_docs"):
             settings.pop(key)
-        settings["text_sha256"] = hashlib.sha256(Path(text_path).read_bytes()).hexdigest()
+        try:
+            settings["text_sha256"] = hashlib.sha256(Path(text_path).read_bytes()).hexdigest()
+        except OSError as e:
+            raise ValueError(f"tokenizer.text_path={text_path}: cannot read it ({e})") from e
     blob = json.dumps(
         {"cfg": settings, "source": source.fingerprint(), "format": FORMAT_VERSION},
         sort_keys=True,
