@@ -44,6 +44,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "safetensors":  # Hugging Face folders (the ``hf`` extra for hub)
+        from sparsefusion.interop.export_run import export_run_hf, export_run_hub
+
+        if args.format == "hf":
+            out = export_run_hf(args.run_dir, args.out, args.tower)
+        else:
+            out = export_run_hub(args.run_dir, args.out)
+        print(f"exported {args.run_dir} as a Hugging Face folder ({args.format}): {out}")
+        return 0
     from sparsefusion.runs.export import export_run
 
     out = export_run(args.run_dir, args.out)
@@ -198,7 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("export", help="newest checkpoint -> one safetensors file + config.yaml")
     p.add_argument("run_dir", help="the run folder")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export[-FORMAT])")
+    formats = ("safetensors", "hf", "hub")
+    p.add_argument(
+        "--format",
+        choices=formats,
+        default="safetensors",
+        help="safetensors + config.yaml (default); hf: a transformers Llama/Qwen2 "
+        "folder (dense run, or one tower); hub: save_pretrained folder, model card",
+    )
+    p.add_argument("--tower", default="", help="--format hf: tower to write (default: text's)")
     p.set_defaults(fn=cmd_export)
     from sparsefusion.cli.data_cmd import add_commands
     from sparsefusion.cli.eval_cmd import add_command as add_eval

@@ -24,13 +24,13 @@ from torch import nn
 
 from sparsefusion.models.inputs import ForwardContext, ModelInputs, plan_for
 from sparsefusion.nn.attention import AttentionMask, KVStep, TowerAttention, build_attention_mask
-from sparsefusion.nn.embeddings import OutputHead, TokenEmbedding
+from sparsefusion.nn.embeddings import OutputHead, TiedOutputHead, TokenEmbedding
 from sparsefusion.nn.feed_forward import TowerFFN, ffn_hidden_dim
 from sparsefusion.nn.mod import MoDConfig, MoDRouter, SequenceLayout
 from sparsefusion.nn.moe import MoEConfig, MoEFeedForward
 from sparsefusion.nn.norms import TowerRMSNorm
 from sparsefusion.nn.patch_embed import PatchEmbed, PatchHead
-from sparsefusion.nn.rope import RopeAngles, rope_angles
+from sparsefusion.nn.rope import RopeAngles, RopeScalingConfig, rope_angles
 from sparsefusion.nn.routing import RoutingPlan
 from sparsefusion.nn.routing_context import RouterRecord, RouterStats, RoutingContext
 
@@ -56,6 +56,10 @@ class ModelConfig:
         multiple_of: rounding of the automatic FFN width.
         norm_eps: RMSNorm epsilon.
         rope_theta: RoPE base.
+        rope_scaling: RoPE frequency scaling (Llama 3.1's ``llama3``), see
+            ``RopeScalingConfig``.
+        qkv_bias: a bias on the Q/K/V projections (Qwen2).
+        tie_embeddings: the output head reuses the embedding table (small Qwen2/Llama 3.2).
         qk_norm: RMSNorm over the head dim on queries and keys, before RoPE (Chameleon).
         norm_placement: "pre" (Llama: x + f(norm(x))) or "post" (Chameleon/Swin: x + norm(f(x))).
         untie_attention: per-tower Q/K/V/O (mot only; the untie_* flags are ignored otherwise).
@@ -94,6 +98,9 @@ class ModelConfig:
     multiple_of: int = 32
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
     qk_norm: bool = True
     norm_placement: Literal["pre", "post"] = "post"
     untie_attention: bool = True
@@ -302,6 +309,7 @@ class TransformerBlock(nn.Module):
             qk_norm_towers=cfg.towers_for(cfg.untie_qk_norm),
             norm_eps=cfg.norm_eps,
             impl=cfg.linear_impl,
+            qkv_bias=cfg.qkv_bias,
         )
         self.feed_forward: TowerFFN | MoEFeedForward
         if cfg.has_experts:
@@ -382,7 +390,11 @@ class Transformer(nn.Module):
             }
         )
         self.norm = TowerRMSNorm(cfg.dim, 1, cfg.norm_eps)
-        self.output = OutputHead(cfg.dim, cfg.vocab_size)
+        self.output: OutputHead | TiedOutputHead
+        if cfg.tie_embeddings:
+            self.output = TiedOutputHead(self.embedding)
+        else:
+            self.output = OutputHead(cfg.dim, cfg.vocab_size)
         # Transfusion: image patches in and noise out (image-only parameters).
         self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.dim) if cfg.patch_dim else None
         self.patch_head = PatchHead(cfg.dim, cfg.patch_dim, cfg.norm_eps) if cfg.patch_dim else None
@@ -452,7 +464,9 @@ class Transformer(nn.Module):
             )
         cache = ctx.cache  # incremental decoding: the cache supplies each layer's keys and mask
         mask = None if cache else self.attention_mask(inputs.document_BT, inputs.span_BT)
-        rope = rope_angles(inputs.position_BT, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = rope_angles(
+            inputs.position_BT, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling
+        )
         routing = ctx.routing()
         layout = self.layout(inputs)
         x_ND = self._embed(inputs, plan)
@@ -526,4 +540,5 @@ class Transformer(nn.Module):
             attention_backend=self.cfg.attention_backend,
             head_dim=self.cfg.head_dim,
             rope_theta=self.cfg.rope_theta,
+            rope_scaling=self.cfg.rope_scaling,
         )

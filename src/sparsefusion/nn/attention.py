@@ -184,6 +184,7 @@ class TowerAttention(nn.Module):
         qk_norm_towers: towers of the QK-norm weights (1 = shared).
         norm_eps: epsilon of the QK-norm.
         impl: TowerLinear implementation.
+        qkv_bias: a bias on the Q/K/V projections (Qwen2); O stays bias-free.
     """
 
     def __init__(
@@ -197,6 +198,7 @@ class TowerAttention(nn.Module):
         qk_norm_towers: int = 1,
         norm_eps: float = 1e-5,
         impl: LinearImpl = "grouped",
+        qkv_bias: bool = False,
     ):
         super().__init__()
         if dim % num_heads or num_heads % num_kv_heads:
@@ -204,7 +206,7 @@ class TowerAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         qkv_dim = (num_heads + 2 * num_kv_heads) * self.head_dim
-        self.wqkv = TowerLinear(dim, qkv_dim, num_towers, impl)
+        self.wqkv = TowerLinear(dim, qkv_dim, num_towers, impl, bias=qkv_bias)
         self.wo = TowerLinear(num_heads * self.head_dim, dim, num_towers, impl)
         self.q_norm = TowerRMSNorm(self.head_dim, qk_norm_towers, norm_eps) if qk_norm else None
         self.k_norm = TowerRMSNorm(self.head_dim, qk_norm_towers, norm_eps) if qk_norm else None

@@ -1,7 +1,9 @@
-"""Unified-vocabulary token embedding and output head (untied, bias-free).
+"""Unified-vocabulary token embedding and output head (bias-free; untied by default).
 
 One table holds every modality's discrete ids (text BPE, image VQ codes, speech units, sentinels),
-so the lookup needs no routing. The output head is a separate (V, D) matrix.
+so the lookup needs no routing. The output head is a separate (V, D) matrix, or (tied, as in the
+small Qwen2 models) the embedding table itself: :class:`TiedOutputHead` owns no parameter, so the
+state dict holds the table once.
 
 Shape legend: B = batch rows, T = sequence length, N = flattened positions, D = model width,
 V = vocabulary size.
@@ -56,4 +58,32 @@ class OutputHead(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Project hidden states to logits, (..., D) -> (..., V)."""
+        return F.linear(x_ND, self.weight)
+
+
+class TiedOutputHead(nn.Module):
+    """Output head that reads the embedding table (tied weights; no parameter of its own).
+
+    The embedding module is held outside the module tree, so the table appears once in
+    ``state_dict()`` and ``parameters()``; ``weight`` always reads the table's current tensor
+    (after ``to()``, ``to_empty()`` or FSDP's swaps).
+
+    Args:
+        embedding: the model's token embedding.
+    """
+
+    def __init__(self, embedding: TokenEmbedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (V, D) embedding table."""
+        return self._embedding.weight
+
+    def init_weights(self, std: float) -> None:
+        """Nothing to initialise (the embedding owns the table)."""
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Project hidden states to logits with the embedding table, (..., D) -> (..., V)."""
         return F.linear(x_ND, self.weight)

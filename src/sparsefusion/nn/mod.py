@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefusion.nn.attention import AttentionMask, KVStep, build_attention_mask
-from sparsefusion.nn.rope import rope_angles
+from sparsefusion.nn.rope import RopeScalingConfig, rope_angles
 from sparsefusion.nn.routing import RoutingPlan, plan_from_counts
 from sparsefusion.nn.routing_context import RouterStats, RoutingContext, ratio
 
@@ -114,6 +114,7 @@ class SequenceLayout:
         head_dim: attention head width (RoPE).
         rope_theta: RoPE base.
         attention_backend: "sdpa" or "flex" (see ``build_attention_mask``).
+        rope_scaling: RoPE frequency scaling (None: plain RoPE).
     """
 
     position_BT: torch.Tensor
@@ -123,6 +124,7 @@ class SequenceLayout:
     head_dim: int
     rope_theta: float
     attention_backend: str = "sdpa"
+    rope_scaling: RopeScalingConfig | None = None
 
 
 class MoDRouter(nn.Module):
@@ -239,7 +241,7 @@ def _cached_subset(block, x_ND, gate_N, orig_K, plan, layout, ctx, kv):
     if layout.span_BT is not None:
         span_BK = layout.span_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
     position_BK = layout.position_BT.reshape(-1).index_select(0, src_M).view(B, kmax)
-    rope = rope_angles(position_BK, layout.head_dim, layout.rope_theta)
+    rope = rope_angles(position_BK, layout.head_dim, layout.rope_theta, layout.rope_scaling)
     kv_sub = kv.rebind(document_BK, span_BK, per_row)
     x_MD = x_ND.index_select(0, parent_M)
     out_MD, block_stats = block(sub.sort(x_MD), plan=sub, mask=None, rope=rope, ctx=ctx, kv=kv_sub)
@@ -322,4 +324,4 @@ def _subset_mask_and_rope(layout: SequenceLayout, orig_K: torch.Tensor, rows: in
         mask = AttentionMask.causal()
     else:
         mask = build_attention_mask(document_RK, span_RK, layout.attention_backend)
-    return mask, rope_angles(position_RK, layout.head_dim, layout.rope_theta)
+    return mask, rope_angles(position_RK, layout.head_dim, layout.rope_theta, layout.rope_scaling)

@@ -1,4 +1,4 @@
-"""TowerLinear: a bias-free linear layer with one weight matrix per tower (group).
+"""TowerLinear: a linear layer with one weight matrix (and optional bias) per tower (group).
 
 The input is in routing-plan sorted order, so every tower owns one contiguous slice of rows and
 all towers run in one grouped matmul (``torch.nn.functional.grouped_mm``). A readable reference
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefusion.nn.norms import per_position
 from sparsefusion.nn.routing import RoutingPlan
 
 LinearImpl = Literal["grouped", "reference"]
@@ -75,7 +76,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class TowerLinear(nn.Module):
-    """Bias-free linear layer with ``num_towers`` independent weight matrices.
+    """Linear layer with ``num_towers`` independent weight matrices (bias-free by default).
 
     Args:
         in_dim: in features I.
@@ -83,10 +84,16 @@ class TowerLinear(nn.Module):
         num_towers: number of towers G (1 = plain linear, the plan is then ignored).
         impl: "grouped" (one grouped matmul, falls back to the loop where unsupported) or
             "reference" (loop over the plan's slices).
+        bias: add a per-tower bias (G, O) (e.g. Qwen2's Q/K/V); False registers no parameter.
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, num_towers: int = 1, impl: LinearImpl = "grouped"
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_towers: int = 1,
+        impl: LinearImpl = "grouped",
+        bias: bool = False,
     ):
         super().__init__()
         if num_towers < 1:
@@ -96,10 +103,13 @@ class TowerLinear(nn.Module):
         self.in_dim, self.out_dim, self.num_towers, self.impl = in_dim, out_dim, num_towers, impl
         # (G, O, I): tower g maps x -> x @ weight[g].T
         self.weight = nn.Parameter(torch.empty(num_towers, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(num_towers, out_dim)) if bias else None  # (G, O)
 
     def init_weights(self, std: float) -> None:
-        """Draw every tower's weights independently from N(0, std^2)."""
+        """Draw every tower's weights independently from N(0, std^2); the bias starts at 0."""
         nn.init.normal_(self.weight, mean=0.0, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x_NI: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Apply each position's tower weights.
@@ -112,7 +122,13 @@ class TowerLinear(nn.Module):
             y_NO in the same (sorted) order.
         """
         if self.num_towers == 1:
-            return F.linear(x_NI, self.weight[0])
+            return F.linear(x_NI, self.weight[0], None if self.bias is None else self.bias[0])
+        if self.bias is not None:
+            y_NO = self._forward_towers(x_NI, plan)
+            return y_NO + per_position(self.bias, plan).to(y_NO.dtype)
+        return self._forward_towers(x_NI, plan)
+
+    def _forward_towers(self, x_NI: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         if plan.num_groups != self.num_towers:
             raise ValueError(
                 f"plan has {plan.num_groups} groups, layer has {self.num_towers} towers"
@@ -129,7 +145,8 @@ class TowerLinear(nn.Module):
         return _reference_forward(x_NI, w_GOI, plan)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_dim}, out={self.out_dim}, towers={self.num_towers}, impl={self.impl}"
+        text = f"in={self.in_dim}, out={self.out_dim}, towers={self.num_towers}, impl={self.impl}"
+        return text + (", bias=True" if self.bias is not None else "")
 
 
 def _reference_forward(x_NI: torch.Tensor, w_GOI: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:

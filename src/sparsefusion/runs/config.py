@@ -141,6 +141,28 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class InitConfig:
+    """Where a fresh run's weights come from (``init.*``).
+
+    Attributes:
+        from_hf: a Hugging Face model folder (``config.json``, safetensors weights,
+            ``tokenizer.json``) whose LLM becomes the text tower and the seed of every other
+            tower ("" = random init).
+        freeze: "none" or "text": keep the LLM's weights fixed (the text tower, shared layers
+            and the LLM's vocabulary rows); only new towers, routers and new rows train.
+    """
+
+    from_hf: str = ""
+    freeze: Literal["none", "text"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.freeze not in ("none", "text"):
+            raise ValueError(f"init.freeze must be 'none' or 'text', got {self.freeze!r}")
+        if self.freeze != "none" and not self.from_hf:
+            raise ValueError("init.freeze=text needs init.from_hf (the text tower to freeze)")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Everything a training run needs; each component receives only its own sub-config."""
 
@@ -153,3 +175,4 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    init: InitConfig = field(default_factory=InitConfig)

@@ -56,6 +56,9 @@ class TokenizerConfig:
         image_kind: "vq" (discrete codes, the Chameleon setting) or "vae" (continuous latents
             of a KL autoencoder, the Transfusion setting; needs the ``transfusion`` extra).
         vae: the autoencoder settings (used when ``image_kind`` is "vae").
+        text_path: a Hugging Face ``tokenizer.json`` (byte-level BPE, e.g. a pretrained LLM's)
+            used as the text tokenizer instead of training one (empty: train); the file's hash
+            enters the cache key. ``init.from_hf`` sets it.
     """
 
     text_vocab_size: int = 2048
@@ -68,6 +71,7 @@ class TokenizerConfig:
     path: str = ""
     image_kind: str = "vq"
     vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
+    text_path: str = ""
 
     def __post_init__(self) -> None:
         if self.image_kind not in ("vq", "vae"):
@@ -117,6 +121,14 @@ def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
     if SPEECH not in vocab_modalities(source):
         settings.pop("speech")
         settings.pop("speech_train_clips")
+    text_path = settings.pop("text_path")
+    if text_path:  # a given text tokenizer: its content, not the BPE settings, is the key
+        for key in ("text_vocab_size", "text_train_docs"):
+            settings.pop(key)
+        try:
+            settings["text_sha256"] = hashlib.sha256(Path(text_path).read_bytes()).hexdigest()
+        except OSError as e:
+            raise ValueError(f"tokenizer.text_path={text_path}: cannot read it ({e})") from e
     blob = json.dumps(
         {"cfg": settings, "source": source.fingerprint(), "format": FORMAT_VERSION},
         sort_keys=True,
@@ -186,8 +198,12 @@ def train_tokenizer(
 ) -> MultimodalTokenizer | LatentTokenizer:
     """Train the BPE, the VQ (or VAE) and (for a source with speech) the speech units."""
     texts, images, clips = collect_training_data(cfg, source)
-    log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
-    text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
+    if cfg.text_path:
+        text = BPETextTokenizer.load(cfg.text_path)
+        log(f"tokenizer: text from {cfg.text_path} ({text.vocab_size} ids)")
+    else:
+        log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
+        text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
     if cfg.image_kind == "vae":
         return _train_latent(cfg, text, images, progress, log)
     if images:

@@ -32,6 +32,7 @@ from sparsefusion.distributed.mesh import (
     teardown,
 )
 from sparsefusion.distributed.parallelize import parallelize_model
+from sparsefusion.interop.init import apply_init, resolve_init
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.objectives.validate import evaluate
@@ -76,6 +77,7 @@ def train(cfg: TrainConfig, *, on_checkpoint: CheckpointHook | None = None) -> d
 
 
 def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]:
+    cfg = resolve_init(cfg)  # init.from_hf: the LLM's architecture and tokenizer
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +101,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
     model = Transformer(cfg.model)
     model.init_weights()
     ckpt = resume_checkpoint(run_dir, model, env)  # validated; damaged ones moved aside
+    apply_init(model, cfg, tokenizer.vocab, resumed=ckpt is not None)  # init.from_hf / freeze
     seed_state = None
     if ckpt is None and cfg.model.upcycle_from:  # fresh run only: a resumed run never copies again
         seed_state = upcycle(model, cfg.model.upcycle_from)
