@@ -8,13 +8,14 @@ from interop_helpers import hf_logits
 
 from sparsefusion.cli.main import main
 from sparsefusion.interop.export_hf import ExportError, check_exportable, export_hf
-from sparsefusion.interop.export_run import load_run_model, run_tokenizer
+from sparsefusion.interop.export_run import load_run_model
 from sparsefusion.interop.forward import text_logits
 from sparsefusion.interop.hf_config import read_hf_config
 from sparsefusion.interop.load import import_hf
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.moe import MoEConfig
+from sparsefusion.runs.tokenizer import run_tokenizer
 
 pytest.importorskip("transformers")
 pytest.importorskip("huggingface_hub")
@@ -38,7 +39,7 @@ def test_mot_text_tower_exports_as_llama_with_its_tokenizer(mot_run, tmp_path):
     out = tmp_path / "hf"
     assert main(["export", str(mot_run), "--format", "hf", "--out", str(out)]) == 0
     model, cfg, _ = load_run_model(mot_run)
-    tok = run_tokenizer(cfg)
+    tok = run_tokenizer(mot_run, cfg)
     T = tok.vocab.modality_sizes["text"]
     x = torch.randint(16, 16 + T, (2, 32), generator=torch.Generator().manual_seed(6))
     diff = (hf_logits(out, x) - text_logits(model, x)).abs().max().item()
@@ -57,7 +58,7 @@ def test_hub_folder_loads_back_with_identical_logits_and_a_card(mot_run, tmp_pat
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     model, cfg, _ = load_run_model(mot_run)
     loaded = hub_class().from_pretrained(out)
-    tok = run_tokenizer(cfg)
+    tok = run_tokenizer(mot_run, cfg)
     image = tok.vocab.offset("image")
     ids_BT = torch.tensor([[1, 20, 30, 3, image, image + 5, image + 9, 4, 40, 2]])
     modality_BT = tok.vocab.modality_of(ids_BT)

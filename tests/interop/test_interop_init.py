@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,9 +17,10 @@ from sparsefusion.interop.hf_config import HFImportError
 from sparsefusion.interop.init import apply_init, resolve_init
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.runs.presets import resolve_config
+from sparsefusion.runs.tokenizer import finalize_config
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
 from sparsefusion.tokenizers.vocab import UnifiedVocab
-from sparsefusion.train.trainer import finalize_config, train
+from sparsefusion.train.trainer import train
 
 pytest.importorskip("transformers")
 
@@ -34,7 +36,7 @@ def _step0_model(cfg):
     cfg = resolve_init(cfg)
     text = BPETextTokenizer.load(cfg.tokenizer.text_path)
     vocab = UnifiedVocab({"text": text.vocab_size, "image": cfg.tokenizer.image.codebook_size})
-    cfg = finalize_config(cfg, vocab.modalities, vocab.padded_size())
+    cfg = finalize_config(cfg, SimpleNamespace(modalities=vocab.modalities, vocab=vocab))
     model = Transformer(cfg.model)
     model.init_weights()
     apply_init(model, cfg, vocab, resumed=False)
