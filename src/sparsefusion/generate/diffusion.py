@@ -112,7 +112,7 @@ class TransfusionGenerator:
 
     Args:
         model: the trained model (``model.cfg.latent_channels > 0``).
-        tokenizer: the run's :class:`~sparsefusion.tokenizers.latent.LatentTokenizer`.
+        tokenizer: the run's :class:`~sparsefusion.tokenizers.transfusion.TransfusionTokenizer`.
         aux_routers: auxiliary routers (required with batch-routed sites).
         schedule: ``(num_train_timesteps, beta_schedule)`` of the run's objective.
         run_dir: named in messages.

@@ -29,7 +29,6 @@ from sparsefusion.data.issues import BadInput
 from sparsefusion.data.mixture import vocab_modalities
 from sparsefusion.tokenizers.image_vae import ImageVAEConfig, train_vae
 from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer, train_vq
-from sparsefusion.tokenizers.latent import LatentTokenizer, manifest_kind
 from sparsefusion.tokenizers.multimodal import (
     FORMAT_VERSION,
     MultimodalTokenizer,
@@ -37,6 +36,7 @@ from sparsefusion.tokenizers.multimodal import (
 )
 from sparsefusion.tokenizers.speech_units import SpeechUnitsConfig, train_speech_units
 from sparsefusion.tokenizers.text_bpe import NUM_BYTES, BPETextTokenizer
+from sparsefusion.tokenizers.transfusion import TransfusionTokenizer, manifest_kind
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
 
@@ -130,7 +130,7 @@ def load_or_train_tokenizer(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> MultimodalTokenizer | LatentTokenizer:
+) -> MultimodalTokenizer | TransfusionTokenizer:
     """Return the tokenizer for ``source``, from the cache when a verified copy exists.
 
     Args:
@@ -170,10 +170,10 @@ def load_or_train_tokenizer(
     return tok
 
 
-def load_tokenizer(directory: str | Path) -> MultimodalTokenizer | LatentTokenizer:
-    """Load a saved tokenizer of either kind (discrete Chameleon or latent Transfusion)."""
-    if manifest_kind(directory) == "latent":
-        return LatentTokenizer.load(directory)
+def load_tokenizer(directory: str | Path) -> MultimodalTokenizer | TransfusionTokenizer:
+    """Load a saved tokenizer of either kind (discrete Chameleon or Transfusion)."""
+    if manifest_kind(directory) == "latent":  # the Transfusion tokenizer's kind
+        return TransfusionTokenizer.load(directory)
     return MultimodalTokenizer.load(directory)
 
 
@@ -183,13 +183,13 @@ def train_tokenizer(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> MultimodalTokenizer | LatentTokenizer:
+) -> MultimodalTokenizer | TransfusionTokenizer:
     """Train the BPE, the VQ (or VAE) and (for a source with speech) the speech units."""
     texts, images, clips = collect_training_data(cfg, source)
     log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
     text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
     if cfg.image_kind == "vae":
-        return _train_latent(cfg, text, images, progress, log)
+        return _train_transfusion(cfg, text, images, progress, log)
     if images:
         log(f"tokenizer: training image VQ on {len(images)} images ({cfg.image.train_steps} steps)")
         image, report = train_vq(cfg.image, images, progress=progress)
@@ -218,7 +218,7 @@ def train_tokenizer(
     return MultimodalTokenizer(text, image, UnifiedVocab(sizes), speech)
 
 
-def _train_latent(cfg, text, images, progress, log) -> LatentTokenizer:
+def _train_transfusion(cfg, text, images, progress, log) -> TransfusionTokenizer:
     if not images:
         raise ValueError("tokenizer.image_kind=vae needs a source with images; none was found")
     log(f"tokenizer: training image VAE on {len(images)} images ({cfg.vae.train_steps} steps)")
@@ -228,7 +228,7 @@ def _train_latent(cfg, text, images, progress, log) -> LatentTokenizer:
         f"recon_l1={report['recon_l1']:.4f} latent_std={report['latent_std']:.3f} "
         f"({report['train_seconds']:.0f}s)"
     )
-    return LatentTokenizer(text, vae, UnifiedVocab({TEXT: text.vocab_size, IMAGE: 1}))
+    return TransfusionTokenizer(text, vae, UnifiedVocab({TEXT: text.vocab_size, IMAGE: 1}))
 
 
 def collect_training_data(
