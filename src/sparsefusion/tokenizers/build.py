@@ -39,6 +39,8 @@ from sparsefusion.tokenizers.text_bpe import NUM_BYTES, BPETextTokenizer
 from sparsefusion.tokenizers.transfusion import TransfusionTokenizer, manifest_kind
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
+IMAGE_KINDS = ("auto", "vq", "vae")
+
 
 @dataclass(kw_only=True)
 class TokenizerConfig:
@@ -55,6 +57,8 @@ class TokenizerConfig:
         path: a trained tokenizer directory to load instead of training (empty: train/cache).
         image_kind: "vq" (discrete codes, the Chameleon setting) or "vae" (continuous latents
             of a KL autoencoder, the Transfusion setting; needs the ``transfusion`` extra).
+            "auto" (the default): what the objective trains on (``objective.name``; a run's
+            resolved config states it); a tokenizer config used alone reads it as "vq".
         vae: the autoencoder settings (used when ``image_kind`` is "vae").
     """
 
@@ -66,12 +70,14 @@ class TokenizerConfig:
     speech: SpeechUnitsConfig = field(default_factory=SpeechUnitsConfig)
     speech_train_clips: int = 400
     path: str = ""
-    image_kind: str = "vq"
+    image_kind: str = "auto"
     vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
 
     def __post_init__(self) -> None:
-        if self.image_kind not in ("vq", "vae"):
-            raise ValueError(f"tokenizer.image_kind must be 'vq' or 'vae', got {self.image_kind!r}")
+        if self.image_kind not in IMAGE_KINDS:
+            raise ValueError(
+                f"tokenizer.image_kind must be one of {IMAGE_KINDS}, got {self.image_kind!r}"
+            )
         if self.text_vocab_size < NUM_BYTES:
             raise ValueError(
                 f"TokenizerConfig.text_vocab_size must be >= {NUM_BYTES}, "
@@ -110,7 +116,8 @@ def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
     settings.pop("cache_dir")
     settings.pop("path")
     # Only the image tokenizer in use enters the key (VQ keys are unchanged by the VAE fields).
-    kind = settings.pop("image_kind")
+    kind = _image_kind(cfg)
+    settings.pop("image_kind")
     settings.pop("vae" if kind == "vq" else "image")
     if kind != "vq":
         settings["image_kind"] = kind
@@ -188,7 +195,7 @@ def train_tokenizer(
     texts, images, clips = collect_training_data(cfg, source)
     log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
     text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
-    if cfg.image_kind == "vae":
+    if _image_kind(cfg) == "vae":
         return _train_transfusion(cfg, text, images, progress, log)
     if images:
         log(f"tokenizer: training image VQ on {len(images)} images ({cfg.image.train_steps} steps)")
@@ -216,6 +223,10 @@ def train_tokenizer(
         )
         sizes[SPEECH] = speech.codebook_size
     return MultimodalTokenizer(text, image, UnifiedVocab(sizes), speech)
+
+
+def _image_kind(cfg: TokenizerConfig) -> str:
+    return "vq" if cfg.image_kind == "auto" else cfg.image_kind
 
 
 def _train_transfusion(cfg, text, images, progress, log) -> TransfusionTokenizer:
