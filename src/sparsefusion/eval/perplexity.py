@@ -25,12 +25,11 @@ from sparsefusion.data.sources import build_source
 from sparsefusion.models.inputs import ForwardContext
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
-from sparsefusion.objectives.base import build_objective
+from sparsefusion.objectives.base import build_objective, caption_order
 from sparsefusion.objectives.validate import evaluate
 from sparsefusion.runs.config import TrainConfig
 from sparsefusion.runtime.device import autocast_context
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.latent_data import is_latent, latent_val_batches
 
 log = logging.getLogger("sparsefusion")
 
@@ -77,17 +76,18 @@ def val_batches(run_cfg: TrainConfig, num_batches: int) -> list:
     """The run's fixed validation batches (its tokenizer from the cache)."""
     tok_source = build_source(run_cfg.data, seed=0, split="train")
     tokenizer = load_or_train_tokenizer(run_cfg.tokenizer, tok_source, log=log.info)
+    tokenizer.bind_model(run_cfg.model)
     data = run_cfg.data
-    if is_latent(run_cfg):  # the Transfusion setting: latents, fixed-noise diffusion loss
-        val_source = build_source(run_cfg.data, seed=run_cfg.seed, split="val")
-        return latent_val_batches(run_cfg, val_source, tokenizer, num_batches)
     return validation_batches(
         build_source(run_cfg.data, seed=run_cfg.seed, split="val"),
         tokenizer,
         seq_len=data.seq_len,
         batch_size=data.batch_size,
         num_batches=num_batches or data.val_batches,
+        strict=data.strict,
         max_doc_tokens=data.max_doc_tokens,
+        caption_order=caption_order(run_cfg.objective, run_cfg.seed),
+        noise_seed=run_cfg.objective.val_noise_seed,
     )
 
 

@@ -32,13 +32,12 @@ from sparsefusion.models.inputs import ForwardContext
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.aux_router import AuxRouters
 from sparsefusion.nn.routing_context import RouterRecord
-from sparsefusion.objectives.base import Objective, build_objective
+from sparsefusion.objectives.base import Objective, build_objective, caption_order
 from sparsefusion.objectives.forward import forward_loss
 from sparsefusion.objectives.validate import evaluate
 from sparsefusion.runs.config import TrainConfig
 from sparsefusion.runtime.device import autocast_context, resolve_device
 from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.train.latent_data import is_latent, latent_loaders, latent_val_batches
 
 log = logging.getLogger("sparsefusion")
 
@@ -95,6 +94,7 @@ def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
     torch.manual_seed(run_cfg.seed)
     source = build_source(run_cfg.data, seed=run_cfg.seed, split="train")
     tokenizer = load_or_train_tokenizer(run_cfg.tokenizer, source, log=log.info)
+    tokenizer.bind_model(run_cfg.model)
     model = Transformer(run_cfg.model)
     saved = load_checkpoint(ckpt, model, None)
     model.to(device).eval().requires_grad_(False)
@@ -102,14 +102,8 @@ def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
     aux.init_weights()
     aux.to(device)
     optimizer = torch.optim.AdamW(aux.parameters(), lr=cfg.lr, weight_decay=0.0)
-    data = run_cfg.data
     accum = run_cfg.train.grad_accum
-    if is_latent(run_cfg):  # the Transfusion setting: latent streams
-        loader = latent_loaders(run_cfg, source, tokenizer, 0, 1)
-    else:
-        loader = ShardedLoaders(
-            source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, grad_accum=accum
-        )
+    loader = ShardedLoaders(source, tokenizer, grad_accum=accum, **_data_kwargs(run_cfg))
     loader.load_state_dict(saved["loader"])  # unseen data after the main run
     objective = build_objective(run_cfg.objective, run_cfg.model)
     t0 = time.perf_counter()
@@ -129,6 +123,18 @@ def train_aux(run_dir: str | Path, cfg: AuxTrainConfig) -> dict[str, Any]:
     row.update(step=cfg.steps, main_step=saved["step"])
     _save(run_dir, aux, row)
     return row
+
+
+def _data_kwargs(run_cfg: TrainConfig) -> dict[str, Any]:
+    """The loader settings the run trained with."""
+    data = run_cfg.data
+    return {
+        "seq_len": data.seq_len,
+        "batch_size": data.batch_size,
+        "strict": data.strict,
+        "max_doc_tokens": data.max_doc_tokens,
+        "caption_order": caption_order(run_cfg.objective, run_cfg.seed),
+    }
 
 
 def _lr(step: int, cfg: AuxTrainConfig) -> float:
@@ -151,17 +157,14 @@ def validate_aux(
     """Validation loss in batch and causal routing modes, and each aux router's accuracy."""
     val_source = build_source(run_cfg.data, seed=run_cfg.seed, split="val")
     tokenizer = load_or_train_tokenizer(run_cfg.tokenizer, val_source, log=log.info)
-    data = run_cfg.data
-    if is_latent(run_cfg):
-        val = latent_val_batches(run_cfg, val_source, tokenizer)
-    else:
-        val = validation_batches(
-            val_source,
-            tokenizer,
-            seq_len=data.seq_len,
-            batch_size=data.batch_size,
-            num_batches=data.val_batches,
-        )
+    tokenizer.bind_model(run_cfg.model)
+    val = validation_batches(
+        val_source,
+        tokenizer,
+        num_batches=run_cfg.data.val_batches,
+        noise_seed=run_cfg.objective.val_noise_seed,
+        **_data_kwargs(run_cfg),
+    )
     objective = build_objective(run_cfg.objective, run_cfg.model)
     amp = autocast_context(run_cfg.train.precision, device)
     row: dict[str, Any] = {}

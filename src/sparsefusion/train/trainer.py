@@ -47,22 +47,14 @@ from sparsefusion.distributed.mesh import (
 from sparsefusion.distributed.parallelize import parallelize_model
 from sparsefusion.models.flops import train_flops
 from sparsefusion.models.transformer import Transformer
-from sparsefusion.objectives.base import build_objective
+from sparsefusion.objectives.base import build_objective, caption_order
 from sparsefusion.objectives.forward import StepOutput
 from sparsefusion.objectives.validate import evaluate
 from sparsefusion.runs.config import TrainConfig
 from sparsefusion.runtime import faults, preempt, run_lock
 from sparsefusion.runtime.device import autocast_context, resolve_device
 from sparsefusion.runtime.host_malloc import apply_host_malloc
-from sparsefusion.tokenizers.build import load_or_train_tokenizer
-from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
-from sparsefusion.train.latent_data import (
-    check_latent_resume,
-    finalize_latent,
-    is_latent,
-    latent_loaders,
-    latent_val_batches,
-)
+from sparsefusion.tokenizers.build import load_or_train_tokenizer, load_tokenizer
 from sparsefusion.train.metrics import LogWindow, MetricsLogger, NullMetrics
 from sparsefusion.train.optim import build_optimizer, lr_at
 from sparsefusion.train.progress import Progress
@@ -159,12 +151,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
     # them (the cache key ignores the seed) whatever order the runs happen in.
     tokenizer = _tokenizer(cfg, build_source(cfg.data, seed=0, split="train"), env)
     cfg = finalize_config(cfg, tokenizer.modalities, tokenizer.vocab.padded_size())
-    latent = is_latent(cfg)
-    if latent:
-        cfg = finalize_latent(cfg, tokenizer)
+    cfg = replace(cfg, model=tokenizer.bind_model(cfg.model))  # e.g. latent channels, patch size
     if env.is_main:
-        if latent:
-            check_latent_resume(run_dir, cfg)
         _check_resume_config(run_dir, cfg)
         dump_yaml(cfg, run_dir / "config.yaml")
     barrier()
@@ -179,7 +167,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
     num_params = sum(p.numel() for p in model.parameters())
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
-    loaders, val = _data(cfg, source, val_source, tokenizer, env, latent=latent)
+    loaders, val = _data(cfg, source, val_source, tokenizer, env)
 
     state = TrainState()
     if ckpt is not None:
@@ -213,54 +201,50 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
         metrics.close()
 
 
-def _data(cfg: TrainConfig, source, val_source, tokenizer, env: DistEnv, *, latent: bool):
+def _data(cfg: TrainConfig, source, val_source, tokenizer, env: DistEnv):
     """The training batch stream of this rank and the fixed validation batches."""
     device = env.device
-    bad_input = {"strict": cfg.data.strict, "max_doc_tokens": cfg.data.max_doc_tokens}
+    common = {
+        "seq_len": cfg.data.seq_len,
+        "batch_size": cfg.data.batch_size,
+        "strict": cfg.data.strict,
+        "max_doc_tokens": cfg.data.max_doc_tokens,
+        "caption_order": caption_order(cfg.objective, cfg.seed),
+    }
     workers = resolve_workers(cfg.data.workers, device)
-    if cfg.data.workers == "auto" and not latent:
+    if cfg.data.workers == "auto":
         log.info("data.workers=auto: %s", "one background worker" if workers else
                  "loading in the training thread (torch's threads use every core)")  # fmt: skip
-    if latent:  # the Transfusion setting: latent streams (read in the training thread)
-        if workers and cfg.data.workers != "auto":
-            log.warning("data.workers=%d is ignored: latent streams load synchronously",
-                        cfg.data.workers)  # fmt: skip
-        loaders = latent_loaders(cfg, source, tokenizer, env.rank, env.world_size)
-        val = latent_val_batches(cfg, val_source, tokenizer)
-    else:
-        loaders = ShardedLoaders(
-            source,
-            tokenizer,
-            seq_len=cfg.data.seq_len,
-            batch_size=cfg.data.batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            grad_accum=cfg.train.grad_accum,
-            **bad_input,
-        )
-        loaders = BatchStream(
-            loaders,
-            workers=workers,
-            prefetch=cfg.data.prefetch,
-            pin_memory=device.type == "cuda",
-            kind=cfg.data.worker_kind,
-            nice=cfg.data.worker_nice,
-        )
-        val = validation_batches(
-            val_source,
-            tokenizer,
-            seq_len=cfg.data.seq_len,
-            batch_size=cfg.data.batch_size,
-            num_batches=cfg.data.val_batches,
-            **bad_input,
-        )
+    loaders = ShardedLoaders(
+        source,
+        tokenizer,
+        rank=env.rank,
+        world_size=env.world_size,
+        grad_accum=cfg.train.grad_accum,
+        **common,
+    )
+    loaders = BatchStream(
+        loaders,
+        workers=workers,
+        prefetch=cfg.data.prefetch,
+        pin_memory=device.type == "cuda",
+        kind=cfg.data.worker_kind,
+        nice=cfg.data.worker_nice,
+    )
+    val = validation_batches(
+        val_source,
+        tokenizer,
+        num_batches=cfg.data.val_batches,
+        noise_seed=cfg.objective.val_noise_seed,
+        **common,
+    )
     return loaders, val
 
 
 def _tokenizer(cfg: TrainConfig, source, env: DistEnv):
     """Rank 0 trains (or loads) the tokenizer first; the other ranks then load it from cache."""
     if hasattr(source, "tokenizer_dir"):  # token shards carry the tokenizer of their ids
-        return MultimodalTokenizer.load(source.tokenizer_dir())
+        return load_tokenizer(source.tokenizer_dir())
     tok = None
     if env.is_main:
         tok = load_or_train_tokenizer(cfg.tokenizer, source, progress=_use_bar(cfg), log=log.info)
@@ -467,10 +451,20 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
             d.pop(key, None)
     for section in ("model", "data", "tokenizer"):
         if old.get(section) != new.get(section):
+            key, was, now = _first_difference(old.get(section), new.get(section), section)
             raise ValueError(
                 f"{path}: the run folder holds a checkpoint trained with different '{section}' "
-                "settings; use another run.dir or the same config"
+                f"settings ({key}={was!r}, now {now!r}); use another run.dir or the same config"
             )
+
+
+def _first_difference(old: Any, new: Any, key: str) -> tuple[str, Any, Any]:
+    """The first dotted key under which ``old`` and ``new`` differ, and both values there."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [*old, *(k for k in new if k not in old)]:
+            if old.get(k) != new.get(k):
+                return _first_difference(old.get(k), new.get(k), f"{key}.{k}")
+    return key, old, new
 
 
 def _setup_file_logging(run_dir: Path) -> None:
