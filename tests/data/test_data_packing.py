@@ -10,7 +10,7 @@ import torch
 from sparsefusion.data.batch import IGNORE_INDEX, Batch
 from sparsefusion.data.documents import TEXT, Document, Segment
 from sparsefusion.data.loader import PackedLoader, validation_batches
-from sparsefusion.data.packing import PackBuffer, pack_rows
+from sparsefusion.data.packing import PackBuffer
 from sparsefusion.data.scenes import SceneCorpus
 
 BOS, EOS, BOI, EOI = 1, 2, 3, 4
@@ -83,7 +83,7 @@ def test_data_pack_rows_exact():
         [([1, 5, 6, 2], [0, 0, 1, 0]), ([1, 7, 2], [0, 1, 0]), ([1, 8, 9, 2], [0] * 4)],
         [10, 11, 12],
     )
-    b = buf.take_rows(2, 4)
+    b = buf.take(buf.cut(2, 4), 4)
     assert b.tokens_BT.tolist() == [[1, 5, 6, 2], [1, 7, 2, 1]]
     assert b.targets_BT.tolist() == [[5, 6, 2, IGNORE_INDEX], [7, 2, IGNORE_INDEX, 8]]
     assert b.modality_BT.tolist() == [[0, 0, 1, 0], [0, 1, 0, 0]]
@@ -91,17 +91,16 @@ def test_data_pack_rows_exact():
     assert b.position_BT.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0]]
     assert b.document_BT.tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
     assert b.span_BT is None and b.tokens_BT.dtype == torch.long
-    # The last target (8) stays buffered as the next row's first input.
+    # The last target (8) is the next row's first input; its target (9) travels with it.
     assert buf.ids_N.tolist() == [8, 9, 2] and buf.position_N.tolist() == [1, 2, 3]
-    with pytest.raises(ValueError, match="needed"):
-        buf.take_rows(1, 4)
+    assert buf.target_N.tolist() == [9, 2, IGNORE_INDEX]
+    assert buf.cut(1, 4) is None  # not enough buffered yet
 
 
 def test_data_pack_rows_split_document_continues():
-    ids = torch.tensor([[1, 5, 6, 7, 8], [8, 9, 2, 1, 4]])
-    doc = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]])
-    pos = torch.tensor([[0, 1, 2, 3, 4], [4, 5, 6, 0, 1]])
-    b = pack_rows(ids, torch.zeros_like(ids), pos, doc + 3)
+    buf = PackBuffer.empty()
+    buf.extend([([1, 5, 6, 7, 8, 9, 2], [0] * 7), ([1, 4, 2], [0] * 3)], [3, 4])
+    b = buf.take(buf.cut(2, 4), 4)
     assert b.position_BT.tolist() == [[0, 1, 2, 3], [4, 5, 6, 0]]
     assert b.document_BT.tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
     assert b.targets_BT.tolist() == [[5, 6, 7, 8], [9, 2, IGNORE_INDEX, 4]]

@@ -9,15 +9,16 @@ import torch
 from PIL import Image
 
 from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
-from sparsefusion.data.latent_packing import LatentPackedLoader
+from sparsefusion.data.encoded import CaptionOrder
+from sparsefusion.data.loader import PackedLoader
 from sparsefusion.generate import GenerationRequest, Generator
 from sparsefusion.generate.span_samplers import DiffusionSettings, DiffusionSpanSampler
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
 from sparsefusion.objectives.forward import forward_loss
 from sparsefusion.tokenizers.image_vae import ImageVAEConfig, VAEImageTokenizer
-from sparsefusion.tokenizers.latent import LatentTokenizer
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
+from sparsefusion.tokenizers.transfusion import TransfusionTokenizer
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
 pytest.importorskip("diffusers", reason="the transfusion extra is not installed")
@@ -36,13 +37,14 @@ class _Source:
         return self.docs[i]
 
 
-def _tokenizer() -> LatentTokenizer:
+def _tokenizer() -> TransfusionTokenizer:
     torch.manual_seed(0)
     text = BPETextTokenizer.train([CAPTION] * 10, 260)
     vae = VAEImageTokenizer(
         ImageVAEConfig(image_size=16, channels=[8, 8], norm_groups=4, latent_channels=2)
     ).eval()
-    return LatentTokenizer(text, vae, UnifiedVocab({"text": text.vocab_size, "image": 1}))
+    vocab = UnifiedVocab({"text": text.vocab_size, "image": 1})
+    return TransfusionTokenizer(text, vae, vocab, patch_size=2)
 
 
 def _image() -> Image.Image:
@@ -51,7 +53,7 @@ def _image() -> Image.Image:
     return im
 
 
-def _model(tok: LatentTokenizer, seed: int = 0):
+def _model(tok: TransfusionTokenizer, seed: int = 0):
     cfg = ModelConfig(
         arch="mot", vocab_size=tok.vocab.padded_size(), dim=64, num_layers=2, num_heads=4,
         multiple_of=8, latent_channels=2, qk_norm=False, norm_placement="pre", max_seq_len=64,
@@ -65,9 +67,9 @@ def _model(tok: LatentTokenizer, seed: int = 0):
 def _overfit(tok, model, steps: int = 250):
     pair = Document(segments=[Segment(TEXT, CAPTION), Segment(IMAGE, _image())])
     alone = Document(segments=[Segment(IMAGE, _image())])  # the unconditional branch (CFG)
-    loader = LatentPackedLoader(
-        _Source([pair, alone]), tok, seq_len=40, batch_size=4, patch_size=2, caption_first=1.0,
-        caption_dropout=0.0, docs_per_chunk=2,
+    loader = PackedLoader(
+        _Source([pair, alone]), tok, seq_len=40, batch_size=4, docs_per_chunk=2,
+        caption_order=CaptionOrder(0, caption_first=1.0, caption_dropout=0.0),
     )  # fmt: skip
     obj = build_objective(ObjectiveConfig(name="transfusion", z_loss=0.0), model.cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

@@ -10,8 +10,8 @@ from PIL import Image
 
 from sparsefusion.tokenizers.build import TokenizerConfig, cache_key, load_tokenizer
 from sparsefusion.tokenizers.image_vae import ImageVAEConfig, VAEImageTokenizer, train_vae
-from sparsefusion.tokenizers.latent import LatentTokenizer, LatentTokenizerError
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
+from sparsefusion.tokenizers.transfusion import TransfusionTokenizer, TransfusionTokenizerError
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
 pytest.importorskip("diffusers", reason="the transfusion extra is not installed")
@@ -47,29 +47,29 @@ def test_images_of_other_sizes_are_cropped_and_resized_to_the_grid():
     assert vae.decode(vae.encode([odd]))[0].size == (16, 16)
 
 
-def _latent_tokenizer() -> LatentTokenizer:
+def _transfusion_tokenizer() -> TransfusionTokenizer:
     text = BPETextTokenizer.train(["a red circle above a blue square"] * 20, 260)
     vae = VAEImageTokenizer(ImageVAEConfig(**TINY)).eval()
-    return LatentTokenizer(text, vae, UnifiedVocab({"text": text.vocab_size, "image": 1}))
+    return TransfusionTokenizer(text, vae, UnifiedVocab({"text": text.vocab_size, "image": 1}))
 
 
-def test_latent_tokenizer_round_trips_and_refuses_corruption(tmp_path):
-    tok = _latent_tokenizer()
+def test_transfusion_tokenizer_round_trips_and_refuses_corruption(tmp_path):
+    tok = _transfusion_tokenizer()
     tok.save(tmp_path / "tok")
     assert json.loads((tmp_path / "tok" / "manifest.json").read_text())["kind"] == "latent"
     again = load_tokenizer(tmp_path / "tok")
-    assert isinstance(again, LatentTokenizer)
+    assert isinstance(again, TransfusionTokenizer)
     images = _images(3)
     torch.testing.assert_close(again.vae.encode(images), tok.vae.encode(images))
     (tmp_path / "tok" / "image_vae.safetensors").write_bytes(b"broken")
-    with pytest.raises(LatentTokenizerError, match="manifest hash"):
+    with pytest.raises(TransfusionTokenizerError, match="manifest hash"):
         load_tokenizer(tmp_path / "tok")
 
 
 def test_documents_encode_to_boi_patches_eoi():
     from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
 
-    tok = _latent_tokenizer()
+    tok = _transfusion_tokenizer()
     doc = Document(segments=[Segment(TEXT, "a red circle"), Segment(IMAGE, _images(1)[0])])
     (enc,) = tok.encode_latent_documents([doc], patch_size=2)
     b = enc.boi[0]

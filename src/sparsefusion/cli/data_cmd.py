@@ -37,18 +37,22 @@ def _config(target: str, preset: str, overrides: list[str]):
 
 
 def _tokenizer(cfg, source, tokenizer_dir: str | None):
+    """The tokenizer (from ``--tokenizer`` or the cache), bound to the config's model."""
     from sparsefusion.tokenizers.build import load_or_train_tokenizer, load_tokenizer
     from sparsefusion.tokenizers.multimodal import TokenizerCacheError
 
     if tokenizer_dir:
         try:
-            return load_tokenizer(tokenizer_dir)
+            tokenizer = load_tokenizer(tokenizer_dir)
         except TokenizerCacheError as e:
             raise ConfigError(
                 f"--tokenizer {tokenizer_dir}: not a tokenizer directory (one written by "
                 f"'sparsefusion tokenizer train'): {e}"
             ) from e
-    return load_or_train_tokenizer(cfg.tokenizer, source, progress=False)
+    else:
+        tokenizer = load_or_train_tokenizer(cfg.tokenizer, source, progress=False)
+    tokenizer.bind_model(cfg.model)
+    return tokenizer
 
 
 def scan(source: Any, tokenizer: Any, num_docs: int) -> dict[str, Any]:
@@ -58,6 +62,7 @@ def scan(source: Any, tokenizer: Any, num_docs: int) -> dict[str, Any]:
         ``documents``, ``skipped`` (reason -> count), ``segments`` and ``tokens`` per modality
         (tokens include each modality's sentinels in ``text``), and ``docs`` (the documents read).
     """
+    from sparsefusion.data.encoded import as_encoded
     from sparsefusion.data.issues import BadInput, DataIssues
 
     issues, docs = DataIssues(), []
@@ -71,8 +76,8 @@ def scan(source: Any, tokenizer: Any, num_docs: int) -> dict[str, Any]:
     tokens: Counter[str] = Counter()
     if tokenizer is not None and docs:
         names = tokenizer.modalities
-        for _, mods in tokenizer.encode_documents(docs):
-            tokens.update(names[m] for m in mods)
+        for encoded in tokenizer.encode_documents(docs):
+            tokens.update(names[m] for m in as_encoded(encoded).modalities)
     return {
         "documents": len(docs),
         "skipped": dict(issues.counts),
@@ -203,15 +208,7 @@ def cmd_tokenizer_inspect(args: argparse.Namespace) -> int:
     for name in vocab.modalities:
         lo = vocab.offset(name)
         print(f"  {name:7s} ids [{lo}, {lo + vocab.modality_sizes[name]})")
-    if hasattr(tok, "latent_shape"):  # the Transfusion (VAE) tokenizer
-        z, h, w = tok.latent_shape
-        print(
-            f"  image: VAE latent {z}x{h}x{w} per {tok.vae.cfg.image_size}px image "
-            f"(scale {float(tok.vae.scale):.4f}); 2x2 patches -> {tok.patches_per_image(2)} "
-            "positions"
-        )
-    else:
-        print(f"  image: {tok.image.tokens_per_image} codes per {tok.image.cfg.image_size}px image")
+    print(f"  image: {tok.describe_image()}")
     if tok.speech is not None:
         print(f"  speech: {tok.speech.cfg.units_per_second} units per second")
     if args.text:

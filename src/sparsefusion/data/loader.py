@@ -6,13 +6,18 @@ the stream greedily (see ``packing.py``). The state (documents read, the carried
 the counters) is plain JSON, and a loader restored from it yields exactly the batches an
 uninterrupted loader would.
 
-Tokenizer contract: ``encode_documents(docs) -> list[(ids, modality_per_id)]``, each document
-beginning with BOS and ending with EOS. Documents of a token-shard source (``token_shards.py``)
-are already encoded and skip the tokenizer.
+Tokenizer contract: ``encode_documents(docs)`` gives per document ``(ids, modality_per_id)`` or
+an :class:`~sparsefusion.data.encoded.Encoded` (the Transfusion tokenizer's, with continuous
+spans), each document beginning with BOS and ending with EOS. Documents of a token-shard source
+(``token_shards.py``) are already encoded and skip the tokenizer. A ``caption_order``
+(``encoded.py``) re-orders image-caption pairs per document index. The values of continuous
+spans (image latents) are not part of the JSON state: a restored loader encodes the documents
+they came from again.
 
-Bad input: a document whose ``source.document(i)`` raises ``BadInput`` (see ``issues.py``), or
-whose encoding exceeds ``max_doc_tokens``, is skipped and counted per reason (``loader_stats``
-and ``issue_metrics``; the counts are part of the state); with ``strict=True`` it raises instead.
+Bad input: a document whose ``source.document(i)`` raises ``BadInput`` (see ``issues.py``), whose
+continuous spans hold NaN/inf, or whose encoding exceeds ``max_doc_tokens`` positions, is
+skipped and counted per reason (``loader_stats`` and ``issue_metrics``; the counts are part of
+the state); with ``strict=True`` it raises instead.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import Any
 import torch
 
 from sparsefusion.data.batch import Batch
+from sparsefusion.data.encoded import CaptionOrder, Encoded, as_encoded
 from sparsefusion.data.issues import BadInput, DataIssues
-from sparsefusion.data.packing import PackBuffer
+from sparsefusion.data.packing import PackBuffer, snapshot_state
 
 STATE_VERSION = 1
 
@@ -35,14 +41,16 @@ class PackedLoader:
     Args:
         source: document source with ``document(index)`` (and optionally ``__len__``; a finite
             source is read in epochs, index modulo its length).
-        tokenizer: object with ``encode_documents``.
+        tokenizer: object with ``encode_documents`` (and ``vocab.pad_id`` when its documents
+            have continuous spans).
         seq_len: inputs per row.
         batch_size: rows per batch.
         rank: this rank.
         world_size: number of ranks sharing the source.
         docs_per_chunk: documents encoded per ``encode_documents`` call.
         strict: raise on bad input instead of skipping it.
-        max_doc_tokens: skip documents with more tokens than this (0: no limit).
+        max_doc_tokens: skip documents with more positions than this (0: no limit).
+        caption_order: re-orders image-caption pairs (None: documents as the source has them).
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class PackedLoader:
         docs_per_chunk: int = 64,
         strict: bool = False,
         max_doc_tokens: int = 0,
+        caption_order: CaptionOrder | None = None,
     ) -> None:
         if seq_len < 1 or batch_size < 1 or docs_per_chunk < 1:
             raise ValueError(
@@ -68,10 +77,13 @@ class PackedLoader:
         self.source, self.tokenizer = source, tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.docs_per_chunk = rank, world_size, docs_per_chunk
+        self.caption_order = caption_order
         self._docs_read = 0  # documents this rank has read (its k-th is rank + k * world_size)
         self._buffer = PackBuffer.empty()
         self._tokens_emitted = 0
         self._modality_tokens: dict[int, int] = {}
+        self._padding = 0  # padded positions (rows cut short by a continuous span)
+        self._spans = 0  # continuous spans emitted
         self.issues = DataIssues(strict=strict)
         self.max_doc_tokens = max_doc_tokens
         self._barren_chunks = 0  # consecutive chunks without one usable document
@@ -80,8 +92,8 @@ class PackedLoader:
         """Global stream index of this rank's ``k``-th document."""
         return self.rank + k * self.world_size
 
-    def _read_chunk(self) -> None:
-        uids = [self.doc_index(self._docs_read + j) for j in range(self.docs_per_chunk)]
+    def _read(self, uids: list[int]) -> tuple[list[Any], list[int]]:
+        """The documents of stream indices ``uids`` that can be read, and their indices."""
         size = len(self.source) if hasattr(self.source, "__len__") else None
         docs, kept = [], []
         for u in uids:
@@ -90,35 +102,55 @@ class PackedLoader:
                 kept.append(u)
             except BadInput as e:
                 self.issues.record(e)
-        encoded = _encode(self.tokenizer, docs)
+        return docs, kept
+
+    def _encode(self, docs: list[Any], uids: list[int]) -> list[Encoded]:
+        encoded = [as_encoded(e) for e in _encode(self.tokenizer, docs)]
         if len(encoded) != len(docs):
             raise ValueError(f"encode_documents returned {len(encoded)} results for {len(docs)}")
-        if self.max_doc_tokens:
-            fits = [len(e[0]) <= self.max_doc_tokens for e in encoded]
-            for ok, doc, e in zip(fits, docs, encoded, strict=True):
-                if not ok:
-                    where = doc.meta.get(
-                        "where", f"{doc.meta.get('source')}[{doc.meta.get('index')}]"
-                    )
-                    detail = f"{len(e[0])} tokens > data.max_doc_tokens={self.max_doc_tokens}"
-                    self.issues.record(BadInput("oversize_document", where, detail))
-            encoded = [e for e, ok in zip(encoded, fits, strict=True) if ok]
-            kept = [u for u, ok in zip(kept, fits, strict=True) if ok]
-        self._barren_chunks = 0 if encoded else self._barren_chunks + 1
+        if self.caption_order is not None:
+            encoded = [self.caption_order(e, u) for e, u in zip(encoded, uids, strict=True)]
+        return encoded
+
+    def _problem(self, doc: Any, encoded: Encoded) -> BadInput | None:
+        where = doc.meta.get("where", f"{doc.meta.get('source')}[{doc.meta.get('index')}]")
+        if any(not bool(torch.isfinite(span.value).all()) for span in encoded.spans):
+            return BadInput("nonfinite_latent", where, "the VAE encoded an image to NaN/inf")
+        if self.max_doc_tokens and len(encoded) > self.max_doc_tokens:
+            detail = f"{len(encoded)} positions > data.max_doc_tokens={self.max_doc_tokens}"
+            return BadInput("oversize_document", where, detail)
+        return None
+
+    def _read_chunk(self) -> None:
+        uids = [self.doc_index(self._docs_read + j) for j in range(self.docs_per_chunk)]
+        docs, kept = self._read(uids)
+        usable, usable_uids = [], []
+        for doc, enc, uid in zip(docs, self._encode(docs, kept), kept, strict=True):
+            problem = self._problem(doc, enc)
+            if problem is None:
+                usable.append(enc)
+                usable_uids.append(uid)
+            else:
+                self.issues.record(problem)
+        self._barren_chunks = 0 if usable else self._barren_chunks + 1
         if self._barren_chunks >= 20:
             raise ValueError(
                 f"no usable document in the last {20 * self.docs_per_chunk} read; "
                 f"skipped so far: {self.issues.counts}"
             )
-        self._buffer.extend(encoded, kept)
+        self._buffer.extend(usable, usable_uids)
         self._docs_read += len(uids)
 
     def next_batch(self) -> Batch:
-        """The next packed batch (CPU int64 tensors of shape (batch_size, seq_len), no plan)."""
-        while len(self._buffer) < self.batch_size * self.seq_len + 1:
+        """The next packed batch (CPU tensors of shape (batch_size, seq_len), no plan)."""
+        while (rows := self._buffer.cut(self.batch_size, self.seq_len)) is None:
             self._read_chunk()
-        batch = self._buffer.take_rows(self.batch_size, self.seq_len)
+        padding = sum(self.seq_len - (stop - start) for start, stop in rows)
+        pad_id = self.tokenizer.vocab.pad_id if padding else 0
+        batch = self._buffer.take(rows, self.seq_len, pad_id)
         self._tokens_emitted += batch.num_tokens
+        self._padding += padding
+        self._spans += batch.num_images
         counts = torch.bincount(batch.modality_BT.reshape(-1)).tolist()
         for m, n in enumerate(counts):
             if n:
@@ -130,10 +162,12 @@ class PackedLoader:
             yield self.next_batch()
 
     def loader_stats(self) -> dict[str, int]:
-        """Counters: ``documents_read``, ``tokens_emitted`` and ``tokens_modality_<i>`` (inputs)."""
+        """Counters: ``documents_read``, ``tokens_emitted``, ``tokens_modality_<i>`` (inputs),
+        ``padding_tokens`` and ``images`` (continuous spans)."""
         stats = {"documents_read": self._docs_read, "tokens_emitted": self._tokens_emitted}
         for m in sorted(self._modality_tokens):
             stats[f"tokens_modality_{m}"] = self._modality_tokens[m]
+        stats.update(padding_tokens=self._padding, images=self._spans)
         stats.update(self.issue_metrics())
         return stats
 
@@ -144,15 +178,16 @@ class PackedLoader:
     def snapshot(self) -> dict[str, Any]:
         """The state as of now, cheaply (the buffer's tensors are shared, never mutated); turn
         it into :meth:`state_dict`'s form with :func:`state_from_snapshot`."""
-        b = self._buffer
         return {
             "version": STATE_VERSION,
             "rank": self.rank,
             "world_size": self.world_size,
             "docs_read": self._docs_read,
-            "buffer": PackBuffer(b.ids_N, b.modality_N, b.position_N, b.document_N),
+            "buffer": self._buffer.snapshot(),
             "tokens_emitted": self._tokens_emitted,
             "modality_tokens": {str(m): n for m, n in self._modality_tokens.items()},
+            "padding_tokens": self._padding,
+            "images": self._spans,
             "skipped": self.issues.state_dict(),
         }
 
@@ -161,7 +196,8 @@ class PackedLoader:
         return state_from_snapshot(self.snapshot())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict` (after a JSON round trip is fine).
+        """Restore a state from :meth:`state_dict` (after a JSON round trip is fine); also the
+        state of the former Transfusion loader (``kind: latent``, unfinished documents).
 
         Raises:
             ValueError: on a different state version, rank or world size.
@@ -174,15 +210,60 @@ class PackedLoader:
             if state.get(key) != mine:
                 raise ValueError(f"loader state has {key}={state.get(key)!r}, this loader {mine!r}")
         self._docs_read = int(state["docs_read"])
-        self._buffer = PackBuffer.from_state_dict(state["buffer"])
+        buffer = state["buffer"]
+        if "pending" in buffer:  # the former Transfusion loader: (document, cursor) pairs
+            self._buffer = PackBuffer.empty()
+            self._extend_again([int(u) for u, _ in buffer["pending"]],
+                               [int(c) for _, c in buffer["pending"]], self._buffer)  # fmt: skip
+        else:
+            self._buffer = PackBuffer.from_state_dict(buffer)
+            if buffer.get("values_of"):
+                self._buffer = self._with_values(self._buffer, set(buffer["values_of"]))
         self._tokens_emitted = int(state["tokens_emitted"])
-        self._modality_tokens = {int(m): int(n) for m, n in state["modality_tokens"].items()}
+        self._modality_tokens = {
+            int(m): int(n) for m, n in state.get("modality_tokens", {}).items()
+        }
+        self._padding = int(state.get("padding_tokens", 0))
+        self._spans = int(state.get("images", 0))
         self.issues.load_state_dict(state.get("skipped", {}))
+
+    def _encode_again(self, uids: list[int]) -> list[Encoded]:
+        """Documents ``uids`` of the saved data position, encoded again (one tokenizer call)."""
+        docs, kept = self._read(uids)
+        if kept != uids:
+            missing = sorted(set(uids) - set(kept))
+            raise ValueError(
+                f"documents {missing} of the saved data position cannot be read any more "
+                "(has the source changed?)"
+            )
+        return self._encode(docs, uids)
+
+    def _extend_again(self, uids: list[int], starts: list[int], buffer: PackBuffer) -> None:
+        buffer.extend(self._encode_again(uids), uids, starts)
+
+    def _with_values(self, tokens: PackBuffer, again: set[int]) -> PackBuffer:
+        """``tokens`` with the documents in ``again`` encoded again (for their span values)."""
+        doc_N = tokens.document_N
+        bounds = [0, *((doc_N[1:] != doc_N[:-1]).nonzero().squeeze(1) + 1).tolist(), len(doc_N)]
+        runs = [(int(doc_N[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        uids = [uid for uid, _, _ in runs if uid in again]
+        encoded = dict(zip(uids, self._encode_again(uids), strict=True))
+        buffer = PackBuffer.empty()
+        for uid, a, b in runs:
+            if uid in encoded:
+                buffer.extend([encoded[uid]], [uid], [int(tokens.position_N[a])])
+            else:
+                buffer.append_positions(tokens.ids_N[a:b], tokens.modality_N[a:b],
+                                        tokens.position_N[a:b], tokens.document_N[a:b])  # fmt: skip
+        if not torch.equal(buffer.ids_N, tokens.ids_N):
+            raise ValueError("the documents of the saved data position encode differently now "
+                             "(has the source or the tokenizer changed?)")  # fmt: skip
+        return buffer
 
 
 def state_from_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
     """The JSON-serializable loader state of a :meth:`PackedLoader.snapshot`."""
-    return {**snapshot, "buffer": snapshot["buffer"].state_dict()}
+    return {**snapshot, "buffer": snapshot_state(snapshot["buffer"])}
 
 
 def _encode(tokenizer: Any, docs: list[Any]) -> list[Any]:
@@ -205,6 +286,8 @@ def validation_batches(
     world_size: int = 1,
     strict: bool = False,
     max_doc_tokens: int = 0,
+    caption_order: CaptionOrder | None = None,
+    noise_seed: int | None = None,
 ) -> list[Batch]:
     """A fixed, deterministic list of packed batches (pass the val-split source).
 
@@ -217,7 +300,11 @@ def validation_batches(
         rank: this rank (ranks read disjoint documents).
         world_size: number of ranks.
         strict: raise on bad input instead of skipping it.
-        max_doc_tokens: skip documents with more tokens than this (0: no limit).
+        max_doc_tokens: skip documents with more positions than this (0: no limit).
+        caption_order: re-orders image-caption pairs (None: documents as they are).
+        noise_seed: batch ``i`` carries ``noise_seed + i`` (``Batch.noise_seed``), so an
+            objective that samples (diffusion noise and timesteps) sees the same inputs on
+            every pass; None: no seed.
 
     Returns:
         ``num_batches`` batches, identical on every call with the same arguments.
@@ -233,5 +320,10 @@ def validation_batches(
         docs_per_chunk=chunk,
         strict=strict,
         max_doc_tokens=max_doc_tokens,
+        caption_order=caption_order,
     )
-    return [loader.next_batch() for _ in range(num_batches)]
+    batches = [loader.next_batch() for _ in range(num_batches)]
+    if noise_seed is not None:
+        for i, batch in enumerate(batches):
+            batch.noise_seed = noise_seed + i
+    return batches

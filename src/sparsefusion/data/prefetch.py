@@ -40,7 +40,6 @@ import torch
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.issues import BadInput, DataIssues
 from sparsefusion.data.loader import state_from_snapshot
-from sparsefusion.data.packing import PackBuffer
 
 log = logging.getLogger("sparsefusion")
 
@@ -288,15 +287,13 @@ def _to_wire(item: tuple[Batch, dict[str, Any]]) -> tuple[dict, dict]:
     (torch's shared-memory tensors would need the worker alive when they are unpickled)."""
     batch, snap = item
     arrays = {f.name: _np(getattr(batch, f.name)) for f in fields(batch)}
-    buf = snap["buffer"]
-    wire_buf = [_np(t) for t in (buf.ids_N, buf.modality_N, buf.position_N, buf.document_N)]
-    return arrays, {**snap, "buffer": wire_buf}
+    return arrays, {**snap, "buffer": {k: _np(v) for k, v in snap["buffer"].items()}}
 
 
 def _from_wire(item: tuple[dict, dict]) -> tuple[Batch, dict[str, Any]]:
     arrays, snap = item
     batch = Batch(**{k: _tensor(v) for k, v in arrays.items()})
-    return batch, {**snap, "buffer": PackBuffer(*(_tensor(a) for a in snap["buffer"]))}
+    return batch, {**snap, "buffer": {k: _tensor(v) for k, v in snap["buffer"].items()}}
 
 
 def _np(v: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 
 from sparsefusion.data.batch import Batch
 from sparsefusion.data.loader import STATE_VERSION, PackedLoader
-from sparsefusion.data.packing import PackBuffer
+from sparsefusion.data.packing import PackBuffer, buffered_positions
 
 log = logging.getLogger("sparsefusion")
 
@@ -29,13 +29,14 @@ class ShardedLoaders:
 
     Args:
         source: the document source.
-        tokenizer: object with ``encode_documents``.
+        tokenizer: object with ``encode_documents`` (discrete or Transfusion, see ``loader.py``).
         seq_len: inputs per row.
         batch_size: rows per micro-batch (per rank).
         rank: this rank.
         world_size: number of ranks.
         grad_accum: micro-batches per optimizer step.
-        **loader_kwargs: passed to every :class:`PackedLoader` (``strict``, ``max_doc_tokens``).
+        **loader_kwargs: passed to every :class:`PackedLoader` (``strict``, ``max_doc_tokens``,
+            ``caption_order``, ``docs_per_chunk``).
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class ShardedLoaders:
             return
         old = int(state["num_shards"])
         furthest = max(st["rank"] + (st["docs_read"] - 1) * old for st in shards.values()) + 1
-        dropped = sum(len(PackBuffer.from_state_dict(st["buffer"])) for st in shards.values())
+        dropped = sum(buffered_positions(st["buffer"]) for st in shards.values())
         log.warning(
             "data: checkpoint has %d streams, this run %d (world_size x grad_accum); streams "
             "restart after document %d and %d buffered tokens are dropped",

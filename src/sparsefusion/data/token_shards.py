@@ -11,12 +11,20 @@
                                       is an empty range)
     DIR/<split>/shard_NNNNN.json      first document, count, skipped records (reason, place)
 
+and, for a tokenizer that records segments and continuous spans (the Transfusion tokenizer)::
+
+    DIR/<split>/shard_NNNNN.parts.npy   int64 (document, modality, start, stop, value index or
+                                        -1) of every segment
+    DIR/<split>/shard_NNNNN.values.npy  float32 values of the continuous spans (image latents)
+
 The arrays are plain ``.npy`` files opened with ``numpy.load(mmap_mode="r")``: reading a
 document costs two slices of a memory map, no decoding. :class:`TokenShardSource` gives random
 access by document index, like any source, and raises the recorded ``BadInput`` for a skipped
 record, so the packed loader counts and skips it exactly as it would on the original source; the
 loader then packs the ids as it packs freshly encoded ones (same rows, document masks, per-rank
-streams and resume state). Shape legend: N = ids in a shard, D = documents in a shard.
+streams and resume state); segments come back as the tokenizer made them, so image-caption
+pairs are ordered per stream index at load time as on the fly. Shape legend: N = ids in a
+shard, D = documents in a shard, P = segments in a shard.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from sparsefusion.data.encoded import Encoded, Part
 from sparsefusion.data.issues import BadInput
 
 FORMAT = "sparsefusion-token-shards"
@@ -68,16 +78,21 @@ class EncodedDocument:
         ids_N: unified ids (a read-only view of the memory map).
         modality_N: modality index per id.
         meta: provenance (``source``, ``index``, ``where``).
+        parts: its segments, when the tokenizer recorded them (else None).
     """
 
     ids_N: np.ndarray
     modality_N: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    parts: list[Part] | None = None
 
     @property
-    def encoded(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, modality per id)``, the form ``tokenizer.encode_documents`` returns."""
-        return self.ids_N, self.modality_N
+    def encoded(self) -> tuple[np.ndarray, np.ndarray] | Encoded:
+        """What ``tokenizer.encode_documents`` returned for it: ``(ids, modality per id)``, or
+        an :class:`~sparsefusion.data.encoded.Encoded` with its segments."""
+        if self.parts is None:
+            return self.ids_N, self.modality_N
+        return Encoded(self.ids_N, self.modality_N, self.parts)
 
 
 class _Shard:
@@ -93,6 +108,10 @@ class _Shard:
         except (OSError, ValueError) as e:
             raise ValueError(f"token shard {stem}: cannot read it ({e})") from e
         self.skipped = {int(k): v for k, v in self.meta["skipped"].items()}
+        self.parts_P5 = self.values = None
+        if Path(f"{stem}.parts.npy").is_file():
+            self.parts_P5 = np.load(f"{stem}.parts.npy")
+            self.values = np.load(f"{stem}.values.npy", mmap_mode="r")
         if len(self.offsets_D) != self.meta["num_docs"] + 1 or int(self.offsets_D[-1]) != len(
             self.ids_N
         ):
@@ -158,7 +177,19 @@ class TokenShardSource:
             raise BadInput(reason, where, detail)
         lo, hi = int(shard.offsets_D[local]), int(shard.offsets_D[local + 1])
         meta = {"source": self.name, "index": index, "where": f"{self._stems[k].name}[{local}]"}
-        return EncodedDocument(shard.ids_N[lo:hi], shard.modality_N[lo:hi], meta)
+        doc = EncodedDocument(shard.ids_N[lo:hi], shard.modality_N[lo:hi], meta)
+        if shard.parts_P5 is not None:
+            doc.parts = self._parts(shard, local)
+        return doc
+
+    def _parts(self, shard: _Shard, local: int) -> list[Part]:
+        rows = shard.parts_P5
+        lo, hi = np.searchsorted(rows[:, 0], [local, local + 1])
+        parts = []
+        for _, modality, start, stop, value in rows[lo:hi].tolist():
+            tensor = None if value < 0 else torch.from_numpy(np.array(shard.values[value]))
+            parts.append(Part(self.modalities[modality], start, stop, tensor))
+        return parts
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

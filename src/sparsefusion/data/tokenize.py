@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sparsefusion.data.encoded import as_encoded
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.token_shards import (
     FORMAT,
@@ -169,6 +170,9 @@ def _write_shard(source, tokenizer, stem: Path, first: int, count: int, *, docs_
                  strict: bool, bar) -> None:  # fmt: skip
     """Encode documents ``first .. first + count - 1`` into the shard files at ``stem``."""
     ids, mods, lengths = [], [], [0] * count
+    parts: list[list[int]] = []  # (document, modality, start, stop, value) of recorded segments
+    values: list[np.ndarray] = []  # continuous span values, in order
+    names = list(tokenizer.modalities)
     skipped: dict[str, list[str]] = {}
     for start in range(0, count, docs_per_call):
         docs, local = [], []
@@ -180,21 +184,30 @@ def _write_shard(source, tokenizer, stem: Path, first: int, count: int, *, docs_
                 if strict:
                     raise
                 skipped[str(j)] = [e.reason, e.where, e.detail]
-        for j, (doc_ids, doc_mods) in zip(local, tokenizer.encode_documents(docs), strict=True):
-            ids.append(np.asarray(doc_ids, dtype=np.int32))
-            mods.append(np.asarray(doc_mods, dtype=np.uint8))
-            lengths[j] = len(doc_ids)
+        for j, encoded in zip(local, tokenizer.encode_documents(docs), strict=True):
+            enc = as_encoded(encoded)
+            ids.append(np.asarray(enc.ids, dtype=np.int32))
+            mods.append(np.asarray(enc.modalities, dtype=np.uint8))
+            lengths[j] = len(enc.ids)
+            for part in enc.parts:
+                value = -1 if part.value is None else len(values)
+                if part.value is not None:
+                    values.append(part.value.numpy())
+                parts.append([j, names.index(part.modality), part.start, part.stop, value])
         bar.update(min(count, start + docs_per_call) - start)
     ids_N = np.concatenate(ids) if ids else np.zeros(0, np.int32)
     mod_N = np.concatenate(mods) if mods else np.zeros(0, np.uint8)
     offsets = np.zeros(count + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    for suffix, arr in ((".ids.npy", ids_N), (".mod.npy", mod_N), (".off.npy", offsets)):
+    arrays = [(".ids.npy", ids_N), (".mod.npy", mod_N), (".off.npy", offsets)]
+    if parts:  # a tokenizer that records segments (the Transfusion one: image latents)
+        arrays.append((".parts.npy", np.asarray(parts, dtype=np.int64)))
+        arrays.append((".values.npy", np.stack(values) if values else np.zeros(0, np.float32)))
+    for suffix, arr in arrays:
         tmp = Path(f"{stem}{suffix}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, arr)
         os.replace(tmp, f"{stem}{suffix}")
-    names = list(tokenizer.modalities)
     per_mod = np.bincount(mod_N, minlength=len(names)).tolist() if len(mod_N) else [0] * len(names)
     meta = {
         "first_doc": first,

@@ -45,7 +45,7 @@ from sparsefusion.nn.routing_context import AuxRouterLookup
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
 
 if TYPE_CHECKING:
-    from sparsefusion.tokenizers.latent import LatentTokenizer
+    from sparsefusion.tokenizers.transfusion import TransfusionTokenizer
 
 
 class Generator:
@@ -64,7 +64,7 @@ class Generator:
     def __init__(
         self,
         model: Transformer,
-        tokenizer: MultimodalTokenizer | LatentTokenizer,
+        tokenizer: MultimodalTokenizer | TransfusionTokenizer,
         aux_routers: AuxRouterLookup | None = None,
         *,
         run_dir: str = "RUN_DIR",

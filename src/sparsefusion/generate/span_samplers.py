@@ -47,8 +47,8 @@ from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
 if TYPE_CHECKING:
     from sparsefusion.models.transformer import ModelConfig
     from sparsefusion.objectives.base import Objective
-    from sparsefusion.objectives.diffusion import NoiseSchedule
-    from sparsefusion.tokenizers.latent import LatentTokenizer
+    from sparsefusion.objectives.transfusion import NoiseSchedule
+    from sparsefusion.tokenizers.transfusion import TransfusionTokenizer
 
 
 @dataclass
@@ -221,7 +221,7 @@ class DiffusionSpanSampler:
 
     def __init__(
         self,
-        tokenizer: LatentTokenizer,
+        tokenizer: TransfusionTokenizer,
         patch_size: int,
         schedule: NoiseSchedule,
         settings: DiffusionSettings | None = None,
@@ -333,7 +333,7 @@ def patch_inputs(
 
 def span_sampler_for(
     objective: Objective,
-    tokenizer: MultimodalTokenizer | LatentTokenizer,
+    tokenizer: MultimodalTokenizer | TransfusionTokenizer,
     model: ModelConfig,
     diffusion: DiffusionSettings | None = None,
 ) -> SpanSampler:

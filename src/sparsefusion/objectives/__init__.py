@@ -2,5 +2,5 @@
 
 from sparsefusion.objectives import (
     ar,  # noqa: F401  (registers "ar")
-    diffusion,  # noqa: F401  (registers "transfusion")
+    transfusion,  # noqa: F401  (registers "transfusion")
 )

@@ -10,7 +10,10 @@ backward, so ``grad_accum=2`` equals one batch of twice the rows. The trainer's 
 validation, ``train-aux``, ``eval`` and the benchmark consume this output generically; a new
 objective is one file registered here.
 
-Objectives are looked up by ``objective.name`` in :data:`OBJECTIVES`.
+Objectives are looked up by ``objective.name`` in :data:`OBJECTIVES`. An entry also declares
+what it needs from the data: the image representation it trains on (``image_kind``: ``vq``
+codes or ``vae`` latents; ``tokenizer.image_kind`` follows it) and whether image-caption pairs
+are re-ordered for it (:func:`caption_order`).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from sparsefusion.data.batch import Batch
+from sparsefusion.data.encoded import CaptionOrder
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig, ModelOutput
 
 if TYPE_CHECKING:
-    from sparsefusion.objectives.diffusion import NoiseSchedule
+    from sparsefusion.objectives.transfusion import NoiseSchedule
 
 
 @dataclass(kw_only=True)
@@ -37,7 +41,7 @@ class ObjectiveConfig:
     Attributes:
         name: registry key: ``ar`` (next-token cross-entropy over the unified vocabulary) or
             ``transfusion`` (cross-entropy on text plus DDPM noise prediction on continuous
-            image latents, arXiv 2408.11039; needs ``tokenizer.image_kind=vae``).
+            image latents of a VAE, arXiv 2408.11039).
         z_loss: weight of the Chameleon z-loss ``(log Z)^2`` per predicted token (0 disables it).
 
     The keys below are read by ``transfusion`` only (``ar`` ignores them).
@@ -164,14 +168,37 @@ class Objective(Protocol):
 
 
 ObjectiveBuilder = Callable[[ObjectiveConfig, ModelConfig], Objective]
-OBJECTIVES: dict[str, ObjectiveBuilder] = {}
+CaptionOrderBuilder = Callable[[ObjectiveConfig, int], CaptionOrder]
 
 
-def register_objective(name: str) -> Callable[[ObjectiveBuilder], ObjectiveBuilder]:
-    """Register a builder ``(objective_cfg, model_cfg) -> Objective`` under ``name``."""
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """A registered objective.
+
+    Attributes:
+        build: ``(objective_cfg, model_cfg) -> Objective``.
+        image_kind: the image tokenizer it trains on: ``vq`` (discrete codes) or ``vae``
+            (continuous latents).
+        caption_order: ``(objective_cfg, seed) -> CaptionOrder`` when it re-orders
+            image-caption pairs (``data/encoded.py``), else None.
+    """
+
+    build: ObjectiveBuilder
+    image_kind: str = "vq"
+    caption_order: CaptionOrderBuilder | None = None
+
+
+OBJECTIVES: dict[str, ObjectiveEntry] = {}
+
+
+def register_objective(
+    name: str, *, image_kind: str = "vq", caption_order: CaptionOrderBuilder | None = None
+) -> Callable[[ObjectiveBuilder], ObjectiveBuilder]:
+    """Register a builder ``(objective_cfg, model_cfg) -> Objective`` under ``name``, with what
+    it needs from the data (see :class:`ObjectiveEntry`)."""
 
     def deco(builder: ObjectiveBuilder) -> ObjectiveBuilder:
-        OBJECTIVES[name] = builder
+        OBJECTIVES[name] = ObjectiveEntry(builder, image_kind, caption_order)
         return builder
 
     return deco
@@ -179,7 +206,18 @@ def register_objective(name: str) -> Callable[[ObjectiveBuilder], ObjectiveBuild
 
 def build_objective(cfg: ObjectiveConfig, model: ModelConfig) -> Objective:
     """The objective named by ``cfg.name`` for a model of config ``model``."""
-    return OBJECTIVES[cfg.name](cfg, model)
+    return OBJECTIVES[cfg.name].build(cfg, model)
+
+
+def image_kind(name: str) -> str:
+    """The image tokenizer (``vq`` or ``vae``) objective ``name`` trains on."""
+    return OBJECTIVES[name].image_kind
+
+
+def caption_order(cfg: ObjectiveConfig, seed: int) -> CaptionOrder | None:
+    """How the objective wants image-caption pairs ordered (None: as the source has them)."""
+    entry = OBJECTIVES[cfg.name]
+    return None if entry.caption_order is None else entry.caption_order(cfg, seed)
 
 
 def per_modality_logged(

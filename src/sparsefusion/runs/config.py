@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from sparsefusion.data.sources import DataConfig
 from sparsefusion.distributed.parallelize import DistConfig
 from sparsefusion.models.transformer import ModelConfig
-from sparsefusion.objectives.base import ObjectiveConfig
+from sparsefusion.objectives.base import ObjectiveConfig, image_kind
 from sparsefusion.tokenizers.build import TokenizerConfig
 
 
@@ -164,7 +164,12 @@ class InitConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Everything a training run needs; each component receives only its own sub-config."""
+    """Everything a training run needs; each component receives only its own sub-config.
+
+    ``tokenizer.image_kind`` follows ``objective.name`` (the objective's registry entry says
+    which image tokenizer it trains on): ``auto`` becomes that kind; a kind stated explicitly
+    must agree with it.
+    """
 
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -176,3 +181,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     init: InitConfig = field(default_factory=InitConfig)
+
+    def __post_init__(self) -> None:
+        need = image_kind(self.objective.name)
+        given = self.tokenizer.image_kind
+        if given == "auto":
+            self.tokenizer = replace(self.tokenizer, image_kind=need)
+        elif given != need:
+            raise ValueError(
+                f"tokenizer.image_kind={given} contradicts objective.name={self.objective.name} "
+                f"(which trains on image_kind {need}); leave tokenizer.image_kind out, it follows "
+                "objective.name"
+            )

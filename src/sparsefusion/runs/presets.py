@@ -16,7 +16,7 @@ Each has a ``<name>-debug`` twin for tests.
 
 Transfusion recipes (arXiv 2408.11039; MoT section 5.4 (c)): ``tf-dense`` and ``tf-mot`` train
 text next-token prediction plus image diffusion on continuous latents of a VAE the project trains
-(``objective.name=transfusion``, ``tokenizer.image_kind=vae``; diffusers needed), with the
+(``objective.name=transfusion``, which sets ``tokenizer.image_kind=vae``; diffusers needed), with the
 Transfusion paper's Llama-style block: pre-norm and no QK-norm (both switchable:
 ``model.norm_placement=post model.qk_norm=true``) and no z-loss. At the demo size the 32-pixel
 images become 8x8x4 latents and 2x2 patches: 16 positions per image. ``tf-<arch>-debug`` twins
@@ -122,10 +122,8 @@ def _matched_capacity(base: dict[str, Any], sparse: dict[str, Any]) -> float:
 
 
 _TF: dict[str, Any] = {
-    "objective": {"name": "transfusion", "z_loss": 0.0},
-    "tokenizer": {"image_kind": "vae"},
+    "objective": {"name": "transfusion", "z_loss": 0.0},  # tokenizer.image_kind follows: vae
     "model": {"norm_placement": "pre", "qk_norm": False},
-    "data": {"workers": 0},  # latent streams load in the training thread
 }
 _TF_DEBUG_VAE = {"train_steps": 30, "batch_size": 8, "channels": [8, 16, 16], "held_out": 16}
 _TF_GPU_VAE = {"image_size": 256, "latent_channels": 8, "channels": [64, 128, 256, 256]}
@@ -168,7 +166,7 @@ def _tf_registry() -> dict[str, dict[str, Any]]:
     reg: dict[str, dict[str, Any]] = {}
     for name, (arch, extra) in _TF_ARCHS.items():
         debug = _transfusion(_DEBUG, arch, extra)
-        debug["tokenizer"]["vae"] = dict(_TF_DEBUG_VAE)
+        debug["tokenizer"] = {**debug["tokenizer"], "vae": dict(_TF_DEBUG_VAE)}
         debug["data"] = {**debug["data"], "seq_len": 64}
         reg[f"tf-{name}-debug"] = debug
         if name in ("dense", "mot"):
@@ -176,7 +174,7 @@ def _tf_registry() -> dict[str, dict[str, Any]]:
             for size, (dim, layers, heads) in TF_SIZES.items():
                 gpu = _transfusion(_GPU, arch, extra, size="small")
                 gpu["model"].update(dim=dim, num_layers=layers, num_heads=heads, multiple_of=256)
-                gpu["tokenizer"]["vae"] = dict(_TF_GPU_VAE)
+                gpu["tokenizer"] = {**gpu.get("tokenizer", {}), "vae": dict(_TF_GPU_VAE)}
                 gpu["data"] = {**gpu["data"], "image_size": 256}
                 gpu["optim"] = dict(_TF_GPU_OPTIM)
                 reg[f"tf-{name}-{size}"] = gpu
@@ -216,7 +214,8 @@ def resolve_config(config: str | None, overrides: list[str]):
     """Build the TrainConfig from a preset name or YAML path plus dotted overrides.
 
     Precedence: dataclass defaults < preset < YAML file < overrides. A YAML file may name a
-    preset to start from with a top-level ``preset:`` key.
+    preset to start from with a top-level ``preset:`` key. ``tokenizer.image_kind`` follows
+    ``objective.name`` until a layer states it (then the two must agree).
     """
     from sparsefusion.runs.config import TrainConfig
 
@@ -233,12 +232,22 @@ def resolve_config(config: str | None, overrides: list[str]):
         layers.append((f"preset {config}", _preset(config)))
     layers.append(("command line", parse_overrides(overrides)))
     cfg = TrainConfig()
+    stated = False  # whether a layer has stated tokenizer.image_kind
     for where, data in layers:
+        stated = stated or _states_image_kind(data)
+        if not stated:  # re-derive it from this layer's objective.name
+            tokenizer = data.get("tokenizer", {})
+            data = {**data, "tokenizer": {**tokenizer, "image_kind": "auto"}}
         try:
             cfg = merge(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
     return cfg
+
+
+def _states_image_kind(data: dict) -> bool:
+    tokenizer = data.get("tokenizer", {})
+    return not isinstance(tokenizer, dict) or "image_kind" in tokenizer  # (a bad value: merge says)
 
 
 def _preset(name: str) -> dict:

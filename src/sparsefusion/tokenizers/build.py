@@ -29,7 +29,6 @@ from sparsefusion.data.issues import BadInput
 from sparsefusion.data.mixture import vocab_modalities
 from sparsefusion.tokenizers.image_vae import ImageVAEConfig, train_vae
 from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer, train_vq
-from sparsefusion.tokenizers.latent import LatentTokenizer, manifest_kind
 from sparsefusion.tokenizers.multimodal import (
     FORMAT_VERSION,
     MultimodalTokenizer,
@@ -37,7 +36,10 @@ from sparsefusion.tokenizers.multimodal import (
 )
 from sparsefusion.tokenizers.speech_units import SpeechUnitsConfig, train_speech_units
 from sparsefusion.tokenizers.text_bpe import NUM_BYTES, BPETextTokenizer
+from sparsefusion.tokenizers.transfusion import TransfusionTokenizer, manifest_kind
 from sparsefusion.tokenizers.vocab import UnifiedVocab
+
+IMAGE_KINDS = ("auto", "vq", "vae")
 
 
 @dataclass(kw_only=True)
@@ -55,6 +57,8 @@ class TokenizerConfig:
         path: a trained tokenizer directory to load instead of training (empty: train/cache).
         image_kind: "vq" (discrete codes, the Chameleon setting) or "vae" (continuous latents
             of a KL autoencoder, the Transfusion setting; needs the ``transfusion`` extra).
+            "auto" (the default): what the objective trains on (``objective.name``; a run's
+            resolved config states it); a tokenizer config used alone reads it as "vq".
         vae: the autoencoder settings (used when ``image_kind`` is "vae").
         text_path: a Hugging Face ``tokenizer.json`` (byte-level BPE, e.g. a pretrained LLM's)
             used as the text tokenizer instead of training one (empty: train); the file's hash
@@ -69,13 +73,15 @@ class TokenizerConfig:
     speech: SpeechUnitsConfig = field(default_factory=SpeechUnitsConfig)
     speech_train_clips: int = 400
     path: str = ""
-    image_kind: str = "vq"
+    image_kind: str = "auto"
     vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
     text_path: str = ""
 
     def __post_init__(self) -> None:
-        if self.image_kind not in ("vq", "vae"):
-            raise ValueError(f"tokenizer.image_kind must be 'vq' or 'vae', got {self.image_kind!r}")
+        if self.image_kind not in IMAGE_KINDS:
+            raise ValueError(
+                f"tokenizer.image_kind must be one of {IMAGE_KINDS}, got {self.image_kind!r}"
+            )
         if self.text_vocab_size < NUM_BYTES:
             raise ValueError(
                 f"TokenizerConfig.text_vocab_size must be >= {NUM_BYTES}, "
@@ -114,7 +120,8 @@ def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
     settings.pop("cache_dir")
     settings.pop("path")
     # Only the image tokenizer in use enters the key (VQ keys are unchanged by the VAE fields).
-    kind = settings.pop("image_kind")
+    kind = _image_kind(cfg)
+    settings.pop("image_kind")
     settings.pop("vae" if kind == "vq" else "image")
     if kind != "vq":
         settings["image_kind"] = kind
@@ -142,7 +149,7 @@ def load_or_train_tokenizer(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> MultimodalTokenizer | LatentTokenizer:
+) -> MultimodalTokenizer | TransfusionTokenizer:
     """Return the tokenizer for ``source``, from the cache when a verified copy exists.
 
     Args:
@@ -182,10 +189,10 @@ def load_or_train_tokenizer(
     return tok
 
 
-def load_tokenizer(directory: str | Path) -> MultimodalTokenizer | LatentTokenizer:
-    """Load a saved tokenizer of either kind (discrete Chameleon or latent Transfusion)."""
-    if manifest_kind(directory) == "latent":
-        return LatentTokenizer.load(directory)
+def load_tokenizer(directory: str | Path) -> MultimodalTokenizer | TransfusionTokenizer:
+    """Load a saved tokenizer of either kind (discrete Chameleon or Transfusion)."""
+    if manifest_kind(directory) == "latent":  # the Transfusion tokenizer's kind
+        return TransfusionTokenizer.load(directory)
     return MultimodalTokenizer.load(directory)
 
 
@@ -195,7 +202,7 @@ def train_tokenizer(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> MultimodalTokenizer | LatentTokenizer:
+) -> MultimodalTokenizer | TransfusionTokenizer:
     """Train the BPE, the VQ (or VAE) and (for a source with speech) the speech units."""
     texts, images, clips = collect_training_data(cfg, source)
     if cfg.text_path:
@@ -204,8 +211,8 @@ def train_tokenizer(
     else:
         log(f"tokenizer: training BPE ({cfg.text_vocab_size}) on {len(texts)} text segments")
         text = BPETextTokenizer.train(texts, cfg.text_vocab_size)
-    if cfg.image_kind == "vae":
-        return _train_latent(cfg, text, images, progress, log)
+    if _image_kind(cfg) == "vae":
+        return _train_transfusion(cfg, text, images, progress, log)
     if images:
         log(f"tokenizer: training image VQ on {len(images)} images ({cfg.image.train_steps} steps)")
         image, report = train_vq(cfg.image, images, progress=progress)
@@ -234,7 +241,11 @@ def train_tokenizer(
     return MultimodalTokenizer(text, image, UnifiedVocab(sizes), speech)
 
 
-def _train_latent(cfg, text, images, progress, log) -> LatentTokenizer:
+def _image_kind(cfg: TokenizerConfig) -> str:
+    return "vq" if cfg.image_kind == "auto" else cfg.image_kind
+
+
+def _train_transfusion(cfg, text, images, progress, log) -> TransfusionTokenizer:
     if not images:
         raise ValueError("tokenizer.image_kind=vae needs a source with images; none was found")
     log(f"tokenizer: training image VAE on {len(images)} images ({cfg.vae.train_steps} steps)")
@@ -244,7 +255,7 @@ def _train_latent(cfg, text, images, progress, log) -> LatentTokenizer:
         f"recon_l1={report['recon_l1']:.4f} latent_std={report['latent_std']:.3f} "
         f"({report['train_seconds']:.0f}s)"
     )
-    return LatentTokenizer(text, vae, UnifiedVocab({TEXT: text.vocab_size, IMAGE: 1}))
+    return TransfusionTokenizer(text, vae, UnifiedVocab({TEXT: text.vocab_size, IMAGE: 1}))
 
 
 def collect_training_data(

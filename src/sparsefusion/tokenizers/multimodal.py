@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document, Segment
+from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.tokenizers.image_vq import VQImageTokenizer
 from sparsefusion.tokenizers.speech_units import SpeechUnitTokenizer
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
@@ -78,6 +79,15 @@ class MultimodalTokenizer:
     def modalities(self) -> list[str]:
         """Modality names in index order (0 = text)."""
         return list(self.vocab.modalities)
+
+    def bind_model(self, model: ModelConfig) -> ModelConfig:
+        """The model config unchanged: discrete codes depend on no model setting (the
+        vocabulary size is filled by the trainer)."""
+        return model
+
+    def describe_image(self) -> str:
+        """One line on how an image is encoded (``sparsefusion tokenizer inspect``)."""
+        return f"{self.image.tokens_per_image} codes per {self.image.cfg.image_size}px image"
 
     # ---- encoding -----------------------------------------------------------------------------
 

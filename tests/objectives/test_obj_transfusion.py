@@ -10,7 +10,7 @@ import torch
 from sparsefusion.data.batch import IGNORE_INDEX, Batch
 from sparsefusion.models.transformer import ModelConfig, ModelOutput
 from sparsefusion.objectives.base import ObjectiveConfig, build_objective
-from sparsefusion.objectives.diffusion import add_noise, cosine_alphas_cumprod
+from sparsefusion.objectives.transfusion import add_noise, cosine_alphas_cumprod
 
 pytest.importorskip("diffusers", reason="the transfusion extra is not installed")
 

@@ -15,6 +15,10 @@ Logged: ``loss/text`` (cross-entropy per text target), ``loss/image`` (diffusion
 ``z_loss`` when on, and ``loss`` = loss/text + lambda * loss/image of each batch (count 1, so a
 window's ``loss`` is the mean over its batches).
 
+Its registry entry declares that it trains on continuous latents (``image_kind="vae"``: the
+Transfusion tokenizer, ``tokenizer.image_kind`` follows) and that image-caption pairs are ordered
+by ``caption_first`` / ``caption_dropout`` (``data/encoded.py: CaptionOrder``).
+
 Validation batches carry a ``noise_seed``: their t cycle through ``val_timesteps`` evenly spaced
 values and their noise comes from that seed, so every evaluation sees the same noisy inputs.
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from sparsefusion.data.batch import Batch
+from sparsefusion.data.encoded import CaptionOrder
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig, ModelOutput
 from sparsefusion.nn.patch_embed import patchify
@@ -205,6 +210,10 @@ class TransfusionObjective:
         return se_P.view(num_images, -1).mean(dim=-1)
 
 
-@register_objective("transfusion")
+def _caption_order(cfg: ObjectiveConfig, seed: int) -> CaptionOrder:
+    return CaptionOrder(seed, cfg.caption_first, cfg.caption_dropout)
+
+
+@register_objective("transfusion", image_kind="vae", caption_order=_caption_order)
 def _build(cfg: ObjectiveConfig, model: ModelConfig) -> TransfusionObjective:
     return TransfusionObjective(cfg, model)

@@ -1,15 +1,17 @@
-"""Documents -> text ids plus continuous image latents (Transfusion tokenizer, arXiv 2408.11039).
+"""The Transfusion tokenizer: documents -> text ids plus image latents (arXiv 2408.11039).
 
 A document becomes ``[BOS] seg_1 ... [EOS]`` where a text segment is its BPE ids and an image
 segment is ``[BOI] p_1 .. p_n [EOI]``: n = (h / k) * (w / k) continuous positions, the k x k
-patches of the image's VAE latent in raster order (k = ``patch_size``). A patch position holds the
-one id of the ``image`` modality (a placeholder the model overwrites with the patch embedding);
-sentinels are text positions, as in the Chameleon setting (``vocab.py``). The latents travel
-beside the ids, one (Z, h, w) tensor per image, unpatchified (noise is added to the whole latent
-before patchifying, in the objective).
+patches of the image's VAE latent in raster order (k = ``model.patch_size``, adopted with
+:meth:`TransfusionTokenizer.bind_model`). A patch position holds the one id of the ``image``
+modality (a placeholder the model overwrites with the patch embedding); sentinels are text
+positions, as in the Chameleon setting (``vocab.py``). An image is a continuous span of the
+encoded document (``data/encoded.py``): its latent travels beside the ids, one (Z, h, w) tensor,
+unpatchified (noise is added to the whole latent before patchifying, in the objective).
 
 Saved like :class:`MultimodalTokenizer` (a manifest of SHA-256 hashes, verified on load), with
-``kind: latent`` in the manifest.
+``kind: latent`` in the manifest, and the patch size when the tokenizer was bound to one (the
+copy ``data tokenize`` keeps beside its shards, whose ids depend on it).
 
 Shape legend: Z = latent channels, h/w = latent side, k = patch side.
 """
@@ -19,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from sparsefusion.data.documents import IMAGE, TEXT, Document
+from sparsefusion.data.encoded import Encoded, Part
+from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.tokenizers.image_vae import VAEImageTokenizer
 from sparsefusion.tokenizers.multimodal import TokenizerCacheError
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
@@ -37,13 +41,13 @@ FORMAT_VERSION = 1
 KIND = "latent"
 
 
-class LatentTokenizerError(TokenizerCacheError):
-    """A saved latent tokenizer directory is missing files, corrupt, or inconsistent."""
+class TransfusionTokenizerError(TokenizerCacheError):
+    """A saved Transfusion tokenizer directory is missing files, corrupt, or inconsistent."""
 
 
 @dataclass
 class LatentDocument:
-    """One encoded document.
+    """One encoded document, as the generator reads a prompt.
 
     Attributes:
         ids: unified ids (patch positions hold the image placeholder id).
@@ -58,21 +62,30 @@ class LatentDocument:
     boi: list[int]
 
 
-class LatentTokenizer:
+class TransfusionTokenizer:
     """Text BPE + VAE latents + the unified vocabulary (text ids, sentinels, one image id).
 
     Args:
         text: the text BPE.
         vae: the image autoencoder.
         vocab: ``{"text": text size, "image": 1}``.
+        patch_size: latent patch side k an image is cut into (None: not bound yet; see
+            :meth:`bind_model`).
     """
 
-    def __init__(self, text: BPETextTokenizer, vae: VAEImageTokenizer, vocab: UnifiedVocab):
+    def __init__(
+        self,
+        text: BPETextTokenizer,
+        vae: VAEImageTokenizer,
+        vocab: UnifiedVocab,
+        patch_size: int | None = None,
+    ):
         if vocab.modalities != [TEXT, IMAGE] or vocab.modality_sizes[IMAGE] != 1:
-            raise ValueError(f"a latent tokenizer's vocab is text + one image id, got {vocab}")
+            raise ValueError(f"a Transfusion tokenizer's vocab is text + one image id, got {vocab}")
         if vocab.modality_sizes[TEXT] != text.vocab_size:
             raise ValueError("vocab text size differs from the BPE's")
         self.text, self.vae, self.vocab = text, vae, vocab
+        self.patch_size = patch_size
         self.image = vae  # what `data preview` and `tokenizer inspect` look at
         self.speech = None
         self.patch_id = vocab.offset(IMAGE)
@@ -97,10 +110,62 @@ class LatentTokenizer:
             )
         return (h // patch_size) * (w // patch_size)
 
+    def bind_model(self, model: ModelConfig) -> ModelConfig:
+        """Fit this tokenizer and the model it feeds to each other: the tokenizer cuts images
+        into ``model.patch_size`` patches from now on; the model gets ``latent_channels`` from
+        the VAE.
+
+        Raises:
+            ValueError: naming the key, when the patch size does not divide the latent grid,
+                differs from the one a saved copy was bound to, or ``model.latent_channels``
+                disagrees with the VAE.
+        """
+        channels = self.latent_shape[0]
+        if model.latent_channels not in (0, channels):
+            raise ValueError(
+                f"model.latent_channels={model.latent_channels} but the VAE has {channels}"
+            )
+        if self.patch_size not in (None, model.patch_size):
+            raise ValueError(
+                f"this tokenizer encodes images in patches of {self.patch_size} (e.g. the token "
+                f"shards made with it); set model.patch_size={self.patch_size}, not "
+                f"{model.patch_size}"
+            )
+        self.patches_per_image(model.patch_size)  # raises naming model.patch_size
+        self.patch_size = model.patch_size
+        return replace(model, latent_channels=channels)
+
+    def describe_image(self) -> str:
+        """One line on how an image is encoded (``sparsefusion tokenizer inspect``)."""
+        z, h, w = self.latent_shape
+        return (
+            f"VAE latent {z}x{h}x{w} per {self.vae.cfg.image_size}px image (scale "
+            f"{float(self.vae.scale):.4f}); 2x2 patches -> {self.patches_per_image(2)} positions"
+        )
+
+    def encode_documents(self, docs: list[Document]) -> list[Encoded]:
+        """Documents -> ids with n placeholder positions per image; every image is a continuous
+        span holding its latent (``data/encoded.py``). All images go through one VAE call."""
+        if self.patch_size is None:
+            raise ValueError(
+                "the Transfusion tokenizer is not bound to a model yet (bind_model): the patch "
+                "size decides how many positions an image takes"
+            )
+        return self._encode(docs, self.patches_per_image(self.patch_size))
+
     def encode_latent_documents(
         self, docs: list[Document], patch_size: int
     ) -> list[LatentDocument]:
-        """Documents -> ids with n placeholder positions per image, and the latents."""
+        """Documents -> ids with n placeholder positions per image, the latents and the BOI
+        index of each image (how the generator encodes a prompt)."""
+        return [
+            LatentDocument(
+                e.ids, e.modalities, [p.value for p in e.spans], [p.start for p in e.spans]
+            )  # fmt: skip
+            for e in self._encode(docs, self.patches_per_image(patch_size))
+        ]
+
+    def _encode(self, docs: list[Document], n: int) -> list[Encoded]:
         images: list[Image.Image] = []
         texts: list[str] = []
         for doc in docs:
@@ -114,34 +179,28 @@ class LatentTokenizer:
                         f"cannot tokenize segment modality {seg.modality!r}; supported: "
                         f"{self.modalities}"
                     )
-        n = self.patches_per_image(patch_size)
         latents = list(self.vae.encode(images)) if images else []
         text_rows = [[i + self._text_off for i in t] for t in self.text.encode_batch(texts)]
         out, next_image, next_text = [], 0, 0
         for doc in docs:
-            enc = LatentDocument([self.vocab.bos_id], [0], [], [])
+            ids, mods, parts = [self.vocab.bos_id], [0], []
             for seg in doc.segments:
+                start = len(ids)
                 if seg.modality == TEXT:
                     t = text_rows[next_text]
                     next_text += 1
-                    enc.ids += t
-                    enc.modalities += [0] * len(t)
+                    ids += t
+                    mods += [0] * len(t)
+                    parts.append(Part(TEXT, start, len(ids)))
                 else:
-                    enc.boi.append(len(enc.ids))
-                    enc.latents.append(latents[next_image])
+                    ids += [self.vocab.boi_id, *([self.patch_id] * n), self.vocab.eoi_id]
+                    mods += [0, *([self._image_idx] * n), 0]
+                    parts.append(Part(IMAGE, start, len(ids), value=latents[next_image]))
                     next_image += 1
-                    enc.ids += [self.vocab.boi_id, *([self.patch_id] * n), self.vocab.eoi_id]
-                    enc.modalities += [0, *([self._image_idx] * n), 0]
-            enc.ids.append(self.vocab.eos_id)
-            enc.modalities.append(0)
-            out.append(enc)
+            ids.append(self.vocab.eos_id)
+            mods.append(0)
+            out.append(Encoded(ids, mods, parts))
         return out
-
-    def encode_documents(
-        self, docs: list[Document], patch_size: int = 2
-    ) -> list[tuple[list[int], list[int]]]:
-        """(ids, modality per id) of every document (latents dropped; for statistics)."""
-        return [(d.ids, d.modalities) for d in self.encode_latent_documents(docs, patch_size)]
 
     def decode_text(self, ids: list[int]) -> str:
         """The text of the text ids among ``ids`` (other ids are dropped)."""
@@ -162,30 +221,33 @@ class LatentTokenizer:
             "kind": KIND,
             "files": {f: _sha256(d / f) for f in FILES},
         }
+        if self.patch_size is not None:
+            manifest["patch_size"] = self.patch_size
         (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> LatentTokenizer:
+    def load(cls, directory: str | os.PathLike[str]) -> TransfusionTokenizer:
         """Load a directory written by :meth:`save`, verifying every file hash.
 
         Raises:
-            LatentTokenizerError: on a missing/corrupt file, a hash mismatch or another kind.
+            TransfusionTokenizerError: on a missing/corrupt file, a hash mismatch or another
+                kind.
         """
         d = Path(directory)
-        _verify(d)
+        manifest = _verify(d)
         try:
             text = BPETextTokenizer.load(d / "text.json")
             vae = VAEImageTokenizer.load(d / "image_vae.safetensors")
             vocab = UnifiedVocab.from_dict(json.loads((d / "vocab.json").read_text("utf-8")))
-            return cls(text, vae, vocab)
+            return cls(text, vae, vocab, manifest.get("patch_size"))
         except ImportError:
             raise
         except Exception as e:  # any parse / shape error means the cache cannot be trusted
-            raise LatentTokenizerError(f"{d}: cannot load latent tokenizer ({e})") from e
+            raise TransfusionTokenizerError(f"{d}: cannot load Transfusion tokenizer ({e})") from e
 
 
 def manifest_kind(directory: str | os.PathLike[str]) -> str:
-    """``latent`` or ``discrete`` (the Chameleon tokenizer) from a tokenizer directory."""
+    """``latent`` (the Transfusion tokenizer) or ``discrete`` (the Chameleon one) of a directory."""
     try:
         manifest = json.loads((Path(directory) / MANIFEST).read_text("utf-8"))
     except (OSError, ValueError):
@@ -197,18 +259,23 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _verify(d: Path) -> None:
+def _verify(d: Path) -> dict:
     try:
         manifest = json.loads((d / MANIFEST).read_text("utf-8"))
         files, version, kind = manifest["files"], manifest["format_version"], manifest.get("kind")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LatentTokenizerError(f"{d}: missing or unreadable {MANIFEST} ({e})") from e
+        raise TransfusionTokenizerError(f"{d}: missing or unreadable {MANIFEST} ({e})") from e
     if kind != KIND or version != FORMAT_VERSION:
-        raise LatentTokenizerError(f"{d}: not a latent tokenizer (kind={kind}, v{version})")
+        raise TransfusionTokenizerError(
+            f"{d}: not a Transfusion tokenizer (kind={kind}, v{version})"
+        )
     if set(files) != set(FILES):
-        raise LatentTokenizerError(f"{d}: manifest lists {sorted(files)}, expected {list(FILES)}")
+        raise TransfusionTokenizerError(
+            f"{d}: manifest lists {sorted(files)}, expected {list(FILES)}"
+        )
     for name, digest in files.items():
         if not (d / name).is_file():
-            raise LatentTokenizerError(f"{d}: missing {name}")
+            raise TransfusionTokenizerError(f"{d}: missing {name}")
         if _sha256(d / name) != digest:
-            raise LatentTokenizerError(f"{d}: {name} does not match its manifest hash")
+            raise TransfusionTokenizerError(f"{d}: {name} does not match its manifest hash")
+    return manifest
