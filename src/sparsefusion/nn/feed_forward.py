@@ -35,6 +35,13 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 32, ffn_hidden: int = 0) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+
+def swiglu_gate(h_F2: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the fused (..., 2F) w1/w3 projection: the one SwiGLU activation
+    of every FFN and expert."""
+    gate_F, up_F = h_F2.chunk(2, dim=-1)
+    return F.silu(gate_F) * up_F
+
 class TowerFFN(nn.Module):
     """SwiGLU FFN with ``num_towers`` independent weight sets.
 
@@ -68,5 +75,4 @@ class TowerFFN(nn.Module):
         Returns:
             y_ND, plan-sorted.
         """
-        gate_NF, up_NF = self.w13(x_ND, plan).chunk(2, dim=-1)
-        return self.w2(F.silu(gate_NF) * up_NF, plan)
+        return self.w2(swiglu_gate(self.w13(x_ND, plan)), plan)

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefusion.nn.feed_forward import swiglu_gate
 from sparsefusion.nn.routing import RoutingPlan
 from sparsefusion.nn.routing_context import RouterStats, RoutingContext, ratio
-from sparsefusion.nn.tower_linear import _ContiguousGrad, grouped_mm_usable
+from sparsefusion.nn.tower_linear import ContiguousGrad, grouped_mm_usable
 
 
 @dataclass(kw_only=True)
@@ -200,19 +201,20 @@ class ExpertGroup(nn.Module):
             return self._every_expert_masked(x_nD, scores_nE * mask_En.T), stats
         D = x_nD.shape[1]
         xin_EkD = x_nD.index_select(0, idx_Ek.reshape(-1)).view(E, k, D)
-        h_EkF2 = torch.bmm(xin_EkD, self.w13.transpose(1, 2).to(xin_EkD.dtype))
-        a_EkF, b_EkF = h_EkF2.chunk(2, dim=-1)
-        y_EkD = torch.bmm(F.silu(a_EkF) * b_EkF, self.w2.transpose(1, 2).to(a_EkF.dtype))
+        y_EkD = self._every_expert(xin_EkD)
         contrib_AD = (y_EkD * gate_Ek[..., None]).reshape(E * k, D).to(x_nD.dtype)
         return x_nD.new_zeros(n, D).index_add(0, idx_Ek.reshape(-1), contrib_AD), stats
 
     def _every_expert_masked(self, x_nD: torch.Tensor, weight_nE: torch.Tensor) -> torch.Tensor:
         """Reference: y = sum_e weight[:, e] * FFN_e(x) with every expert run on every token."""
-        xin_EnD = x_nD.unsqueeze(0).expand(self.num_experts, -1, -1)
-        h_EnF2 = torch.bmm(xin_EnD, self.w13.transpose(1, 2).to(x_nD.dtype))
-        a_EnF, b_EnF = h_EnF2.chunk(2, dim=-1)
-        y_EnD = torch.bmm(F.silu(a_EnF) * b_EnF, self.w2.transpose(1, 2).to(a_EnF.dtype))
+        y_EnD = self._every_expert(x_nD.unsqueeze(0).expand(self.num_experts, -1, -1))
         return (y_EnD * weight_nE.T[..., None]).sum(0).to(x_nD.dtype)
+
+    def _every_expert(self, xin_EmD: torch.Tensor) -> torch.Tensor:
+        """Expert e's FFN on row e of (E, m, D) inputs, as two batched matmuls."""
+        h_EmF2 = torch.bmm(xin_EmD, self.w13.transpose(1, 2).to(xin_EmD.dtype))
+        act_EmF = swiglu_gate(h_EmF2)
+        return torch.bmm(act_EmF, self.w2.transpose(1, 2).to(act_EmF.dtype))
 
     def _token_choice(
         self, x_nD: torch.Tensor, logits_nE: torch.Tensor, scores_nE: torch.Tensor
@@ -237,9 +239,9 @@ class ExpertGroup(nn.Module):
         ):
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_AF2 = F.grouped_mm(xin_AD, self.w13.transpose(1, 2).to(xin_AD.dtype), offs=offs_E)
-            a_AF, b_AF = _ContiguousGrad.apply(h_AF2).chunk(2, dim=-1)
-            w2_EFD = self.w2.transpose(1, 2).to(a_AF.dtype)
-            y_AD = _ContiguousGrad.apply(F.grouped_mm(F.silu(a_AF) * b_AF, w2_EFD, offs=offs_E))
+            act_AF = swiglu_gate(ContiguousGrad.apply(h_AF2))
+            w2_EFD = self.w2.transpose(1, 2).to(act_AF.dtype)
+            y_AD = ContiguousGrad.apply(F.grouped_mm(act_AF, w2_EFD, offs=offs_E))
         else:  # Loop over experts: needs the counts on the host (one sync, a graph break).
             parts, start = [], 0
             for e, c in enumerate(counts_E.tolist()):
@@ -282,8 +284,9 @@ def _logistic_noise(like: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu(x_nD: torch.Tensor, w13_FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
-    a_nF, b_nF = F.linear(x_nD, w13_FD.to(x_nD.dtype)).chunk(2, dim=-1)
-    return F.linear(F.silu(a_nF) * b_nF, w2_DF.to(a_nF.dtype))
+    """One expert's FFN (plain matmuls)."""
+    act_nF = swiglu_gate(F.linear(x_nD, w13_FD.to(x_nD.dtype)))
+    return F.linear(act_nF, w2_DF.to(act_nF.dtype))
 
 
 class MoEFeedForward(nn.Module):

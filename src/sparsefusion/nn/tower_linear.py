@@ -60,7 +60,7 @@ def grouped_mm_usable(dtype: torch.dtype, device: torch.device, in_dim: int, out
     return device.type == "cpu"
 
 
-class _ContiguousGrad(torch.autograd.Function):
+class ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
     The CPU grouped_mm backward rejects expanded (stride-0) gradients, e.g. from ``y.sum()``.
@@ -141,7 +141,7 @@ class TowerLinear(nn.Module):
             w_GOI.dtype, w_GOI.device, self.in_dim, self.out_dim
         ):
             y_NO = F.grouped_mm(x_NI, w_GOI.transpose(-2, -1), offs=plan.offsets_G)
-            return _ContiguousGrad.apply(y_NO)
+            return ContiguousGrad.apply(y_NO)
         return _reference_forward(x_NI, w_GOI, plan)
 
     def extra_repr(self) -> str:
