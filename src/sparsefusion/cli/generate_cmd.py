@@ -102,7 +102,9 @@ def _check_early(base, args: argparse.Namespace):
             raise ValueError(f"{flag}: {value} does not exist")
     if args.prompts and not Path(args.prompts).is_file():
         raise ValueError(f"--prompts: {args.prompts} is not a file")
-    if not Path(args.run_dir, "config.yaml").is_file():
+    from sparsefusion.runs.folder import is_run_folder
+
+    if not is_run_folder(args.run_dir):
         raise ValueError(f"{args.run_dir} is not a run folder (no config.yaml)")
     return DiffusionSettings(steps=args.diffusion_steps, sampler=args.sampler)
 

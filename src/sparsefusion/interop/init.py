@@ -97,9 +97,10 @@ def _check_resume(cfg: TrainConfig) -> None:
     """Refuse ``init.from_hf`` on a run folder holding checkpoints of a run started otherwise."""
     from sparsefusion.checkpoint.resume import step_folders
     from sparsefusion.config import load_yaml
+    from sparsefusion.runs.folder import config_path
 
     run_dir = Path(cfg.run.dir)
-    path = run_dir / "config.yaml"
+    path = config_path(run_dir)
     if not path.is_file() or not step_folders(run_dir):
         return
     old = str((load_yaml(path).get("init") or {}).get("from_hf", ""))

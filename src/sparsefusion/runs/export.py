@@ -50,7 +50,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def load_exported(path: str | Path) -> Transformer:
     """The model of an exported folder (``model.safetensors`` + ``config.yaml``), in eval mode."""
     path = Path(path)
-    config = load_yaml(path / "config.yaml")
+    config = load_yaml(path / CONFIG_FILE)
     model = Transformer(from_dict(ModelConfig, config["model"], where="model"))
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.eval()
