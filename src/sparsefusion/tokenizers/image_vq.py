@@ -189,7 +189,7 @@ class VQOutput:
 
 
 class VQImageTokenizer(nn.Module):
-    """Images <-> discrete codes (implements the ``ImageTokenizer`` protocol).
+    """Images <-> discrete codes.
 
     Args:
         cfg: the model configuration.
