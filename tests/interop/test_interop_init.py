@@ -135,3 +135,18 @@ def test_missing_tokenizer_and_conflicting_seed(tiny_llama, tmp_path, tokenizer_
                           f"init.from_hf={tiny_llama}", f"tokenizer.path={tmp_path}"))  # fmt: skip
     with pytest.raises(ValueError, match="init.freeze=text needs init.from_hf"):
         _cfg("mot-debug", tmp_path / "r", tokenizer_cache, "init.freeze=text")
+
+
+def test_a_run_started_from_an_llm_generates_and_evaluates_like_any_other(mot_run, tmp_path):
+    from sparsefusion.cli.main import main
+    from sparsefusion.eval.run_eval import EvalConfig, evaluate_run
+    from sparsefusion.runs.folder import read_metrics
+
+    out = tmp_path / "gen"
+    args = ["generate", str(mot_run), "--prompt", "hello world", "--max-new-tokens", "4",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "index.html").is_file()
+    val = [r for r in read_metrics(mot_run / "metrics.jsonl") if r.get("split") == "val"][-1]
+    row, _ = evaluate_run(mot_run, EvalConfig(generate=False, device="cpu", samples=False))
+    assert row["loss/batch"] == val["loss"]
