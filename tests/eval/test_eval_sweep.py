@@ -83,3 +83,64 @@ def test_shipped_sweep_recipes_load():
         assert cfg.baseline in [r.name for r in cfg.runs]
     names = [r.name for r in load_sweep(ROOT / "configs/sweeps/replication_cpu.yaml").runs]
     assert names == ["dense", "mot", "moe-8x", "moma-1t1i", "moma-4t4i", "moma-4t4i-mod"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    keep = ("step", "split", "loss", "loss/text", "loss/image", "tokens", "flops")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k in keep} for x in lines]
+
+
+def _pair(cache: str, out: Path, *extra: str, **fields) -> Path:
+    return _recipe(
+        out.parent, out=str(out), baseline="dense-debug", threads=1,
+        overrides=[f"tokenizer.cache_dir={cache}", "train.steps=6", "run.log_every=1",
+                   "run.eval_every=3", "run.save_every=3", "run.progress=log", *extra],
+        runs=["dense-debug", {"name": "mot", "config": "mot-debug"}],
+        compare={"smoothing": 0.0}, **fields,
+    )  # fmt: skip
+
+
+def test_parallel_runs_and_chunks_equal_one_uninterrupted_sweep(tmp_path, tokenizer_cache):
+    for name in ("one", "two", "chunks"):
+        (tmp_path / name).mkdir()
+    one, two, chunks = (tmp_path / n / "sweep" for n in ("one", "two", "chunks"))
+    assert main(["sweep", str(_pair(tokenizer_cache, one))]) == 0
+    assert main(["sweep", str(_pair(tokenizer_cache, two)), "--parallel", "2"]) == 0
+    half = _pair(tokenizer_cache, chunks, "train.stop_at=3")
+    assert main(["sweep", str(half), "--parallel", "2"]) == 0  # both runs stop at step 3
+    status = json.loads((chunks / "sweep_status.json").read_text())
+    assert status["status"] == {"dense-debug": "unfinished", "mot": "unfinished"}
+    assert "step 3 of 6" in status["reason"]["mot"]
+    report = (chunks / "compare" / "compare.md").read_text()
+    assert "| mot | unfinished |" in report  # the report is written from what exists, marked
+    assert main(["sweep", str(_pair(tokenizer_cache, chunks))]) == 0  # continues
+    for run in ("dense-debug", "mot"):
+        assert _rows(one / run) == _rows(two / run) == _rows(chunks / run), run
+
+
+def test_a_time_budget_stops_runs_at_a_checkpoint_and_the_next_sweep_continues(
+    tmp_path, tokenizer_cache
+):
+    from sparsefusion.checkpoint.store import latest_checkpoint
+
+    out = tmp_path / "sweep"
+    recipe = _recipe(
+        tmp_path, out=str(out), baseline="dense-debug", threads=1, time_budget_s=12,
+        overrides=[f"tokenizer.cache_dir={tokenizer_cache}", "train.steps=100000",
+                   "run.log_every=1", "run.eval_every=0", "run.save_every=100000",
+                   "run.progress=log"],
+        runs=["dense-debug", {"name": "later", "config": "mot-debug"}],
+    )  # fmt: skip
+    assert main(["sweep", str(recipe)]) == 0  # no report yet: nothing to compare
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert status["status"] == {"dense-debug": "unfinished", "later": "unfinished"}
+    assert "time budget" in status["reason"]["dense-debug"]
+    assert "not started" in status["reason"]["later"]
+    first = latest_checkpoint(out / "dense-debug")  # written when the budget ran out
+    assert first is not None and int(first.name[5:]) > 0
+    assert main(["sweep", str(recipe), "--time-budget", "8"]) == 0
+    second = latest_checkpoint(out / "dense-debug")
+    assert int(second.name[5:]) > int(first.name[5:])
+    steps = [r["step"] for r in _rows(out / "dense-debug")]
+    assert steps == list(range(1, len(steps) + 1))  # resumed where it stopped: no step twice

@@ -9,6 +9,7 @@ The command line is the config: a preset name or a YAML file, then dotted ``key=
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -161,6 +162,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sparsefusion.compare.sweep import load_sweep, run_sweep
 
     cfg = load_sweep(args.recipe)
+    given = {"parallel": args.parallel, "threads": args.threads, "time_budget_s": args.time_budget}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     outcome = run_sweep(cfg, out=Path(args.out) if args.out else None, recipe=args.recipe)
     if outcome.report is not None:  # the report ends with the status of every run
         print(outcome.report.read_text())
@@ -204,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train the runs of a recipe, then compare them")
     p.add_argument("recipe", help="a sweep recipe YAML (see configs/sweeps/)")
     p.add_argument("--out", help="report folder (default: <sweep out>/compare)")
+    p.add_argument("--parallel", type=int, help="runs trained at once (default: the recipe's)")
+    p.add_argument("--threads", type=int, help="torch threads per run (0: cores / parallel)")
+    p.add_argument(
+        "--time-budget", type=float, metavar="SECONDS",
+        help="stop the runs at a checkpoint after this long; run again to continue",
+    )  # fmt: skip
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("export", help="newest checkpoint -> one safetensors file + config.yaml")
     p.add_argument("run_dir", help="the run folder")

@@ -10,16 +10,27 @@ seed: the same data and the same initialisation seed for all) and the baseline::
       - dense                        # a preset name or a YAML file; the folder is named after it
       - {name: mot-ffn, config: mot, overrides: [model.untie_attention=false]}
 
-Finished runs (a checkpoint at their last step) are skipped; unfinished ones resume. A run whose
-config cannot be resolved (for example a preset this version does not have) is reported and
-skipped; a run that fails while training is reported and the sweep goes on. The comparison then
-covers the baseline and every finished run.
+Every run trains in a process of its own (``sparsefusion train``), ``parallel`` of them at once,
+each with ``threads`` torch threads (default: the cores shared out). Finished runs (a checkpoint at
+their last step) are skipped; unfinished ones resume where they stopped. With a time budget
+(``time_budget_s`` or ``sweep --time-budget``) the runs still training when it ends are stopped
+as a preemption stops them (SIGTERM: the step finishes, a checkpoint is written) and the next
+invocation continues them, so a long study runs in chunks. A run whose config cannot be resolved
+(for example a preset this version does not have) is reported and skipped; a run that fails is
+reported and the sweep goes on. The report compares the baseline with every run that has
+validation rows, finished or not, and its status table marks the unfinished ones with the step
+they reached. While runs train, one line shows the whole sweep's progress.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +70,12 @@ class SweepConfig:
         overrides: ``key=value`` overrides shared by every run (size, steps, data).
         runs: the runs, in training order (a plain string is a config used as its own name).
         compare: how the runs are compared.
+        parallel: runs trained at once, each in its own process.
+        threads: torch threads per run (0: the cores this process may use, shared out among
+            ``parallel`` runs; with ``parallel`` 1, torch's default).
+        time_budget_s: stop the runs still training after this many seconds, at a checkpoint,
+            and start no more (0: no budget); the next invocation continues them.
+        progress_every_s: seconds between progress lines while runs train.
     """
 
     out: str = "runs/sweep"
@@ -67,8 +84,19 @@ class SweepConfig:
     overrides: list[str] = field(default_factory=list)
     runs: list[SweepRunConfig]
     compare: CompareConfig = field(default_factory=CompareConfig)
+    parallel: int = 1
+    threads: int = 0
+    time_budget_s: float = 0.0
+    progress_every_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.parallel < 1:
+            raise ValueError(f"sweep.parallel must be >= 1, got {self.parallel}")
+        if self.threads < 0 or self.time_budget_s < 0 or self.progress_every_s <= 0:
+            raise ValueError(
+                "sweep.threads and sweep.time_budget_s must be >= 0 and "
+                "sweep.progress_every_s > 0"
+            )
         if not self.runs:
             raise ValueError("sweep.runs must list at least one run")
         names = [r.name for r in self.runs]
@@ -95,8 +123,9 @@ def load_sweep(path: str | Path) -> SweepConfig:
 class SweepOutcome:
     """What happened to each run.
 
-    Statuses: ``finished``, ``skipped`` (already done), ``unresolved`` (its config could not be
-    built, e.g. an unknown preset), ``failed`` (an error while training).
+    Statuses: ``finished``, ``skipped`` (already done), ``unfinished`` (stopped by the time
+    budget, or not started before it ran out; the next invocation continues it), ``unresolved``
+    (its config could not be built, e.g. an unknown preset), ``failed`` (an error while training).
     """
 
     status: dict[str, str] = field(default_factory=dict)
@@ -109,15 +138,17 @@ class SweepOutcome:
 
 
 def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") -> SweepOutcome:
-    """Train every run (skipping finished ones), then compare the finished runs to the baseline."""
+    """Train every run (skipping finished ones), then compare the runs to the baseline."""
     from sparsefusion.compare.report import run_compare
     from sparsefusion.runs.presets import resolve_config
 
     root = Path(cfg.out)
     outcome = SweepOutcome()
+    todo: list[_Job] = []
     for run in cfg.runs:
         run_dir = root / run.name
-        overrides = [f"seed={cfg.seed}", *cfg.overrides, *run.overrides, f"run.dir={run_dir}"]
+        overrides = [f"seed={cfg.seed}", *_threads(cfg), *cfg.overrides, *run.overrides,
+                     f"run.dir={run_dir}"]  # fmt: skip
         try:
             train_cfg = resolve_config(run.config, overrides)
         except (ConfigError, ValueError) as e:
@@ -126,13 +157,20 @@ def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") ->
         if _finished(run_dir, train_cfg.train.steps):
             _record(outcome, run.name, "skipped", f"already finished in {run_dir}")
             continue
-        _train(train_cfg, run.name, outcome)
+        outcome.status[run.name] = "queued"
+        todo.append(_Job(run.name, run_dir, [run.config, *overrides], train_cfg.train.steps))
+    _Scheduler(cfg, outcome).run(todo)
     _write_status(root, outcome, recipe)
-    if cfg.baseline not in outcome.done:
+    comparable = [n for n in outcome.status if _has_val_rows(root / n)]
+    if cfg.baseline not in comparable:
+        if outcome.status.get(cfg.baseline) == "unfinished":  # a chunk of a long study
+            log.warning("sweep: the baseline %r has no validation rows yet; no report this time",
+                        cfg.baseline)  # fmt: skip
+            return outcome
         raise ValueError(f"sweep: the baseline {cfg.baseline!r} did not finish; nothing compared")
-    others = [n for n in outcome.done if n != cfg.baseline]
+    others = [n for n in comparable if n != cfg.baseline]
     if not others:
-        log.warning("sweep: no run besides the baseline finished; nothing compared")
+        log.warning("sweep: no run besides the baseline has validation rows; nothing compared")
         return outcome
     comp, files = run_compare(
         root / cfg.baseline, [root / n for n in others], out or root / "compare", cfg.compare
@@ -142,23 +180,122 @@ def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") ->
     return outcome
 
 
-def _train(train_cfg, name: str, outcome: SweepOutcome) -> None:
-    from sparsefusion.train.trainer import train
+def _threads(cfg: SweepConfig) -> list[str]:
+    """``train.threads`` of every run (before the recipe's overrides, which may set it)."""
+    if cfg.threads:
+        return [f"train.threads={cfg.threads}"]
+    if cfg.parallel == 1:
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [f"train.threads={max(1, (cores or 1) // cfg.parallel)}"]
 
-    log.info("sweep: training %s in %s", name, train_cfg.run.dir)
-    pkg_log = logging.getLogger("sparsefusion")
-    handlers = list(pkg_log.handlers)
-    try:
-        train(train_cfg)
-    except Exception as e:  # noqa: BLE001 - one failing run must not end the sweep
-        log.exception("sweep: run %s failed", name)
-        _record(outcome, name, "failed", f"{type(e).__name__}: {e}")
-        return
-    finally:  # the trainer's train.log handler must not catch the next run's log
-        for handler in [h for h in pkg_log.handlers if h not in handlers]:
-            pkg_log.removeHandler(handler)
-            handler.close()
-    _record(outcome, name, "finished", f"trained in {train_cfg.run.dir}")
+
+@dataclass
+class _Job:
+    name: str
+    run_dir: Path
+    args: list[str]  # CONFIG and overrides of `sparsefusion train`
+    steps: int
+    proc: subprocess.Popen | None = None
+    stopped: bool = False  # sent SIGTERM by the time budget
+
+
+class _Scheduler:
+    """Runs ``parallel`` training processes at a time until the queue or the budget ends."""
+
+    def __init__(self, cfg: SweepConfig, outcome: SweepOutcome) -> None:
+        self.cfg, self.outcome = cfg, outcome
+        self.deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
+
+    def run(self, queue: list[_Job]) -> None:
+        running: list[_Job] = []
+        last_line = 0.0
+        try:
+            while queue or running:
+                expired = self.deadline is not None and time.monotonic() >= self.deadline
+                while queue and len(running) < self.cfg.parallel and not expired:
+                    running.append(self._start(queue.pop(0)))
+                if expired:
+                    self._stop(running)
+                    for job in queue:
+                        self._done(job, "unfinished", "not started: the time budget ran out")
+                    queue = []
+                for job in [j for j in running if j.proc.poll() is not None]:
+                    running.remove(job)
+                    self._finish(job)
+                if time.monotonic() - last_line >= self.cfg.progress_every_s:
+                    log.info("sweep: %s", self.progress(running, queue))
+                    last_line = time.monotonic()
+                time.sleep(0.2)
+        finally:  # an interrupted sweep leaves no orphaned trainer behind
+            self._stop(running)
+            for job in running:
+                job.proc.wait()
+
+    def _start(self, job: _Job) -> _Job:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "sparsefusion", "train", *job.args]
+        with open(job.run_dir / "sweep_train.log", "ab") as out:
+            job.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.outcome.status[job.name] = "running"
+        log.info("sweep: training %s in %s (pid %d)", job.name, job.run_dir, job.proc.pid)
+        return job
+
+    def _stop(self, running: list[_Job]) -> None:
+        for job in running:
+            if not job.stopped and job.proc.poll() is None:
+                job.proc.send_signal(signal.SIGTERM)  # the step finishes, a checkpoint is saved
+                job.stopped = True
+
+    def _finish(self, job: _Job) -> None:
+        code, step = job.proc.returncode, _last_step(job.run_dir)
+        if code == 0 and _finished(job.run_dir, job.steps):
+            self._done(job, "finished", f"trained in {job.run_dir}")
+        elif job.stopped and code in (0, 128 + signal.SIGTERM):
+            self._done(job, "unfinished", f"stopped by the time budget at step {step} of "
+                       f"{job.steps}; run the sweep again to continue")  # fmt: skip
+        elif code == 0:  # train.stop_at ended this invocation early
+            self._done(job, "unfinished", f"stopped at step {step} of {job.steps} "
+                       "(train.stop_at); run the sweep again to continue")  # fmt: skip
+        else:
+            tail = _tail(job.run_dir / "sweep_train.log")
+            self._done(job, "failed", f"exit code {code} at step {step}: {tail}")
+
+    def _done(self, job: _Job, status: str, reason: str) -> None:
+        _record(self.outcome, job.name, status, reason)
+
+    def progress(self, running: list[_Job], queue: list[_Job]) -> str:
+        """One line: how many runs are done, each running run's step, how many wait."""
+        done = sum(s in ("finished", "skipped") for s in self.outcome.status.values())
+        parts = [f"{done}/{len(self.cfg.runs)} done"]
+        parts += [f"{j.name} step {_last_step(j.run_dir)}/{j.steps}" for j in running]
+        if queue:
+            parts.append(f"{len(queue)} queued")
+        return " | ".join(parts)
+
+
+def _last_step(run_dir: Path) -> int:
+    """The step of the last complete row of ``metrics.jsonl`` (0 when none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            continue  # a row being written
+    return 0
+
+
+def _has_val_rows(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.is_file() and '"split": "val"' in path.read_text(errors="replace")
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    if not path.is_file():
+        return ""
+    return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
 
 
 def _record(outcome: SweepOutcome, name: str, status: str, reason: str) -> None:
