@@ -105,6 +105,7 @@ def decode_image(data: bytes, where: str, limits: InputLimits | None = None) -> 
         raise BadInput("oversize_file", where, detail)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on damaged metadata
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
                 w, h = im.size
@@ -120,7 +121,9 @@ def decode_image(data: bytes, where: str, limits: InputLimits | None = None) -> 
         raise BadInput("oversize_image", where, f"image too large ({e})") from e
     except Image.UnidentifiedImageError as e:
         accepted = ", ".join(IMAGE_FORMATS)
-        raise BadInput("corrupt_image", where, f"not an image in {accepted} ({e})") from e
+        raise BadInput(
+            "corrupt_image", where, f"cannot decode image: not one of {accepted} ({e})"
+        ) from e
     except Exception as e:  # noqa: BLE001 - whatever a decoder of untrusted bytes raises
         raise BadInput("corrupt_image", where, f"cannot decode image ({e})") from e
 

@@ -29,9 +29,16 @@ class FieldError(ValueError):
     """
 
     def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(f"{field}: {message}")
+        field = _printable(field, 100)  # a client's unknown key may hold anything
+        super().__init__(f"{field}: {_printable(message, 2000)}")
         self.field = field
         self.status = status
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` as valid UTF-8 (lone surrogates escaped), cut to ``limit`` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
