@@ -73,7 +73,7 @@ def test_pixel_bomb_upload_is_refused_from_its_header(client):
 
 def test_ico_upload_is_refused_before_decoding(client):
     r = _upload(client, ico_holding(bomb_png(3000)), "x.ico")
-    assert r.status_code == 415 and "not an image in PNG" in r.json()["error"]
+    assert r.status_code == 415 and "not one of PNG" in r.json()["error"]
 
 
 def test_json_body_is_bounded_before_parsing(client):
@@ -190,3 +190,10 @@ def test_api_docs_work_offline(client):
     assert page.status_code == 200 and "/generate" in page.text
     assert "http" not in page.text.replace(str(client.base_url), "")  # nothing from a CDN
     assert "/generate" in client.get("/api/openapi.json").json()["paths"]
+
+
+def test_a_checkpoint_damaged_while_serving_is_noticed(run_copy):
+    client = TestClient(create_app(RunCatalog([run_copy]), FakeBackend()))
+    assert client.get("/runs/mot_copy/modes").json()["checkpoint"] == STEPS
+    _truncate_newest(run_copy)
+    assert client.get("/runs/mot_copy/modes").json()["checkpoint"] == 3

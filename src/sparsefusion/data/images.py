@@ -32,8 +32,10 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 _INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _scaled(values: np.ndarray, top: float) -> Image.Image:
-    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+def _scaled(values: np.ndarray, low: float, high: float) -> Image.Image:
+    """``values`` (float32) mapped from ``[low, high]`` to 8-bit greyscale."""
+    values = (values - np.float32(low)) * np.float32(255.0 / max(high - low, 1e-12))
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -41,22 +43,22 @@ def to_8bit(image: Image.Image) -> Image.Image:
     modes unchanged.
 
     Pillow's ``convert("RGB")`` clips such values at 255 (a 16-bit PNG turns white) or truncates
-    them (a float TIFF in ``[0, 1]`` turns black) instead of scaling them. 16-bit values are
-    scaled by 65535, floats within ``[0, 1]`` by 1; anything else by its own range (min to max).
+    them (a float TIFF in ``[0, 1]`` turns black) instead of scaling them. Integers within
+    ``[0, 65535]`` (16-bit files) are scaled from that range, floats within ``[0, 1]`` from that
+    one (NaN and infinities read as 0); anything else from ``min(0, lowest)`` to
+    ``max(0, highest)``. The work is in float32 (4 bytes a pixel).
     """
-    if image.mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
-        if low >= 0.0 and high <= 1.0:
-            return _scaled(values, 1.0)
-        return _scaled(values - low, max(high - low, 1e-12))
-    if image.mode not in _INT_MODES:
+    if image.mode not in (*_INT_MODES, "F"):
         return image
-    values = np.asarray(image).astype(np.int64)
-    low, high = int(values.min(initial=0)), int(values.max(initial=0))
-    if low >= 0 and high <= 65535:  # 16-bit files open as "I;16" or "I" holding 0..65535
-        return _scaled(values.astype(np.float64), 65535.0)
-    return _scaled((values - low).astype(np.float64), float(max(1, high - low)))
+    values = np.asarray(image).astype(np.float32)
+    if image.mode == "F":
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if image.mode == "F" and low >= 0.0 and high <= 1.0:
+        return _scaled(values, 0.0, 1.0)
+    if image.mode != "F" and low >= 0 and high <= 65535:
+        return _scaled(values, 0.0, 65535.0)
+    return _scaled(values, low, high)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

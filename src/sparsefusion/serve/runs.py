@@ -97,7 +97,7 @@ class RunInfo:
         from sparsefusion.checkpoint.weights import pick_checkpoint
         from sparsefusion.models.transformer import Transformer
 
-        key = (step, *((p.name, _mtime(p / "state.json")) for p in step_folders(self.path)))
+        key = (step, *(_stamp(p) for p in step_folders(self.path)))
         with self._pick_lock:
             if key not in self._picked:
                 with torch.device("meta"):  # shapes only: nothing is allocated
@@ -176,11 +176,13 @@ def _own_file(folder: Path, path: Path) -> bool:
     return not path.is_symlink() and path.is_file() and inside(folder, path)
 
 
-def _mtime(path: Path) -> float:
+def _stamp(folder: Path) -> tuple:
+    """A checkpoint folder's name and its files' sizes and times (a change re-validates it)."""
     try:
-        return path.stat().st_mtime
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir())
     except OSError:
-        return -1.0
+        files = []
+    return (folder.name, *files)
 
 
 def read_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
