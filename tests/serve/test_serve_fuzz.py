@@ -12,8 +12,10 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +29,12 @@ from sparsefusion.serve.app import create_app
 from sparsefusion.serve.params import Limits
 from sparsefusion.serve.runs import RunCatalog
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from hostile import bomb_png  # noqa: E402
+from hostile_images import ico_holding  # noqa: E402
+
 EXAMPLES = os.environ.get("SPARSEFUSION_FUZZ_EXAMPLES")
+BOMBS = [bomb_png(7000), ico_holding(bomb_png(3000))]  # 49 M pixels; an ICO frame of 9 M
 STATUSES: dict[str, Counter] = {}
 FIELDS = ("run", "checkpoint", "prompt", "mode", "temperature", "top_p", "top_k", "seed",
           "repetition_penalty", "cfg_scale", "num_samples", "max_new_tokens", "image")  # fmt: skip
@@ -158,7 +165,10 @@ def uploads(draw) -> bytes:
 
 
 @_settings(150)
-@given(data=st.binary(max_size=2000) | uploads(), mode=st.sampled_from(["image_to_text", "text"]))
+@given(
+    data=st.binary(max_size=2000) | uploads() | st.sampled_from(BOMBS),
+    mode=st.sampled_from(["image_to_text", "text"]),
+)
 def test_any_upload_is_answered_or_refused_by_field(client, data, mode):
     started = time.perf_counter()
     form = {"run": "mot", "mode": mode, "max_new_tokens": "4"}
