@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sparsefusion.config import ConfigError, merge, parse_overrides
 
@@ -15,10 +16,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"eval takes only eval.* overrides, got {unknown}")
     cfg = merge(EvalConfig(), data.get("eval", {}), where="eval")
+    _check_outputs(Path(args.run_dir))
     row, out = evaluate_run(args.run_dir, cfg, checkpoint=args.checkpoint)
     print((out / "summary.md").read_text())
     print(f"row appended to {args.run_dir}/eval.jsonl; samples and summary in {out}")
     return 0
+
+
+def _check_outputs(run_dir: Path) -> None:
+    """Refuse, before the evaluation runs, outputs that could not be written after it."""
+    from sparsefusion.cli.generate_cmd import check_out_file, check_out_folder
+
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a run folder")
+    check_out_folder(run_dir / "eval", "the eval output folder")
+    check_out_file(run_dir / "eval.jsonl", "the eval row file")
+    for size in ("full", "small"):  # eval/step_<STEP>_<size>/: a file there blocks it
+        for p in (run_dir / "eval").glob(f"step_*_{size}"):
+            if not p.is_dir():
+                raise ValueError(f"the eval output folder {p} is an existing file, not a folder")
 
 
 def add_command(sub) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 
@@ -71,6 +72,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_out_folder(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written.
+
+    Raises:
+        ValueError: ``path`` or one of its parents exists and is not a folder, or the nearest
+            existing folder is not writable.
+    """
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is" if p == path else f"has {p}, which is"
+                raise ValueError(f"{flag} {path} {what} an existing file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: {p} is not writable")
+            return
+
+
+def check_out_file(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output file path that is a folder or in no writable folder."""
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+    check_out_folder(Path(path).parent, flag)
+
+
 def _default_mode(args: argparse.Namespace) -> str:
     return "image_to_text" if args.image else "speech_to_text" if args.audio else "text"
 
@@ -100,6 +126,11 @@ def _check_early(base, args: argparse.Namespace):
     for flag, value in (("--image", args.image), ("--audio", args.audio)):
         if value and not Path(value).is_file():
             raise ValueError(f"{flag}: {value} does not exist")
+    if args.image:  # the datasets' decoder and limits, before the model is loaded
+        from sparsefusion.data.images import read_image
+
+        read_image(args.image, f"--image {args.image}", None)
+    check_out_folder(args.out, "--out")
     if args.prompts and not Path(args.prompts).is_file():
         raise ValueError(f"--prompts: {args.prompts} is not a file")
     from sparsefusion.runs.folder import is_run_folder
@@ -111,6 +142,9 @@ def _check_early(base, args: argparse.Namespace):
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
     from sparsefusion.bench.decode import DecodeBenchSettings, run_decode_bench
+
+    if args.out:
+        check_out_file(args.out, "--out")
 
     settings = DecodeBenchSettings(
         arch=args.arch,

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
+from sparsefusion.data.images import square_resize
 from sparsefusion.data.optional import need_module, need_path
 
 KIND_WEIGHTS = {"caption_image": 0.4, "image_caption": 0.4, "interleaved": 0.2}
@@ -154,5 +155,4 @@ class FashionMnistSource(CaptionedImages):
         return self.TEMPLATES[item % len(self.TEMPLATES)].format(name)
 
     def image(self, item: int) -> Image.Image:
-        im = Image.fromarray(self._images[item], mode="L").convert("RGB")
-        return im.resize((self.image_size, self.image_size), Image.BICUBIC)
+        return square_resize(Image.fromarray(self._images[item], mode="L"), self.image_size)

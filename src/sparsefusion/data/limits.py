@@ -11,13 +11,23 @@ Shape legend: none.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from sparsefusion.data.issues import BadInput
 
 MB = 1 << 20
+# The image formats any reader decodes (Pillow format names); others, ICO among them (its frames
+# may hold a PNG larger than its header says), are refused before decoding.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# JSON strings (escapes included), removed before brackets are counted.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -80,3 +90,33 @@ def read_regular_file(path: str | os.PathLike[str], where: str, max_bytes: int) 
     if len(data) > max_bytes:
         raise BadInput("oversize_file", where, f"{name} is larger than data.max_file_bytes")
     return data
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text, counted without parsing it.
+
+    Brackets inside strings are not counted; an unterminated string leaves its brackets counted,
+    which can only overstate the depth of a text that does not parse anyway.
+    """
+    skeleton = np.frombuffer(_JSON_STRING.sub(b"", data), dtype=np.uint8)
+    steps = np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64)
+    steps -= np.isin(skeleton, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def parse_json(data: bytes, where: str, max_bytes: int, max_depth: int) -> Any:
+    """Parse untrusted JSON with its size and nesting checked first (bounded memory and stack).
+
+    Raises:
+        BadInput: ``oversize_document`` above ``max_bytes`` bytes or ``max_depth`` levels of
+            nesting; ``bad_json`` for text that is not UTF-8 JSON.
+    """
+    if len(data) > max_bytes:
+        raise BadInput("oversize_document", where, f"{len(data)} bytes > {max_bytes}")
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise BadInput("oversize_document", where, f"nested {depth} deep > {max_depth}")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise BadInput("bad_json", where, f"invalid JSON ({e})") from None

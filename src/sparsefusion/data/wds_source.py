@@ -143,8 +143,7 @@ class WebDatasetSource:
         if image_ext is not None:
             place = f"{where}.{image_ext}"
             data = self._read(shard, members[image_ext], place, "max_file_bytes")
-            pixels = self.limits.max_image_pixels
-            image = Segment(IMAGE, decode_image_bytes(data, place, self.image_size, pixels))
+            image = Segment(IMAGE, decode_image_bytes(data, place, self.image_size, self.limits))
             text = [Segment(TEXT, caption)] if caption else []
             caption_first = hashlib.blake2b(f"{key}".encode(), digest_size=1).digest()[0] < 128
             segments = [*text, image] if caption_first else [image, *text]

@@ -11,23 +11,36 @@ Routes (all JSON unless noted; errors are ``{"error": ..., "field": ...}`` with 
 - ``GET /runs/{name}/files/{path}``: a file inside the run folder (never outside it);
 - ``GET /runs/{name}/compare/{id}/{file}``: a plot of a compare report naming the run;
 - ``GET /models``: loaded models and their queues;
-- ``POST /generate``: a JSON object or multipart form (``image`` as a file upload).
+- ``POST /generate``: a JSON object or multipart form (``image`` as a file upload);
+- ``GET /api/openapi.json``: the OpenAPI schema; ``GET /api/docs``: the routes as a plain page
+  (no scripts or styles from a CDN: the server works offline).
+
+Request bodies are bounded before they are parsed (``Limits.max_body_bytes``, nesting depth
+``Limits.max_json_depth``; uploads ``max_upload_bytes`` and ``max_image_pixels``), and uploads
+are decoded by the datasets' decoder (``data/images.py``) in a worker thread, never on the event
+loop.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import Message, Receive
 
+from sparsefusion.checkpoint.store import CheckpointError
+from sparsefusion.data.issues import BadInput
+from sparsefusion.data.limits import parse_json
 from sparsefusion.serve.models import Backend, LoadedModel, ModelPool, QueueFull
 from sparsefusion.serve.params import (
     FieldError,
@@ -67,7 +80,12 @@ def create_app(
     """
     limits = limits or Limits()
     pool = ModelPool(backend, limits.queue_size)
-    app = FastAPI(title="sparsefusion serve", docs_url="/api/docs", redoc_url=None)
+    app = FastAPI(
+        title="sparsefusion serve",
+        docs_url=None,  # FastAPI's docs page loads its scripts from a CDN
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.state.catalog, app.state.pool, app.state.limits = catalog, pool, limits
@@ -75,13 +93,34 @@ def create_app(
     _add_pages(app, catalog)
     _add_run_routes(app, catalog, pool)
     _add_generate(app, catalog, pool, limits)
+    _add_api_docs(app)
     return app
+
+
+def _add_api_docs(app: FastAPI) -> None:
+    @app.get("/api/docs", include_in_schema=False)
+    async def api_docs() -> HTMLResponse:
+        rows = []
+        for path, ops in app.openapi().get("paths", {}).items():
+            for method, op in ops.items():
+                what = html.escape(op.get("summary", ""))
+                rows.append(f"<li><code>{method.upper()} {html.escape(path)}</code> {what}</li>")
+        page = (
+            "<!doctype html><meta charset=utf-8><title>sparsefusion serve API</title>"
+            f"<h1>sparsefusion serve API</h1><p><a href='{app.openapi_url}'>OpenAPI schema "
+            f"(JSON)</a></p><ul>{''.join(rows)}</ul>"
+        )
+        return HTMLResponse(page)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FieldError)
     async def field_error(request: Request, e: FieldError) -> JSONResponse:
         return JSONResponse({"error": str(e), "field": e.field}, status_code=e.status)
+
+    @app.exception_handler(CheckpointError)
+    async def damaged_checkpoint(request: Request, e: CheckpointError) -> JSONResponse:
+        return JSONResponse({"error": str(e), "field": "checkpoint"}, status_code=409)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
@@ -137,7 +176,8 @@ def _add_run_routes(app: FastAPI, catalog: RunCatalog, pool: ModelPool) -> None:
 
     @app.get("/runs/{name}/modes")
     async def modes(name: str, checkpoint: str | None = None) -> dict[str, Any]:
-        step, slot = pool.slot(_run(catalog, name), parse_checkpoint(checkpoint))
+        run, step = _run(catalog, name), parse_checkpoint(checkpoint)
+        step, slot = await run_in_threadpool(pool.slot, run, step)  # validates checkpoint files
         model = slot.model  # once loaded, no need to wait behind a generation
         found = list(model.modes) if model else await slot.submit(lambda m: list(m.modes))
         return {"run": name, "checkpoint": step, "modes": found}
@@ -191,7 +231,8 @@ def _add_generate(app: FastAPI, catalog: RunCatalog, pool: ModelPool, limits: Li
     async def generate(request: Request) -> dict[str, Any]:
         fields, image = await _read_request(request, limits)
         params = parse_params(fields, limits, image)
-        step, slot = pool.slot(_run(catalog, params.run), params.checkpoint)
+        run = _run(catalog, params.run)
+        step, slot = await run_in_threadpool(pool.slot, run, params.checkpoint)
         admitted = time.perf_counter()
         samples, started, done = await slot.submit(lambda model: _generate(model, params))
         rendered = await run_in_threadpool(lambda: [sample_json(s) for s in samples])
@@ -219,34 +260,76 @@ def _generate(model: LoadedModel, params: GenerateParams) -> tuple[list[Sample],
     return samples, started, time.perf_counter()
 
 
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused (413) from its Content-Length or once it grows past
+    ``max_bytes``, before anything parses it."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise FieldError("body", f"request of {length} bytes exceeds {max_bytes} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise FieldError("body", f"request body exceeds {max_bytes} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _capped(receive: Receive, max_bytes: int) -> Receive:
+    """``receive`` that refuses (413) a body growing past ``max_bytes`` (for the form parser)."""
+    seen = 0
+
+    async def capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > max_bytes:
+            raise FieldError("image", f"request exceeds the upload limit ({max_bytes} bytes)", 413)
+        return message
+
+    return capped
+
+
+def _json_fields(body: bytes, limits: Limits) -> dict[str, Any]:
+    try:
+        fields = parse_json(body, "body", limits.max_body_bytes, limits.max_json_depth)
+    except BadInput as e:
+        status = 422 if e.reason == "oversize_document" else 400
+        raise FieldError("body", e.detail, status) from None
+    if not isinstance(fields, dict):
+        raise FieldError("body", "must be a JSON object", 400)
+    if "image" in fields:
+        raise FieldError("image", "send an image as a multipart form upload", 415)
+    return fields
+
+
 async def _read_request(request: Request, limits: Limits) -> tuple[dict[str, Any], Any]:
     """The request's fields and its decoded image upload (None without one)."""
     kind = request.headers.get("content-type", "")
     if kind.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise FieldError("body", f"invalid JSON: {e}", 400) from None
-        if not isinstance(body, dict):
-            raise FieldError("body", "must be a JSON object", 400)
-        if "image" in body:
-            raise FieldError("image", "send an image as a multipart form upload", 415)
-        return body, None
+        return _json_fields(await _read_body(request, limits.max_body_bytes), limits), None
     if not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise FieldError("body", "send JSON or a multipart form", 415)
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limits.max_upload_bytes + FORM_OVERHEAD:
+    limit = limits.max_upload_bytes + FORM_OVERHEAD
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
         raise FieldError("image", f"request of {length} bytes exceeds the upload limit", 413)
-    form = await request.form(max_files=1, max_fields=32)
+    capped = Request(request.scope, _capped(request.receive, limit))
+    try:
+        form = await capped.form(max_files=1, max_fields=32, max_part_size=limits.max_body_bytes)
+    except HTTPException as e:  # the form parser's 400s: too many fields, a malformed form
+        raise FieldError("body", str(e.detail), 400) from None
     fields: dict[str, Any] = {}
-    image = None
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if key != "image":
-                raise FieldError(key, "unknown upload field (only 'image')")
-            data = await value.read(limits.max_upload_bytes + 1)
-            if data:
-                image = decode_image(data, limits)
-        else:
-            fields[key] = value
+    data = b""
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise FieldError(key, "unknown upload field (only 'image')")
+                data = await value.read(limits.max_upload_bytes + 1)
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    image = await run_in_threadpool(decode_image, data, limits) if data else None
     return fields, image

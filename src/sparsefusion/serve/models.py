@@ -118,20 +118,26 @@ class ModelPool:
         self._lock = threading.Lock()
 
     def slot(self, run: RunInfo, step: int | None) -> tuple[int, ModelSlot]:
-        """The checkpoint step (the newest when ``step`` is None) and its slot.
+        """The checkpoint step and its slot: ``step`` (validated), or when None the newest valid
+        checkpoint, damaged newer ones skipped as ``sparsefusion generate`` skips them.
 
         Raises:
-            FieldError: 404 when the run has no checkpoint or not this one.
+            FieldError: 404 when the run has no checkpoint or not this one, 409 when its config
+                cannot be read.
+            CheckpointError: the named checkpoint is damaged or none is usable (the API
+                answers 409 naming it).
         """
         steps = run.checkpoints()
         if not steps:
             raise FieldError("checkpoint", f"run {run.name!r} has no checkpoint yet", 404)
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise FieldError(
                 "checkpoint", f"run {run.name!r} has no checkpoint {step} (has {steps})", 404
             )
+        try:
+            step = run.usable_checkpoint(step)
+        except (ValueError, OSError) as e:  # config.yaml unreadable or no longer valid
+            raise FieldError("run", f"cannot open run {run.name!r}: {e}", 409) from None
         key = (run.name, step)
         with self._lock:
             if key not in self._slots:

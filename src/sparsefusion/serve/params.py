@@ -7,12 +7,15 @@ upload; :func:`parse_params` turns either into :class:`GenerateParams` or raises
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from sparsefusion.data.images import decode_image as decode_image_data
+from sparsefusion.data.issues import BadInput
+from sparsefusion.data.limits import InputLimits
 
 
 class FieldError(ValueError):
@@ -26,9 +29,16 @@ class FieldError(ValueError):
     """
 
     def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(f"{field}: {message}")
+        field = _printable(field, 100)  # a client's unknown key may hold anything
+        super().__init__(f"{field}: {_printable(message, 2000)}")
         self.field = field
         self.status = status
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` as valid UTF-8 (lone surrogates escaped), cut to ``limit`` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,10 @@ class Limits:
     Attributes:
         max_prompt_chars: longest prompt, in characters.
         max_upload_bytes: largest image upload.
+        max_image_pixels: largest uploaded image (width x height, read from its header before
+            decoding; the datasets' ``data.max_image_pixels`` default).
+        max_body_bytes: largest JSON body (and form field), checked before it is parsed.
+        max_json_depth: deepest nesting of a JSON body, checked before it is parsed.
         max_samples: most samples per request.
         max_new_tokens: most new tokens per sample.
         queue_size: requests that may wait per model while one generates (more: 503).
@@ -45,6 +59,9 @@ class Limits:
 
     max_prompt_chars: int = 2000
     max_upload_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = InputLimits.max_image_pixels
+    max_body_bytes: int = 256 * 1024
+    max_json_depth: int = 16
     max_samples: int = 8
     max_new_tokens: int = 2048
     queue_size: int = 4
@@ -63,7 +80,7 @@ MODES = (
 _NUMBERS: dict[str, tuple[type, Any, float | None, float | None, bool]] = {
     "temperature": (float, 1.0, 0.0, 5.0, True),
     "top_p": (float, 1.0, 0.0, 1.0, False),
-    "top_k": (int, 0, 0, None, True),
+    "top_k": (int, 0, 0, 2**31 - 1, True),
     "repetition_penalty": (float, 1.0, 0.0, 10.0, False),
     "cfg_scale": (float, 1.0, 0.0, 20.0, False),
     "seed": (int, 0, 0, 2**31 - 1, True),
@@ -113,6 +130,10 @@ def parse_params(
     if not run:
         raise FieldError("run", "required")
     prompt = _string("prompt", fields.get("prompt"))
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FieldError("prompt", f"not valid Unicode text ({e.reason} at {e.start})") from None
     if len(prompt) > limits.max_prompt_chars:
         raise FieldError(
             "prompt", f"{len(prompt)} characters, the limit is {limits.max_prompt_chars}"
@@ -150,7 +171,7 @@ def parse_checkpoint(value: Any) -> int | None:
         return None
     try:
         step = _as_int(value)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         raise FieldError(
             "checkpoint", f"must be a step number or 'latest', got {value!r}"
         ) from None
@@ -169,7 +190,7 @@ def _number(name: str, value: Any, limits: Limits) -> float | int:
         return default
     try:
         number = _as_int(value) if kind is int else _as_float(value)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         kind_name = "an integer" if kind is int else "a number"
         raise FieldError(name, f"must be {kind_name}, got {value!r}") from None
     below = low is not None and (number < low if low_inclusive else number <= low)
@@ -181,14 +202,14 @@ def _number(name: str, value: Any, limits: Limits) -> float | int:
 
 
 def _as_int(value: Any) -> int:
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError(value)
+    if not isinstance(value, int | str) or isinstance(value, bool):
+        raise TypeError(value)
     return int(value)
 
 
 def _as_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(value)
+    if not isinstance(value, int | float | str) or isinstance(value, bool):
+        raise TypeError(value)
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(value)
@@ -196,20 +217,22 @@ def _as_float(value: Any) -> float:
 
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:
-    """Decode an uploaded image.
+    """Decode an uploaded image with the datasets' decoder (``data/images.py``): same formats,
+    same mode conversion, pixel count checked from the header before decoding.
 
     Raises:
-        FieldError: 413 when larger than ``limits.max_upload_bytes``, 415 when not an image.
+        FieldError: 413 when larger than ``limits.max_upload_bytes`` or
+            ``limits.max_image_pixels``, 415 when not a readable image of an accepted format.
     """
     if len(data) > limits.max_upload_bytes:
         raise FieldError(
             "image", f"upload of {len(data)} bytes exceeds {limits.max_upload_bytes}", 413
         )
+    bounds = InputLimits(
+        max_file_bytes=limits.max_upload_bytes, max_image_pixels=limits.max_image_pixels
+    )
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            probe.verify()
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise FieldError("image", f"not a readable image file ({e})", 415) from None
-    return image.convert("RGB")
+        return decode_image_data(data, "upload", bounds)
+    except BadInput as e:
+        status = 413 if e.reason.startswith("oversize") else 415
+        raise FieldError("image", e.detail, status) from None

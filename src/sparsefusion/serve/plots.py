@@ -12,6 +12,9 @@ from matplotlib.figure import Figure
 Curves = dict[str, dict[str, dict[str, list[float]]]]
 
 
+MAX_PANELS = 12  # a metrics file with hundreds of loss keys still plots in bounded time
+
+
 def _keys(curves: Curves) -> list[str]:
     keys = {k for split in curves.values() for k in split}
     return sorted(keys, key=lambda k: (k != "loss", k))
@@ -27,7 +30,7 @@ def loss_plot_png(curves: Curves, title: str) -> bytes:
     Returns:
         PNG bytes; a run without metrics gets a single panel saying so.
     """
-    keys = _keys(curves) or ["loss"]
+    keys = _keys(curves)[:MAX_PANELS] or ["loss"]
     fig = Figure(figsize=(3.6 * len(keys), 3.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]

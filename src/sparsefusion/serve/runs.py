@@ -5,21 +5,31 @@ A run folder (``sparsefusion train``'s ``run.dir``) holds ``config.yaml``, ``met
 captions and summaries under ``eval/step_<STEP>_<size>/``), other sample files under
 ``samples*/``, and compare reports (``compare*/compare.json`` inside the run folder or beside it,
 as ``sparsefusion compare`` and ``sweep`` write them).
+
+One damaged file never breaks the server: a half-written ``metrics.jsonl`` row (a crash
+mid-write) is skipped and counted as the trainer skips it on resume, an unreadable config reads
+as empty, non-finite numbers are sent as null, and the checkpoint served by default is the one
+``sparsefusion generate`` would load (the newest valid one, chosen by the run layer).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from sparsefusion.checkpoint.resume import step_folders
-from sparsefusion.runs.folder import METRICS_FILE, config_path, is_run_folder, read_metrics
+from sparsefusion.runs.folder import METRICS_FILE, config_path, is_run_folder, run_config
 from sparsefusion.serve.paths import inside
+
+log = logging.getLogger(__name__)
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 SAMPLE_DIRS = ("eval", "samples")
@@ -56,21 +66,54 @@ class RunInfo:
 
     name: str
     path: Path
+    _picked: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
+    _pick_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def config(self) -> dict[str, Any]:
-        """The run's resolved config (``config.yaml``)."""
-        data = yaml.safe_load(config_path(self.path).read_text())
-        return data if isinstance(data, dict) else {}
+        """The run's resolved config (``config.yaml``; {} when it cannot be read)."""
+        try:
+            data = yaml.safe_load(config_path(self.path).read_text())
+        except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
+            log.warning("%s: cannot read %s (%s)", self.name, config_path(self.path), e)
+            return {}
+        return finite(data) if isinstance(data, dict) else {}
 
     def checkpoints(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
         folders = step_folders(self.path)
         return sorted(int(p.name[5:]) for p in folders if (p / "state.json").is_file())
 
+    def usable_checkpoint(self, step: int | None) -> int:
+        """The step served: ``step`` once the run layer has validated it, or (None) the newest
+        valid checkpoint, damaged newer ones skipped with a warning as ``generate`` does.
+
+        The choice is kept until the checkpoint folders change.
+
+        Raises:
+            CheckpointError: the named checkpoint is damaged, or none is usable.
+        """
+        import torch
+
+        from sparsefusion.checkpoint.weights import pick_checkpoint
+        from sparsefusion.models.transformer import Transformer
+
+        key = (step, *(_stamp(p) for p in step_folders(self.path)))
+        with self._pick_lock:
+            if key not in self._picked:
+                with torch.device("meta"):  # shapes only: nothing is allocated
+                    model = Transformer(run_config(self.path).model)
+                folder = pick_checkpoint(self.path, model, step)
+                self._picked[key] = int(folder.name[5:])
+            return self._picked[key]
+
     def metrics(self) -> list[dict[str, Any]]:
-        """The rows of ``metrics.jsonl`` ([] when absent)."""
-        path = self.path / METRICS_FILE
-        return read_metrics(path) if path.is_file() else []
+        """The rows of ``metrics.jsonl`` ([] when absent; malformed rows skipped)."""
+        return self.read_rows(METRICS_FILE)[0]
+
+    def read_rows(self, name: str) -> tuple[list[dict[str, Any]], int]:
+        """The JSON-object rows of the run's JSONL file ``name`` and how many lines were skipped
+        (a row cut short by a crash, anything that is not a JSON object)."""
+        return read_rows(self.path / name)
 
     def curves(self) -> dict[str, dict[str, dict[str, list[float]]]]:
         """Loss curves: split (``train``/``val``) -> key (``loss``, ``loss/text`` ...) -> steps and
@@ -78,17 +121,18 @@ class RunInfo:
         out: dict[str, dict[str, dict[str, list[float]]]] = {}
         for row in self.metrics():
             split = "val" if row.get("split") == "val" else "train"
-            for key, value in row.items():
-                if CURVE_KEYS.match(key) and isinstance(value, int | float) and "step" in row:
-                    curve = out.setdefault(split, {}).setdefault(key, {"step": [], "value": []})
-                    curve["step"].append(row["step"])
-                    curve["value"].append(float(value))
+            step = row.get("step")
+            if not isinstance(step, int) or isinstance(step, bool):
+                continue
+            for key, value in _losses(row).items():
+                curve = out.setdefault(split, {}).setdefault(key, {"step": [], "value": []})
+                curve["step"].append(step)
+                curve["value"].append(value)
         return out
 
     def eval_rows(self) -> list[dict[str, Any]]:
         """The rows ``sparsefusion eval`` appended to ``eval.jsonl`` ([] when absent)."""
-        path = self.path / "eval.jsonl"
-        return read_metrics(path) if path.is_file() else []
+        return finite(self.read_rows("eval.jsonl")[0])
 
     def sample_files(self) -> list[str]:
         """Sample files (images, audio, text) under ``eval*/`` and ``samples*/``, relative to the
@@ -116,10 +160,68 @@ def _find_reports(run: Path) -> list[CompareReport]:
         index = folder / "compare.json"
         if not index.is_file() or not _names_run(index, run):
             continue
-        plots = {p.name: p.resolve() for p in sorted(folder.glob("*.png")) if p.is_file()}
-        summary = (folder / "compare.md").read_text() if (folder / "compare.md").is_file() else ""
+        plots = {p.name: p.resolve() for p in sorted(folder.glob("*.png")) if _own_file(folder, p)}
+        summary = ""
+        if _own_file(folder, folder / "compare.md"):
+            try:
+                summary = (folder / "compare.md").read_text(errors="replace")
+            except OSError:
+                pass
         reports.append(CompareReport(len(reports), folder.resolve(), plots, summary))
     return reports
+
+
+def _own_file(folder: Path, path: Path) -> bool:
+    """A regular file of ``folder`` itself: not a symlink, not resolving outside it."""
+    return not path.is_symlink() and path.is_file() and inside(folder, path)
+
+
+def _stamp(folder: Path) -> tuple:
+    """A checkpoint folder's name and its files' sizes and times (a change re-validates it)."""
+    try:
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir())
+    except OSError:
+        files = []
+    return (folder.name, *files)
+
+
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The JSON-object rows of a JSONL file ([] when absent) and the number of lines skipped:
+    a half-written last row (a crash mid-write; the trainer drops it on resume) or any other
+    line that is not a JSON object."""
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    try:
+        with Path(path).open("rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    row = None
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    skipped += 1
+    except FileNotFoundError:
+        return [], 0
+    except OSError as e:
+        log.warning("cannot read %s (%s)", path, e)
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s)", path, skipped)
+    return rows, skipped
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def _names_run(index: Path, run: Path) -> bool:
@@ -180,8 +282,8 @@ class RunCatalog:
 
 def summary(run: RunInfo) -> dict[str, Any]:
     """The short description of a run listed by ``GET /runs``."""
-    rows = run.metrics()
-    train_rows = [r for r in rows if r.get("split") != "val"]
+    rows, skipped = run.read_rows(METRICS_FILE)
+    train_rows = [r for r in rows if r.get("split") != "val" and _is_step(r.get("step"))]
     val_rows = [r for r in rows if r.get("split") == "val"]
     cfg = run.config()
     model = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
@@ -193,8 +295,18 @@ def summary(run: RunInfo) -> dict[str, Any]:
         "last_step": train_rows[-1].get("step") if train_rows else None,
         "final_train": _losses(train_rows[-1]) if train_rows else {},
         "final_val": _losses(val_rows[-1]) if val_rows else {},
+        "skipped_metrics_rows": skipped,
     }
 
 
-def _losses(row: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in row.items() if CURVE_KEYS.match(k) and isinstance(v, int | float)}
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _losses(row: dict[str, Any]) -> dict[str, float | None]:
+    """The finite loss values of a row (a NaN or infinite loss as None)."""
+    return {
+        k: finite(float(v))
+        for k, v in row.items()
+        if CURVE_KEYS.match(k) and isinstance(v, int | float) and not isinstance(v, bool)
+    }
