@@ -64,18 +64,19 @@ def scan(source: Any, tokenizer: Any, num_docs: int) -> dict[str, Any]:
     """
     from sparsefusion.data.encoded import as_encoded
     from sparsefusion.data.issues import BadInput, DataIssues
+    from sparsefusion.data.text import read_document
 
     issues, docs = DataIssues(), []
+    names = tokenizer.modalities if tokenizer is not None else None
     size = len(source) if hasattr(source, "__len__") else num_docs
     for i in range(min(num_docs, size)):
         try:
-            docs.append(source.document(i))
+            docs.append(read_document(source, i, names))
         except BadInput as e:
             issues.record(e)
     segments = Counter(s.modality for d in docs for s in d.segments)
     tokens: Counter[str] = Counter()
     if tokenizer is not None and docs:
-        names = tokenizer.modalities
         for encoded in tokenizer.encode_documents(docs):
             tokens.update(names[m] for m in as_encoded(encoded).modalities)
     return {

@@ -3,7 +3,8 @@
 A source's ``document(index)`` raises :class:`BadInput` (file, line, reason) for a missing file, a
 path that is not a regular file (a FIFO, a device, a NUL byte), a corrupt or truncated image or
 audio clip, a file, image, clip or line over its ``data.max_*`` limit (see ``limits.py``), a
-malformed JSON line, an unknown segment type or an empty document. Readers (the packed loader,
+malformed JSON line, text breaking the text rule (``text.py``: a lone surrogate), an unknown
+segment type or an empty document. Readers (the packed loader,
 tokenizer training, the preview) catch it, count it per reason in a :class:`DataIssues`, log it
 with its place, and go on; in strict mode they re-raise.
 """
@@ -24,6 +25,7 @@ REASONS = (
     "corrupt_audio",
     "oversize_audio",
     "bad_json",
+    "bad_text",
     "unknown_segment",
     "empty_document",
     "oversize_document",
