@@ -61,3 +61,9 @@ def test_prompt_with_a_surrogate_is_refused_by_field():
     req = GenerationRequest(prompt="bad \udc80 argv bytes", where="--prompt")
     with pytest.raises(ValueError, match=r"--prompt: prompt: text holds a lone surrogate U\+DC80"):
         req.encode(GEN)
+
+
+def test_a_24_digit_seed_on_a_prompts_line_names_line_and_key(tmp_path):
+    (req,) = _prompts(tmp_path, {"segments": [{"text": "hi"}], "seed": 10**24})
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: seed must be an int in \[0, "):
+        req.encode(GEN)

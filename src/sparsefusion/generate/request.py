@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 GUIDED_MODES = ("text_to_image", "text_to_speech")
 MAX_NUM_SAMPLES = 64  # default bound on one request's num_samples (--max-samples)
+MAX_SEED = 2**62  # sample i draws from seed + i: stays inside torch's 64-bit seeds
 MAX_TOTAL_SAMPLES = 1024  # default bound on the samples of one generate call (--max-total-samples)
 
 
@@ -112,6 +113,9 @@ class GenerationRequest:
                 f"num_samples must be an int in [1, {self.max_num_samples}] (raise the bound "
                 f"with --max-samples), got {n!r}"
             )
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            out.append(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
         if not isinstance(self.prompt, str):
             out.append(f"prompt must be a string, got {type(self.prompt).__name__}")
         elif (problem := text_problem(self.prompt)) is not None:
