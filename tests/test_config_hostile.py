@@ -35,3 +35,10 @@ def test_a_repeated_merge_key_is_refused_with_its_lines(tmp_path):
         load_yaml(path)
     path.write_text("base: &a {x: 1}\nother: &b {y: 2}\nc:\n  <<: [*a, *b]\n  x: 3\n")
     assert load_yaml(path)["c"] == {"x": 3, "y": 2}
+
+
+def test_max_seq_len_below_seq_len_is_refused():
+    with pytest.raises(ValueError, match="model.max_seq_len=16 is below data.seq_len=32"):
+        resolve_config("mot-debug", ["model.max_seq_len=16", "data.seq_len=32"])
+    cfg = resolve_config("mot-debug", ["model.max_seq_len=32", "data.seq_len=32"])
+    assert cfg.model.max_seq_len == 32
