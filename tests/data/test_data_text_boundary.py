@@ -195,3 +195,28 @@ def test_speech_segment_for_a_tokenizer_without_speech_is_a_counted_skip():
 
     with pytest.raises(BadInput, match="unknown_segment"):
         read_document(_Speechy(), 0, [TEXT, IMAGE])
+
+
+def test_a_run_trained_with_a_relative_tokenizer_path_generates_from_elsewhere(
+    tmp_path, monkeypatch, tokenizer_cache
+):
+    from sparsefusion.runs.presets import resolve_config
+    from sparsefusion.train.trainer import train
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    path = _text_jsonl(here)
+    monkeypatch.chdir(here)
+    cfg = TokenizerConfig(cache_dir=tokenizer_cache, text_vocab_size=260)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_or_train_tokenizer(cfg, JsonlSource(str(path)), progress=False).save("tok")
+        run = tmp_path / "run"
+        train(resolve_config("mot-debug", [
+            f"run.dir={run}", "tokenizer.path=tok", "data.path=docs.jsonl", "train.steps=2",
+            "data.val_batches=1", "train.threads=1", "run.progress=log"]))  # fmt: skip
+    monkeypatch.chdir(elsewhere)
+    argv = ["generate", str(run), "--prompt", "a red", "--max-new-tokens", "4", "--out", "s"]
+    assert cli_main(argv) == 0
+    assert (elsewhere / "s" / "index.html").is_file()
