@@ -5,6 +5,7 @@ over random mutations of a small folder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -148,8 +149,9 @@ FILES = ["manifest.json", "train/shard_00000.json", "train/shard_00000.ids.npy",
          "train/shard_00000.mod.npy", "train/shard_00000.off.npy"]  # fmt: skip
 
 
-@seed(28)
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@seed(int(os.environ.get("SPARSEFUSION_FUZZ_SEED", "28")))
+@settings(max_examples=int(os.environ.get("SPARSEFUSION_FUZZ_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
 @given(
     file=st.sampled_from(FILES),
     kind=st.sampled_from(["flip", "truncate", "json"]),

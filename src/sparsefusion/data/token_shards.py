@@ -115,8 +115,8 @@ def _int(value: Any, where: Path | str, field: str, low: int = 0) -> int:
 def _array(path: str, mmap: bool) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise _fail(path, "file", f"cannot read it ({e})") from e
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises SyntaxError, TokenError...
+        raise _fail(path, "file", f"cannot read it ({type(e).__name__}: {e})") from e
     if arr.ndim != 1 and not path.endswith((".parts.npy", ".values.npy")):
         raise _fail(path, "shape", f"expected a 1-D array, got shape {arr.shape}")
     return arr
