@@ -12,6 +12,7 @@ with its place, and go on; in strict mode they re-raise.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 log = logging.getLogger("sparsefusion")
@@ -45,8 +46,18 @@ class BadInput(ValueError):
 
     def __init__(self, reason: str, where: str, detail: str) -> None:
         assert reason in REASONS, reason
+        where, detail = one_line(where), one_line(detail)
         super().__init__(f"{where}: {detail} ({reason})")
         self.reason, self.where, self.detail = reason, where, detail
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters, line separators and lone surrogates escaped
+    (``\\n``, ``\\x00``, ``\\ud800``): a message naming a hostile path stays one printable line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class DataIssues:
