@@ -143,10 +143,15 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if number is not None:
+            if not INT_MIN <= number <= INT_MAX:  # torch, numpy and the checkpoints hold int64
+                raise ConfigError(f"{path}: {value!r} is outside the 64-bit integer range")
+            return number
     elif tp is float:
         number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -182,6 +187,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
         except DuplicateKeyError as e:
             raise ConfigError(f"override '{item}': {e}") from e
+        except RecursionError as e:
+            raise ConfigError(f"override '{key}=...': value nested too deeply") from e
         except yaml.YAMLError:
             value = raw
         node = out
@@ -195,6 +202,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
 class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping repeats a key."""
 
@@ -204,9 +214,16 @@ class StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Any] = {}
+        merge = None
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<: *anchor" may be overridden by the mapping's own keys
+                # "<<: *anchor" may be overridden by the mapping's own keys, but two "<<" keys
+                # are a repeated key (PyYAML would merge both silently; use "<<: [*a, *b]")
+                if merge is not None:
+                    where = f"lines {merge.line + 1} and {key_node.start_mark.line + 1}"
+                    raise DuplicateKeyError(f"merge key '<<' repeated in one mapping ({where})")
+                merge = key_node.start_mark
+                continue
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, Hashable):
                 continue  # the base class reports unhashable keys
@@ -229,6 +246,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    except RecursionError as e:  # PyYAML composes nodes recursively
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

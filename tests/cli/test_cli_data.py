@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from sparsefusion.cli.main import main
@@ -64,3 +65,19 @@ def test_data_preview_bad_tokenizer_or_out_is_a_clear_error(tmp_path, user_jsonl
     assert main(args) == 2
     assert f"--out {taken}: exists and is not a folder" in capsys.readouterr().err
     assert taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["data", "tokenize", "scenes", "--out", "OUT", "--docs", "-5"], "--docs must be >= 0"),
+        (["data", "tokenize", "scenes", "--out", "OUT", "--val-docs", "-1"], "--val-docs"),
+        (["data", "tokenize", "scenes", "--out", "OUT", "--docs-per-shard", "0"], "shard must"),
+        (["data", "preview", "scenes", "--out", "OUT", "--docs", "-3"], "--docs must be >= 1"),
+    ],
+)
+def test_negative_counts_are_refused_before_any_work(tmp_path, capsys, argv, flag):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

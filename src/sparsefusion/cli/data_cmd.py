@@ -64,18 +64,19 @@ def scan(source: Any, tokenizer: Any, num_docs: int) -> dict[str, Any]:
     """
     from sparsefusion.data.encoded import as_encoded
     from sparsefusion.data.issues import BadInput, DataIssues
+    from sparsefusion.data.text import read_document
 
     issues, docs = DataIssues(), []
+    names = tokenizer.modalities if tokenizer is not None else None
     size = len(source) if hasattr(source, "__len__") else num_docs
     for i in range(min(num_docs, size)):
         try:
-            docs.append(source.document(i))
+            docs.append(read_document(source, i, names))
         except BadInput as e:
             issues.record(e)
     segments = Counter(s.modality for d in docs for s in d.segments)
     tokens: Counter[str] = Counter()
     if tokenizer is not None and docs:
-        names = tokenizer.modalities
         for encoded in tokenizer.encode_documents(docs):
             tokens.update(names[m] for m in as_encoded(encoded).modalities)
     return {
@@ -125,6 +126,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from sparsefusion.data.audio import write_wav
     from sparsefusion.data.sources import build_source
 
+    _check_counts(("--docs", args.docs, 1), ("--num", args.num, 0),
+                  ("--num-audio", args.num_audio, 0))  # fmt: skip
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; name a folder to write to")
@@ -152,6 +155,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_counts(*flags: tuple[str, int, int]) -> None:
+    """Refuse a count below its minimum, naming the flag (before any work)."""
+    for flag, value, low in flags:
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """Encode a source into token shards (``data/tokenize.py``); several workers may share --out."""
     import os
@@ -159,6 +169,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from sparsefusion.data.sources import build_source
     from sparsefusion.data.tokenize import tokenize_to_dir
 
+    _check_counts(("--docs", args.docs, 0), ("--val-docs", args.val_docs, 0),
+                  ("--docs-per-shard", args.docs_per_shard, 1))  # fmt: skip
     cfg = _config(args.target, args.preset, args.overrides)
     sources = {s: build_source(cfg.data, seed=cfg.seed, split=s) for s in ("train", "val")}
     tokenizer = _tokenizer(cfg, build_source(cfg.data, seed=0, split="train"), args.tokenizer)

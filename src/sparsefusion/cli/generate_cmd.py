@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from sparsefusion.generate.request import MAX_NUM_SAMPLES, MAX_TOTAL_SAMPLES
+
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sparsefusion.generate import GenerationRequest, Generator, write_samples
@@ -41,6 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg,
         seed=args.seed,
         stop_ids=tuple(args.stop_id),
+        max_num_samples=args.max_samples,
     )
     diffusion = _check_early(base, args)
     gen = Generator.from_run(
@@ -61,6 +64,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             requests = [_with_mode(r, args.mode) for r in requests]
     else:
         requests = [base]
+    total = sum(r.num_samples for r in requests if isinstance(r.num_samples, int))
+    if total > args.max_total_samples:
+        raise ValueError(
+            f"{len(requests)} request(s) ask for {total} samples > --max-total-samples="
+            f"{args.max_total_samples} (they decode as one batch)"
+        )
     samples = gen.generate(requests)
     out = write_samples(samples, args.out)
     for k, s in enumerate(samples):
@@ -121,6 +130,14 @@ def _check_early(base, args: argparse.Namespace):
         raise ValueError(f"--{problems[0].replace('_', '-')}")
     if args.num < 1 or args.max_new_tokens < 1:
         raise ValueError("--num and --max-new-tokens must be >= 1")
+    if args.max_samples < 1 or args.max_total_samples < 1:
+        raise ValueError("--max-samples and --max-total-samples must be >= 1")
+    if args.num > min(args.max_samples, args.max_total_samples):
+        bound = "--max-samples" if args.max_samples <= args.max_total_samples else (
+            "--max-total-samples")  # fmt: skip
+        raise ValueError(
+            f"--num {args.num} exceeds {bound}={min(args.max_samples, args.max_total_samples)}"
+        )
     if args.cfg <= 0:
         raise ValueError(f"--cfg must be > 0 (1 = no guidance), got {args.cfg}")
     for flag, value in (("--image", args.image), ("--audio", args.audio)):
@@ -188,6 +205,18 @@ def add_commands(sub) -> None:
         help="--num captions, images and continuations from the run's own val documents",
     )
     p.add_argument("--num", type=int, default=1, help="samples per prompt")
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=MAX_NUM_SAMPLES,
+        help="largest --num or prompts-line num_samples accepted",
+    )
+    p.add_argument(
+        "--max-total-samples",
+        type=int,
+        default=MAX_TOTAL_SAMPLES,
+        help="largest number of samples of one call (all prompts decode as one batch)",
+    )
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale of image/speech spans")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

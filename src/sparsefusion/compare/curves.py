@@ -3,7 +3,8 @@ holds one, its ``eval.jsonl`` (``sparsefusion eval`` rows: the ``eval`` split).
 
 Every row may carry ``elapsed_s`` (cumulative wall-clock seconds of training), kept beside the
 step and FLOPs so that curves can also be matched on time. Rows whose loss (or eval metric) is
-NaN or infinite are not dropped silently: :attr:`RunCurves.nonfinite` records, per split, where
+not a finite number (NaN, infinite, null, or not a number at all: the string ``"NaN"``,
+``true``) are not dropped silently: :attr:`RunCurves.nonfinite` records, per split, where
 they start and how many there are, and the report prints it.
 
 Legend: M = logged points of one split of one run.
@@ -184,7 +185,7 @@ def _nonfinite(split: str, rows_by_step: dict[int, dict]) -> NonFinite | None:
         bad = {
             k
             for k, v in row.items()
-            if is_curve_key(split, k) and (v is None or (_is_num(v) and not math.isfinite(v)))
+            if is_curve_key(split, k) and not (_is_num(v) and math.isfinite(v))
         }
         if bad:
             bad_steps.append(step)

@@ -36,57 +36,92 @@ def resample(wave_S: torch.Tensor, rate: int, target: int = SAMPLE_RATE) -> torc
     return F.interpolate(wave_S[None, None], size=n, mode="linear", align_corners=False)[0, 0]
 
 
+PCM = 1
+EXTENSIBLE = 0xFFFE
+_PCM_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_PCM
+
+
+def parse_wav_header(data: bytes, where: str) -> tuple[int, int, int, memoryview]:
+    """The RIFF/WAVE chunks of ``data``: (channels, bytes per sample, rate, sample bytes).
+
+    Accepts integer PCM of 8, 16, 24 or 32 bits, as ``WAVE_FORMAT_PCM`` or
+    ``WAVE_FORMAT_EXTENSIBLE`` with the PCM sub-format.
+
+    Raises:
+        BadInput: ``corrupt_audio`` for anything else.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise BadInput("corrupt_audio", where, "not a RIFF/WAVE file")
+    fmt, samples, pos = None, None, 12
+    while pos + 8 <= len(data) and (fmt is None or samples is None):
+        kind, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = memoryview(data)[pos + 8 : pos + 8 + size]
+        if kind == b"fmt ":
+            fmt = bytes(body)
+        elif kind == b"data":
+            if len(body) < size:
+                raise BadInput("corrupt_audio", where, "truncated WAV data")
+            samples = body
+        pos += 8 + size + (size & 1)
+    if fmt is None or len(fmt) < 16 or samples is None:
+        raise BadInput("corrupt_audio", where, "no fmt or data chunk")
+    tag = int.from_bytes(fmt[0:2], "little")
+    channels = int.from_bytes(fmt[2:4], "little")
+    rate = int.from_bytes(fmt[4:8], "little")
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == EXTENSIBLE and len(fmt) >= 40 and fmt[26:40] == _PCM_GUID_TAIL:
+        tag = int.from_bytes(fmt[24:26], "little")
+    if tag != PCM:
+        raise BadInput("corrupt_audio", where, f"WAV format {tag:#06x} is not integer PCM")
+    if bits not in (8, 16, 24, 32) or channels < 1:
+        raise BadInput("corrupt_audio", where, f"unsupported WAV: {bits} bits, {channels} channels")
+    return channels, bits // 8, rate, samples
+
+
+def _pcm_to_float(raw: memoryview, width: int) -> np.ndarray:
+    if width == 1:
+        return (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    if width == 3:  # little-endian 24-bit: widen to int32 (low byte zero), same scale as 32-bit
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
+        wide = np.zeros((len(b), 4), dtype=np.uint8)
+        wide[:, 1:] = b
+        return wide.view("<i4")[:, 0].astype(np.float32) / float(2**31)
+    dtype = {2: "<i2", 4: "<i4"}[width]
+    return np.frombuffer(raw, dtype=dtype).astype(np.float32) / float(2 ** (8 * width - 1))
+
+
 def decode_wav_bytes(
     data: bytes, where: str, max_seconds: float = InputLimits.max_audio_seconds
 ) -> torch.Tensor:
-    """WAV bytes -> mono float32 waveform at ``SAMPLE_RATE``.
+    """WAV bytes -> mono float32 waveform at ``SAMPLE_RATE``: the one WAV reader.
 
-    The sample rate and the duration are checked from the header before any sample is decoded.
+    Integer PCM of 8, 16, 24 or 32 bits (plain or ``WAVE_FORMAT_EXTENSIBLE``), any channel
+    count (averaged). The sample rate and the duration are checked from the header before any
+    sample is decoded.
 
     Raises:
         BadInput: ``corrupt_audio`` for an unreadable, truncated, empty or non-PCM file, an
             implausible sample rate or a clip under ``MIN_AUDIO_SECONDS``; ``oversize_audio``
             above ``max_seconds``.
     """
-    import io
-
-    try:
-        with wave.open(io.BytesIO(data), "rb") as w:
-            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-            frames = w.getnframes()
-            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-                raise BadInput(
-                    "corrupt_audio",
-                    where,
-                    f"sample rate {rate} Hz outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]",
-                )
-            # The header's frame count may lie; the data actually present bounds it too.
-            seconds = min(frames, len(data) // max(1, channels * width)) / rate
-            if frames and seconds < MIN_AUDIO_SECONDS:
-                raise BadInput(
-                    "corrupt_audio", where, f"clip of {seconds:.3f} s < {MIN_AUDIO_SECONDS} s"
-                )
-            if seconds > max_seconds:
-                raise BadInput(
-                    "oversize_audio",
-                    where,
-                    f"{seconds:.1f} s > data.max_audio_seconds={max_seconds:g}",
-                )
-            raw = w.readframes(frames)
-    except BadInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - whatever a decoder of untrusted bytes raises
-        raise BadInput("corrupt_audio", where, f"not a readable WAV file ({e})") from e
-    if width not in (1, 2, 4) or channels < 1:
-        raise BadInput("corrupt_audio", where, f"unsupported WAV sample width {width}")
-    if frames == 0 or len(raw) < frames * channels * width:
+    channels, width, rate, samples = parse_wav_header(data, where)
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise BadInput(
+            "corrupt_audio",
+            where,
+            f"sample rate {rate} Hz outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]",
+        )
+    frames = len(samples) // (channels * width)
+    if frames == 0:
         raise BadInput("corrupt_audio", where, "truncated or empty WAV data")
-    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
-    if width == 1:
-        x = (x - 128.0) / 128.0
-    else:
-        x = x / float(2 ** (8 * width - 1))
+    seconds = frames / rate
+    if seconds < MIN_AUDIO_SECONDS:
+        raise BadInput("corrupt_audio", where, f"clip of {seconds:.3f} s < {MIN_AUDIO_SECONDS} s")
+    if seconds > max_seconds:
+        raise BadInput(
+            "oversize_audio", where, f"{seconds:.1f} s > data.max_audio_seconds={max_seconds:g}"
+        )
+    x = _pcm_to_float(samples[: frames * channels * width], width)
     x = x.reshape(-1, channels).mean(axis=1)
     return resample(torch.from_numpy(x.copy()), rate)
 

@@ -3,7 +3,8 @@
 A source's ``document(index)`` raises :class:`BadInput` (file, line, reason) for a missing file, a
 path that is not a regular file (a FIFO, a device, a NUL byte), a corrupt or truncated image or
 audio clip, a file, image, clip or line over its ``data.max_*`` limit (see ``limits.py``), a
-malformed JSON line, an unknown segment type or an empty document. Readers (the packed loader,
+malformed JSON line, text breaking the text rule (``text.py``: a lone surrogate), an unknown
+segment type or an empty document. Readers (the packed loader,
 tokenizer training, the preview) catch it, count it per reason in a :class:`DataIssues`, log it
 with its place, and go on; in strict mode they re-raise.
 """
@@ -11,6 +12,7 @@ with its place, and go on; in strict mode they re-raise.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 log = logging.getLogger("sparsefusion")
@@ -24,6 +26,7 @@ REASONS = (
     "corrupt_audio",
     "oversize_audio",
     "bad_json",
+    "bad_text",
     "unknown_segment",
     "empty_document",
     "oversize_document",
@@ -43,8 +46,18 @@ class BadInput(ValueError):
 
     def __init__(self, reason: str, where: str, detail: str) -> None:
         assert reason in REASONS, reason
+        where, detail = one_line(where), one_line(detail)
         super().__init__(f"{where}: {detail} ({reason})")
         self.reason, self.where, self.detail = reason, where, detail
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters, line separators and lone surrogates escaped
+    (``\\n``, ``\\x00``, ``\\ud800``): a message naming a hostile path stays one printable line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class DataIssues:

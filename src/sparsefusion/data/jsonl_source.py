@@ -26,6 +26,7 @@ from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document, Segment
 from sparsefusion.data.images import read_image
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.limits import InputLimits
+from sparsefusion.data.text import check_json_strings
 
 SEGMENT_KEYS = {"text": TEXT, "image": IMAGE, "audio": SPEECH}
 
@@ -43,7 +44,8 @@ def index_lines(path: Path, block: int = 1 << 20) -> tuple[str, list[tuple[int, 
 
     Returns:
         The content digest, ``(byte offset, 1-based line number)`` of every non-blank line, and
-        whether the file mentions ``"audio"`` (then the source declares speech).
+        whether the bytes ``"audio"`` occur anywhere (a cheap pre-filter for
+        :func:`has_audio_segment`, which decides from parsed structure).
     """
     digest = hashlib.sha256()
     lines: list[tuple[int, int]] = []
@@ -64,6 +66,35 @@ def index_lines(path: Path, block: int = 1 << 20) -> tuple[str, list[tuple[int, 
     if not blank:
         lines.append((start, number))
     return digest.hexdigest()[:16], lines, audio
+
+
+def segments_of(obj: Any) -> list[Any] | None:
+    """The segment list of a parsed line (a list, or an object's ``"segments"``), else None."""
+    if isinstance(obj, dict):
+        obj = obj.get("segments")
+    return obj if isinstance(obj, list) else None
+
+
+def has_audio_segment(path: Path, lines: list[tuple[int, int]], max_bytes: int) -> bool:
+    """True when some line parses to a segment list with an ``{"audio": ...}`` segment.
+
+    Modality comes from structure only: a text segment whose text is ``"audio"`` or an object
+    key elsewhere does not declare speech. Only lines whose bytes mention ``"audio"`` are parsed;
+    unparsable or oversize lines are left to :meth:`JsonlSource.document` to report.
+    """
+    with open(path, "rb") as f:
+        for offset, _ in lines:
+            f.seek(offset)
+            line = f.readline(max_bytes + 1)
+            if b'"audio"' not in line or len(line.rstrip(b"\r\n")) > max_bytes:
+                continue
+            try:
+                segments = segments_of(json.loads(line))
+            except (ValueError, RecursionError):
+                continue
+            if any(isinstance(s, dict) and list(s) == ["audio"] for s in segments or ()):
+                return True
+    return False
 
 
 class JsonlSource:
@@ -100,6 +131,9 @@ class JsonlSource:
         if not self._lines:
             raise ValueError(f"data.path: {path} holds no document (it is empty or blank)")
         self._range = split_range(len(self._lines), split, val_fraction)
+        has_audio = has_audio and has_audio_segment(
+            self.path, self._lines, self.limits.max_doc_bytes
+        )
         self.modalities = [TEXT, IMAGE, SPEECH] if has_audio else [TEXT, IMAGE]
 
     def __len__(self) -> int:
@@ -130,11 +164,12 @@ class JsonlSource:
             raise BadInput("bad_json", where, f"invalid JSON ({e})") from e
         except RecursionError as e:
             raise BadInput("bad_json", where, "JSON nested too deeply") from e
+        check_json_strings(obj, where)
         meta: dict[str, Any] = {"source": self.name, "where": where, "index": index}
         if isinstance(obj, dict):
             meta.update({k: v for k, v in obj.items() if k != "segments"})
-            obj = obj.get("segments")
-        if not isinstance(obj, list):
+        obj = segments_of(obj)
+        if obj is None:
             raise BadInput("bad_json", where, "expected a list of segments or {'segments': [...]}")
         segments = [self._segment(s, where) for s in obj]
         segments = [s for s in segments if not (s.modality == TEXT and not s.payload)]

@@ -31,6 +31,7 @@ from sparsefusion.data.batch import Batch
 from sparsefusion.data.encoded import CaptionOrder, Encoded, as_encoded
 from sparsefusion.data.issues import BadInput, DataIssues
 from sparsefusion.data.packing import PackBuffer, snapshot_state
+from sparsefusion.data.text import read_document
 
 STATE_VERSION = 1
 
@@ -87,6 +88,7 @@ class PackedLoader:
         self.issues = DataIssues(strict=strict)
         self.max_doc_tokens = max_doc_tokens
         self._barren_chunks = 0  # consecutive chunks without one usable document
+        self._modalities = getattr(tokenizer, "modalities", None)
 
     def doc_index(self, k: int) -> int:
         """Global stream index of this rank's ``k``-th document."""
@@ -98,7 +100,8 @@ class PackedLoader:
         docs, kept = [], []
         for u in uids:
             try:
-                docs.append(self.source.document(u % size if size else u))
+                index = u % size if size else u
+                docs.append(read_document(self.source, index, self._modalities))
                 kept.append(u)
             except BadInput as e:
                 self.issues.record(e)

@@ -15,7 +15,8 @@ Exact resume: every queued batch travels with a snapshot of its loader's state t
 it was cut; :meth:`BatchStream.state_dict` returns the snapshots of the batches the trainer
 consumed, never of those still queued, so a checkpoint resumes at the next unconsumed batch.
 Skipped-record counters are reported the same way. A worker's exception is raised again in the
-trainer with its message and the worker's traceback; a worker that dies (killed, out of memory)
+trainer with its message and the worker's traceback (a ``ValueError``, the input errors of a
+damaged token shard among them, stays a ``ValueError``); a worker that dies (killed, out of memory)
 raises a ``RuntimeError`` naming it and its exit code. Workers are daemons, stopped by
 :meth:`close`; worker processes ignore SIGTERM/SIGINT (the trainer's preemption save handles
 them and then stops the workers) and exit by themselves when the trainer is gone.
@@ -72,6 +73,7 @@ class _Failure:
         self.exc = exc if keep else None  # threads hand over the exception object itself
         self.name, self.message = type(exc).__name__, str(exc)
         self.bad_input = (exc.reason, exc.where, exc.detail) if isinstance(exc, BadInput) else None
+        self.value_error = isinstance(exc, ValueError)  # a user-input error stays one
         self.worker = worker
         self.trace = "".join(traceback.format_exception(exc))
 
@@ -80,6 +82,8 @@ class _Failure:
             exc = self.exc
         elif self.bad_input is not None:
             exc = BadInput(*self.bad_input)
+        elif self.value_error:
+            exc = ValueError(self.message)
         else:
             exc = RuntimeError(f"data worker {self.worker} failed: {self.name}: {self.message}")
         exc.add_note(f"(raised in data worker {self.worker}; its traceback:\n{self.trace})")

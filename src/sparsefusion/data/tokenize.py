@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from sparsefusion.data.encoded import as_encoded
 from sparsefusion.data.issues import BadInput
+from sparsefusion.data.text import read_document
 from sparsefusion.data.token_shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -178,7 +179,7 @@ def _write_shard(source, tokenizer, stem: Path, first: int, count: int, *, docs_
         docs, local = [], []
         for j in range(start, min(count, start + docs_per_call)):
             try:
-                docs.append(source.document(first + j))
+                docs.append(read_document(source, first + j, names))
                 local.append(j)
             except BadInput as e:
                 if strict:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from sparsefusion.data.documents import IMAGE, TEXT, Document
 from sparsefusion.data.issues import BadInput
+from sparsefusion.data.text import read_document
 
 _WORD = re.compile(r"[a-z0-9']+")
 PAD, UNK = 0, 1
@@ -88,7 +89,7 @@ def read_pairs(source: Any, num: int, *, start: int = 0, max_docs: int = 0) -> l
     index = start
     while len(pairs) < num and index < start + max_docs:
         try:
-            doc = source.document(index)
+            doc = read_document(source, index)
         except IndexError:
             break
         except BadInput:

@@ -23,6 +23,7 @@ def demo_requests(
 ) -> list[GenerationRequest]:
     """Requests for a caption, an image and a continuation (those the run serves)."""
     from sparsefusion.data.sources import build_source
+    from sparsefusion.data.text import read_document
 
     source = build_source(run_config.data, seed=run_config.seed, split="val")
     size = len(source) if hasattr(source, "__len__") else MAX_DOCS
@@ -31,7 +32,7 @@ def demo_requests(
         if all(len(v) >= per_kind for v in found.values()):
             break
         try:
-            doc = source.document(i)
+            doc = read_document(source, i)
         except ValueError:  # a bad user document: skip it, as training does
             continue
         for mode, make in _KINDS.items():

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparsefusion.data.text import text_problem
 from sparsefusion.generate.constraints import MODES
 from sparsefusion.generate.sampling import SamplingParams, sampling_problems
 
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
     from sparsefusion.generate.span_samplers import Prompt
 
 GUIDED_MODES = ("text_to_image", "text_to_speech")
+MAX_NUM_SAMPLES = 64  # default bound on one request's num_samples (--max-samples)
+MAX_SEED = 2**62  # sample i draws from seed + i: stays inside torch's 64-bit seeds
+MAX_TOTAL_SAMPLES = 1024  # default bound on the samples of one generate call (--max-total-samples)
 
 
 @dataclass
@@ -40,6 +44,8 @@ class GenerationRequest:
         seed: random seed.
         stop_ids: extra unified-vocabulary ids that end a sample.
         where: where the request came from (e.g. ``prompts.jsonl:3``), named in errors.
+        max_num_samples: the largest ``num_samples`` accepted (``generate --max-samples``; a
+            prompts line cannot set it): every sample is a row of one decoding batch.
     """
 
     prompt: str = ""
@@ -57,6 +63,7 @@ class GenerationRequest:
     seed: int = 0
     stop_ids: tuple[int, ...] = field(default_factory=tuple)
     where: str = ""
+    max_num_samples: int = MAX_NUM_SAMPLES
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -100,8 +107,19 @@ class GenerationRequest:
                 f"mode {self.mode!r} is not served by this run ({gen.why_not(self.mode)}); "
                 f"it serves {gen.modes}"
             )
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            out.append(f"num_samples must be an int >= 1, got {self.num_samples!r}")
+        n = self.num_samples
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_num_samples:
+            out.append(
+                f"num_samples must be an int in [1, {self.max_num_samples}] (raise the bound "
+                f"with --max-samples), got {n!r}"
+            )
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            out.append(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+        if not isinstance(self.prompt, str):
+            out.append(f"prompt must be a string, got {type(self.prompt).__name__}")
+        elif (problem := text_problem(self.prompt)) is not None:
+            out.append(f"prompt: {problem}")
         need = gen.min_new_tokens(self.mode)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < need:
             out.append(

@@ -183,6 +183,12 @@ class TrainConfig:
     init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self) -> None:
+        if self.model.max_seq_len < self.data.seq_len:
+            raise ValueError(
+                f"model.max_seq_len={self.model.max_seq_len} is below data.seq_len="
+                f"{self.data.seq_len}: the model would train on positions it is not meant for "
+                "(raise model.max_seq_len or lower data.seq_len)"
+            )
         need = image_kind(self.objective.name)
         given = self.tokenizer.image_kind
         if given == "auto":

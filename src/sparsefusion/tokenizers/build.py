@@ -27,6 +27,7 @@ from PIL import Image
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.mixture import vocab_modalities
+from sparsefusion.data.text import read_document
 from sparsefusion.tokenizers.image_vae import ImageVAEConfig, train_vae
 from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer, train_vq
 from sparsefusion.tokenizers.multimodal import (
@@ -228,9 +229,15 @@ def train_tokenizer(
         image = VQImageTokenizer(cfg.image).eval()
     sizes = {TEXT: text.vocab_size, IMAGE: image.codebook_size}
     speech = None
-    if SPEECH in vocab_modalities(source):
-        if not clips:
-            raise ValueError(f"source {source.name!r} declares speech but no clip was found")
+    if SPEECH in vocab_modalities(source) and not clips:
+        msg = (
+            f"source {source.name!r} has speech segments but no readable clip among the "
+            f"documents read; the tokenizer is built without speech and documents with speech "
+            "are skipped (counted as unknown_segment)"
+        )
+        warnings.warn(msg, stacklevel=2)
+        log(f"tokenizer: {msg}")
+    elif SPEECH in vocab_modalities(source):
         log(f"tokenizer: training {cfg.speech.num_units} speech units on {len(clips)} clips")
         speech, rep = train_speech_units(cfg.speech, clips)
         log(
@@ -282,7 +289,7 @@ def collect_training_data(
         if not (need_text or need_images or need_clips):
             break
         try:
-            doc = source.document(index)
+            doc = read_document(source, index)
         except IndexError:
             break
         except BadInput as e:

@@ -11,9 +11,16 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from sparsefusion.data.text import text_problem
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 NUM_BYTES = 256
+
+
+def _check(text: str) -> None:
+    problem = text_problem(text) if isinstance(text, str) else f"text is {type(text).__name__}"
+    if problem is not None:
+        raise ValueError(problem)
 
 
 class BPETextTokenizer:
@@ -58,11 +65,18 @@ class BPETextTokenizer:
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:
-        """Text -> local ids."""
+        """Text -> local ids.
+
+        Raises:
+            ValueError: for text breaking the text rule (``data/text.py``: a lone surrogate).
+        """
+        _check(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts -> local ids (parallel inside ``tokenizers``)."""
+        """Many texts -> local ids (parallel inside ``tokenizers``; raises as :meth:`encode`)."""
+        for text in texts:
+            _check(text)
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
