@@ -14,6 +14,7 @@ import pytest
 from serve_helpers import free_port
 
 from sparsefusion.cli.main import build_parser, main
+from sparsefusion.cli.serve_cmd import limits_from_args
 from sparsefusion.serve import require_server
 
 
@@ -76,3 +77,16 @@ def test_cli_serves_runs(tiny_runs):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_input_limits_come_from_the_command_line():
+    args = build_parser().parse_args(
+        ["serve", "run", "--max-image-pixels", "1000", "--max-body-kb", "2", "--max-json-depth",
+         "5", "--max-samples", "3"]
+    )  # fmt: skip
+    limits = limits_from_args(args)
+    assert (limits.max_image_pixels, limits.max_body_bytes) == (1000, 2048)
+    assert (limits.max_json_depth, limits.max_samples) == (5, 3)
+    bad = build_parser().parse_args(["serve", "run", "--max-body-kb", "0"])
+    with pytest.raises(ValueError, match="--max-body-kb"):
+        limits_from_args(bad)

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 def add_command(sub) -> None:
     """Register ``serve`` on the ``sparsefusion`` sub-command parser."""
+    from sparsefusion.serve.params import Limits  # plain values: no server dependency
+
     p = sub.add_parser(
         "serve",
         help="web playground and run viewer for run folders",
@@ -29,6 +31,13 @@ def add_command(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=4.0, help="largest image upload")
     p.add_argument("--max-prompt-chars", type=int, default=2000)
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_new_tokens")
+    p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
+                   help="largest uploaded image, width x height (read before decoding)")
+    p.add_argument("--max-body-kb", type=float, default=Limits.max_body_bytes / 1024,
+                   help="largest JSON body, checked before parsing")
+    p.add_argument("--max-json-depth", type=int, default=Limits.max_json_depth)
+    p.add_argument("--max-samples", type=int, default=Limits.max_samples,
+                   help="most samples per request")  # fmt: skip
     p.set_defaults(fn=cmd_serve)
 
 
@@ -36,17 +45,24 @@ def limits_from_args(args: argparse.Namespace):
     """The server limits from the command-line options (ValueError naming a bad option)."""
     from sparsefusion.serve.params import Limits
 
-    for name in ("queue_size", "max_prompt_chars", "max_new_tokens", "port"):
+    names = ("queue_size", "max_prompt_chars", "max_new_tokens", "port", "max_image_pixels",
+             "max_json_depth", "max_samples")  # fmt: skip
+    for name in names:
         low = 0 if name == "queue_size" else 1
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
-    if args.max_upload_mb <= 0:
-        raise ValueError("--max-upload-mb must be > 0")
+    for name in ("max_upload_mb", "max_body_kb"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     return Limits(
         max_prompt_chars=args.max_prompt_chars,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_new_tokens=args.max_new_tokens,
         queue_size=args.queue_size,
+        max_image_pixels=args.max_image_pixels,
+        max_body_bytes=int(args.max_body_kb * 1024),
+        max_json_depth=args.max_json_depth,
+        max_samples=args.max_samples,
     )
 
 
