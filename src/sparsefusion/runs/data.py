@@ -1,0 +1,69 @@
+"""The data of a run: its training streams and its fixed validation batches, for every objective.
+
+The trainer, train-aux and eval all call :func:`data_for`, so they read the same documents with
+the same bad-input rules (``data.strict``, ``data.max_doc_tokens``) and pack them the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+
+from sparsefusion.data.loader import validation_batches
+from sparsefusion.data.prefetch import BatchStream, resolve_workers
+from sparsefusion.data.shards import ShardedLoaders
+from sparsefusion.data.sources import build_source
+from sparsefusion.objectives.base import caption_order
+from sparsefusion.runs.config import TrainConfig
+
+log = logging.getLogger("sparsefusion")
+
+
+def data_for(
+    cfg: TrainConfig,
+    split: Literal["train", "val"],
+    tokenizer: Any,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    num_batches: int = 0,
+) -> Any:
+    """``split="train"``: this rank's resumable batch stream (``next_batch(micro)``,
+    ``state_dict``, ``load_state_dict``, ``issue_metrics``, ``close``), loaded in the background
+    when ``data.workers`` asks for it. ``split="val"``: the fixed validation batches
+    (``num_batches``, 0: the run's ``data.val_batches``; continuous image spans get a fixed
+    timestep grid and noise seed per batch). ``tokenizer`` must be bound to ``cfg.model``.
+    """
+    source = build_source(cfg.data, seed=cfg.seed, split=split)
+    common = {
+        "seq_len": cfg.data.seq_len,
+        "batch_size": cfg.data.batch_size,
+        "strict": cfg.data.strict,
+        "max_doc_tokens": cfg.data.max_doc_tokens,
+        "caption_order": caption_order(cfg.objective, cfg.seed),
+    }
+    if split == "val":
+        return validation_batches(
+            source, tokenizer, num_batches=num_batches or cfg.data.val_batches,
+            noise_seed=cfg.objective.val_noise_seed, **common,
+        )  # fmt: skip
+    device = device if device is not None else torch.device("cpu")
+    workers = resolve_workers(cfg.data.workers, device)
+    if cfg.data.workers == "auto":
+        log.info("data.workers=auto: %s", "one background worker" if workers else
+                 "loading in the training thread (torch's threads use every core)")  # fmt: skip
+    loaders = ShardedLoaders(
+        source, tokenizer, rank=rank, world_size=world_size, grad_accum=cfg.train.grad_accum,
+        **common,
+    )  # fmt: skip
+    return BatchStream(
+        loaders,
+        workers=workers,
+        prefetch=cfg.data.prefetch,
+        pin_memory=device.type == "cuda",
+        kind=cfg.data.worker_kind,
+        nice=cfg.data.worker_nice,
+    )
