@@ -142,7 +142,8 @@ def test_sharded_dcp_checkpoints_are_validated_too(tmp_path, caplog):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    shard = {"version": 1, "rank": 0, "world_size": 1, "docs_read": 5, "buffer": {},
+    buffer = {"ids": [], "modality": [], "position": [], "document": []}
+    shard = {"version": 1, "rank": 0, "world_size": 1, "docs_read": 5, "buffer": buffer,
              "tokens_emitted": 0, "modality_tokens": {}}  # fmt: skip
     data = {"num_shards": 1, "shards": {"0": shard}}
     for step in (2, 4):

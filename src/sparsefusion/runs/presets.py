@@ -16,8 +16,8 @@ Each has a ``<name>-debug`` twin for tests.
 
 Transfusion recipes (arXiv 2408.11039; MoT section 5.4 (c)): ``tf-dense`` and ``tf-mot`` train
 text next-token prediction plus image diffusion on continuous latents of a VAE the project trains
-(``objective.name=transfusion``, which sets ``tokenizer.image_kind=vae``; diffusers needed), with the
-Transfusion paper's Llama-style block: pre-norm and no QK-norm (both switchable:
+(``objective.name=transfusion``, which sets ``tokenizer.image_kind=vae``; diffusers needed), with
+the Transfusion paper's Llama-style block: pre-norm and no QK-norm (both switchable:
 ``model.norm_placement=post model.qk_norm=true``) and no z-loss. At the demo size the 32-pixel
 images become 8x8x4 latents and 2x2 patches: 16 positions per image. ``tf-<arch>-debug`` twins
 exist for every architecture (dense, mot, moe, moma, mod, hybrid); ``tf-dense-<size>`` and
