@@ -25,7 +25,7 @@ def small_tmpfs(tmp_path: Path):
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 def test_full_tmpfs_save_is_a_clear_error_and_cleans_up(small_tmpfs: Path):

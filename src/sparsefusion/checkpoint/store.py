@@ -4,7 +4,8 @@ Layout of one checkpoint (``<run_dir>/checkpoints/step_00000100/``)::
 
     model.safetensors      model weights
     optim.safetensors      optimizer tensors (moments, step counts) and RNG states
-    state.json             step, tokens, FLOPs, data-loader state, optimizer param groups
+    state.json             step, tokens, FLOPs, data-loader state, optimizer param groups and
+                           the SHA-256 of the two tensor files
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash during a save
 leaves the previous checkpoint intact; nothing is ever unpickled on load.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +35,7 @@ from sparsefusion.runtime import faults
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")  # a checkpoint folder (complete or not)
+DIGESTED = ("model.safetensors", "optim.safetensors")  # files whose SHA-256 state.json records
 
 
 class CheckpointError(RuntimeError):
@@ -72,6 +75,13 @@ def write_atomic(file: Path, write: Callable[[Path], None]) -> None:
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def file_digest(file: Path) -> str:
+    """SHA-256 of a file (hex): ``state.json`` records those of the tensor files, so a byte
+    changed after the save (a flipped bit, a partial copy) is found before the file is used."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -131,7 +141,8 @@ def save_checkpoint(
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update(rng_tensors())
         save_file(tensors, str(tmp / "optim.safetensors"))
-        payload = dict(state, step=step, param_groups=groups)
+        digests = {name: file_digest(tmp / name) for name in DIGESTED}
+        payload = dict(state, step=step, param_groups=groups, digests=digests)
         (tmp / "state.json").write_text(json.dumps(payload))
         fsync_tree(tmp)
         if final.exists():

@@ -59,31 +59,43 @@ def write_config(run_dir: str | Path, cfg: TrainConfig) -> None:
     write_atomic(config_path(run_dir), lambda tmp: dump_yaml(cfg, tmp))
 
 
-def refuse_lost_history(run_dir: str | Path) -> None:
-    """Refuse to train in a run folder whose metrics have rows but which holds no checkpoint.
+def refuse_lost_history(run_dir: str | Path, save_every: int) -> None:
+    """Refuse to train in a run folder whose checkpoints are gone but whose metrics show that
+    one was written (a row at or past step ``save_every``, the first save).
 
     Starting again at step 0 there would truncate ``metrics.jsonl`` (the run's history) and,
-    later, replace its checkpoints. Damaged checkpoints count as present: the resume check
-    reports them.
+    later, replace its checkpoints. A run killed before its first checkpoint has nothing to lose
+    and starts again as before. Damaged checkpoints count as present: the resume check reports
+    them.
 
     Raises:
-        ValueError: the folder has metrics rows and no ``checkpoints/step_*`` folder.
+        ValueError: the folder has such metrics rows and no ``checkpoints/step_*`` folder.
     """
     metrics = Path(run_dir) / METRICS_FILE
-    if step_folders(Path(run_dir)) or not _has_rows(metrics):
+    if step_folders(Path(run_dir)):
+        return
+    last = _last_step(metrics)
+    if last is None or last < save_every:
         return
     raise ValueError(
-        f"{run_dir} holds the metrics of an earlier run ({metrics}) but no checkpoint to resume "
-        "from; refusing to start over at step 0 and overwrite its history. To start over, use "
-        "another run.dir or delete the folder"
+        f"{run_dir} holds the metrics of an earlier run up to step {last} ({metrics}) but no "
+        "checkpoint to resume from (checkpoints/ is gone); refusing to start over at step 0 and "
+        "overwrite its history. To start over, use another run.dir or delete the folder"
     )
 
 
-def _has_rows(metrics: Path) -> bool:
+def _last_step(metrics: Path) -> int | None:
+    """The largest ``step`` of a metrics file's rows (None: no file or no rows)."""
     if not metrics.is_file():  # a FIFO or folder named metrics.jsonl is not read
-        return metrics.exists()
+        return None
+    last = None
     with metrics.open("rb") as f:
-        return any(line.strip() for line in f)
+        for line in f:
+            with contextlib.suppress(ValueError, AttributeError):
+                step = json.loads(line).get("step")
+                if isinstance(step, int) and (last is None or step > last):
+                    last = step
+    return last
 
 
 def check_resume_config(run_dir: str | Path, cfg: TrainConfig) -> None:

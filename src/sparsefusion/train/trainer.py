@@ -92,7 +92,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
             f"backward on {env.device.type}); use model.attention_backend=sdpa"
         )
     torch.manual_seed(cfg.seed)
-    refuse_lost_history(run_dir)  # metrics rows but no checkpoint: never start over on them
+    refuse_lost_history(run_dir, cfg.run.save_every)  # never start over on a run's history
     tokenizer = training_tokenizer(cfg, env, progress=use_bar(cfg.run.progress) and env.is_main)
     cfg = finalize_config(cfg, tokenizer)
     if env.is_main:
