@@ -4,8 +4,9 @@ Trains a ``mot-debug`` run to step 6 (checkpoints step_4 and step_6), then for e
 mutates step_6 of a copy (``tests/train/checkpoint_fuzz.py``: truncation, byte flips, JSON keys
 added / removed / renamed / retyped, tensors added / removed / renamed / reshaped / cast /
 non-finite) and checks the property: ``pick_checkpoint`` + ``load_weights`` (eval, export,
-generate, serve) and resuming the run use a valid checkpoint or refuse with a one-line error;
-never a traceback or a hang. Prints how many examples ended which way.
+generate, serve) and resuming the run use a valid checkpoint (step_4, or the mutated step_6
+where it stayed valid); never an error, a traceback or a hang. Prints how many examples ended
+which way.
 
     python benchmarks/fuzz_checkpoints.py --examples 200 --pick-examples 1000 --seed 1
 

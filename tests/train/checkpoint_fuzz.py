@@ -4,8 +4,8 @@ A mutation damages one file of a checkpoint folder: bytes (truncation, a flipped
 of ``state.json`` (a key added, removed or renamed, a value replaced by one of another type) or
 the tensors of a safetensors file (one added, removed or renamed, reshaped, cast to another
 dtype, or holding NaN / inf). The property every reader must keep: it uses the newest valid
-checkpoint (the older one, or the mutated one when the mutation left it valid), or refuses with
-a one-line error; never a traceback or a hang.
+checkpoint (the older one, or the mutated one when the mutation left it valid); never an error,
+a traceback or a hang (the older checkpoint is always valid, so there is always a fallback).
 """
 
 from __future__ import annotations
@@ -188,18 +188,6 @@ def _with_alarm(seconds: int, fn):
         signal.signal(signal.SIGALRM, old)
 
 
-def _one_line_refusal(error: BaseException) -> str:
-    """The message of an acceptable refusal, or raise the error as a property violation."""
-    from sparsefusion.checkpoint.store import CheckpointError
-
-    message = str(error)
-    if isinstance(error, CheckpointError) and "\n" not in message:
-        # Weights with other names or shapes read as another architecture: a refusal by design.
-        if "does not match the model" in message:
-            return message
-    raise AssertionError(f"not a fallback: {type(error).__name__}: {message}") from error
-
-
 def check_resume(base: Path, work: Path, cache: str, mutation: Mutation) -> str:
     """Resume a copy of ``base`` whose newest checkpoint is mutated; returns the outcome."""
     from sparsefusion.checkpoint.store import checkpoint_dir
@@ -208,15 +196,9 @@ def check_resume(base: Path, work: Path, cache: str, mutation: Mutation) -> str:
 
     shutil.rmtree(work, ignore_errors=True)
     run_dir = shutil.copytree(base, work)
-    before = (run_dir / "metrics.jsonl").read_bytes()
     mutation.apply(checkpoint_dir(run_dir) / "step_00000006")
     logging.getLogger("sparsefusion").setLevel(logging.ERROR)
-    try:
-        _with_alarm(300, lambda: train(train_config(run_dir, cache)))
-    except Exception as e:  # noqa: BLE001 - every error is judged by the property
-        message = _one_line_refusal(e)
-        assert (run_dir / "metrics.jsonl").read_bytes() == before, "a refused run changed rows"
-        return f"refused: {message[:60]}"
+    _with_alarm(300, lambda: train(train_config(run_dir, cache)))  # any error fails the property
     rows = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
     assert rows == list(range(1, 8)), rows
     damaged = (checkpoint_dir(run_dir) / "damaged_step_00000006").is_dir()
@@ -227,10 +209,7 @@ def check_pick(base_mutated: Path, model: Any) -> str:
     """``pick_checkpoint`` + ``load_weights`` (eval, export, generate, serve) on a mutated run."""
     from sparsefusion.checkpoint.weights import load_weights, pick_checkpoint
 
-    try:
-        ckpt = _with_alarm(120, lambda: pick_checkpoint(base_mutated, model))
-        load_weights(ckpt, model)
-    except Exception as e:  # noqa: BLE001 - every error is judged by the property
-        return f"refused: {_one_line_refusal(e)[:60]}"
+    ckpt = _with_alarm(120, lambda: pick_checkpoint(base_mutated, model))  # any error fails
+    load_weights(ckpt, model)
     assert ckpt.name in ("step_00000004", "step_00000006"), ckpt
     return f"chose {ckpt.name}"

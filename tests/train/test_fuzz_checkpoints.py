@@ -1,8 +1,9 @@
 """Fuzzing checkpoints (issue 28): any mutation of the newest checkpoint of a run (truncation,
 byte flips, keys added, removed or renamed, type changes in state.json, tensors added, removed,
 renamed, reshaped, cast or made non-finite) leaves resume and ``pick_checkpoint`` (eval, export,
-generate, serve) on a valid checkpoint, or refusing with a one-line error; never a traceback or a
-hang. Seeded (derandomized) and bounded; ``benchmarks/fuzz_checkpoints.py`` runs more examples."""
+generate, serve) on a valid checkpoint (step 4, or the mutated step 6 where it stayed valid);
+never an error, a traceback or a hang. Seeded (derandomized) and bounded;
+``benchmarks/fuzz_checkpoints.py`` runs more examples."""
 
 from __future__ import annotations
 

@@ -113,10 +113,21 @@ def check_single(path: Path, spec: CheckpointSpec) -> None:
     model_file, optim_file = path / "model.safetensors", path / "optim.safetensors"
     with _Tensors(model_file) as weights, _Tensors(optim_file) as extra:
         saved = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
-        compare_shapes(saved, spec)
+        try:
+            compare_shapes(saved, spec)
+        except Mismatch as e:  # another architecture, unless the file changed after the save
+            if _changed(path, state.get("digests"), "model.safetensors"):
+                raise Damaged(f"model.safetensors is not the file that was saved ({e})") from e
+            raise
         _check_weights(weights, spec)
         _check_optim(extra, spec, num_params)
     _check_digests(path, state.get("digests"))
+
+
+def _changed(path: Path, digests: Any, name: str) -> bool:
+    """True when ``state.json`` records a digest of file ``name`` that it no longer has."""
+    want = digests.get(name) if isinstance(digests, dict) else None
+    return isinstance(want, str) and file_digest(path / name) != want
 
 
 def _check_digests(path: Path, digests: dict[str, Any] | None) -> None:
