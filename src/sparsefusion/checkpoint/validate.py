@@ -127,7 +127,14 @@ def check_single(path: Path, spec: CheckpointSpec) -> None:
 def _changed(path: Path, digests: Any, name: str) -> bool:
     """True when ``state.json`` records a digest of file ``name`` that it no longer has."""
     want = digests.get(name) if isinstance(digests, dict) else None
-    return isinstance(want, str) and file_digest(path / name) != want
+    return isinstance(want, str) and _digest(path / name) != want
+
+
+def _digest(file: Path) -> str:
+    try:
+        return file_digest(file)
+    except OSError as e:
+        raise Damaged(f"{file.name} is unreadable ({e})") from e
 
 
 def _check_digests(path: Path, digests: dict[str, Any] | None) -> None:
@@ -140,7 +147,7 @@ def _check_digests(path: Path, digests: dict[str, Any] | None) -> None:
     ):
         raise Damaged("state.json has malformed 'digests'")
     for name, want in digests.items():
-        if file_digest(path / name) != want:
+        if _digest(path / name) != want:
             raise Damaged(f"{name} is not the file that was saved (its SHA-256 differs)")
 
 
