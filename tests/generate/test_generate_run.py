@@ -28,8 +28,9 @@ def _write_run(tmp_path, tok, model, aux=None):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    loader = {k: 0 for k in ("version", "rank", "world_size", "docs_read", "tokens_emitted")}
-    state = {"tokens": 0, "flops": 0, "loader": {**loader, "buffer": []}}
+    buffer = {"ids": [], "modality": [], "position": [], "document": []}
+    loader = {"version": 1, "rank": 0, "world_size": 1, "docs_read": 0, "tokens_emitted": 0}
+    state = {"tokens": 0, "flops": 0, "loader": {**loader, "buffer": buffer}}
     save_checkpoint(run, 10, model, torch.optim.SGD(model.parameters(), lr=0.1), state)
     if aux is not None:
         (run / "aux_routers").mkdir()
@@ -137,3 +138,28 @@ def test_speech_modes_write_wavs(tmp_path):
     with wave.open(str(out / "sample_000_speech_0.wav")) as w:
         assert w.getframerate() == 16000 and w.getnframes() == tts.segments[0].audio.size
     assert "<audio controls" in (out / "index.html").read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "nan"])
+def test_damaged_aux_routers_are_a_one_line_error(tmp_path, damage):
+    """generate raises CheckpointError naming the file; eval (load_aux_routers) says why."""
+    from sparsefusion.checkpoint.store import CheckpointError
+    from sparsefusion.generate.run import load_run
+    from sparsefusion.runs.folder import aux_routers_path, load_aux_routers, load_model, run_config
+
+    tok = tiny_tokenizer()
+    model, aux = tiny_generator_model(tok, "moe_ec")
+    run = _write_run(tmp_path, tok, model, aux)
+    file = aux_routers_path(run)
+    if damage == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    elif damage == "garbage":
+        file.write_bytes(b"\xff" * 64)
+    else:
+        state = {k: torch.full_like(v, float("nan")) for k, v in aux.state_dict().items()}
+        save_file(state, str(file))
+    with pytest.raises(CheckpointError) as e:
+        load_run(run)
+    assert str(file) in str(e.value) and "\n" not in str(e.value)
+    loaded, why = load_aux_routers(run, load_model(run, run_config(run))[0])
+    assert loaded is None and str(file) in why

@@ -4,7 +4,8 @@ Layout of one checkpoint (``<run_dir>/checkpoints/step_00000100/``)::
 
     model.safetensors      model weights
     optim.safetensors      optimizer tensors (moments, step counts) and RNG states
-    state.json             step, tokens, FLOPs, data-loader state, optimizer param groups
+    state.json             step, tokens, FLOPs, data-loader state, optimizer param groups and
+                           the SHA-256 of the two tensor files
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash during a save
 leaves the previous checkpoint intact; nothing is ever unpickled on load.
@@ -12,12 +13,15 @@ leaves the previous checkpoint intact; nothing is ever unpickled on load.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +35,53 @@ from sparsefusion.runtime import faults
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")  # a checkpoint folder (complete or not)
+DIGESTED = ("model.safetensors", "optim.safetensors")  # files whose SHA-256 state.json records
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+class DiskWriteError(CheckpointError):
+    """A run-folder file (config, metrics, export, aux routers) could not be written."""
+
+
+def write_error_message(file: Path, error: BaseException) -> str:
+    """One line for a failed write of ``file``, saying so when the disk is full."""
+    if _no_space(error):
+        return f"disk full: no space left on device while writing {file} (free space): {error}"
+    return f"could not write {file}: {error}"
+
+
+def write_atomic(file: Path, write: Callable[[Path], None]) -> None:
+    """Write ``file`` through ``write(tmp)`` into a sibling temporary file, then rename it into
+    place: the old file stays whole until the new one is complete.
+
+    Raises:
+        DiskWriteError: the write failed (full disk, permissions); the temporary file is gone.
+    """
+    file = Path(file)
+    tmp = file.with_name(f".{file.name}.tmp_{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DiskWriteError(write_error_message(file, e)) from e
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def file_digest(file: Path) -> str:
+    """SHA-256 of a file (hex): ``state.json`` records those of the tensor files, so a byte
+    changed after the save (a flipped bit, a partial copy) is found before the file is used."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -48,6 +91,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
     return max(done, key=lambda p: int(p.name[5:])) if done else None
+
+
+def append_row(file: Path, row: dict[str, Any]) -> None:
+    """Append one JSON row to ``file``; on a failed write the file is cut back to its old end
+    (never left ending in a half-written row).
+
+    Raises:
+        DiskWriteError: the row could not be written (the message names the file).
+    """
+    data = (json.dumps(row) + "\n").encode()
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DiskWriteError(write_error_message(file, e)) from e
+    end = -1
+    try:
+        end = os.fstat(fd).st_size
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError as e:
+        if end >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+        raise DiskWriteError(write_error_message(file, e)) from e
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -72,7 +141,8 @@ def save_checkpoint(
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update(rng_tensors())
         save_file(tensors, str(tmp / "optim.safetensors"))
-        payload = dict(state, step=step, param_groups=groups)
+        digests = {name: file_digest(tmp / name) for name in DIGESTED}
+        payload = dict(state, step=step, param_groups=groups, digests=digests)
         (tmp / "state.json").write_text(json.dumps(payload))
         fsync_tree(tmp)
         if final.exists():
@@ -154,15 +224,18 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 def disk_error_message(final: Path, error: BaseException) -> str:
     """A clear message for a failed checkpoint write, naming the path (and a full disk)."""
-    nospace = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
-        "No space left" in str(error)
-    )
-    if nospace:
+    if _no_space(error):
         return (
             f"disk full: no space left on device while writing checkpoint {final}; the previous "
             f"checkpoint is intact (free space or lower run.keep_checkpoints): {error}"
         )
     return f"could not write checkpoint {final}: {error}"
+
+
+def _no_space(error: BaseException) -> bool:
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        "No space left" in str(error)
+    )
 
 
 def fsync_tree(path: Path) -> None:

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from sparsefusion.checkpoint.resume import (
-    check_checkpoint,
-    model_shapes,
-    select_checkpoint,
-    step_folders,
-)
+from sparsefusion.checkpoint.resume import check_checkpoint, select_checkpoint, step_folders
 from sparsefusion.checkpoint.store import CheckpointError, checkpoint_dir
 
 
@@ -38,7 +34,7 @@ def pick_checkpoint(run_dir: Path, model: nn.Module, step: int | None = None) ->
     if not ckpt.is_dir():
         have = [p.name for p in reversed(step_folders(run_dir))]
         raise CheckpointError(f"checkpoint {step}: {ckpt} does not exist; the run has {have}")
-    problem = check_checkpoint(ckpt, model_shapes(model))
+    problem = check_checkpoint(ckpt, model)
     if problem is not None:
         raise CheckpointError(f"checkpoint {step}: {ckpt} is {problem.kind}: {problem.detail}")
     return ckpt
@@ -54,5 +50,5 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
         return
     try:
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"cannot load {ckpt / 'model.safetensors'}: {e}") from e

@@ -13,7 +13,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from sparsefusion.checkpoint.resume import step_folders
-from sparsefusion.checkpoint.store import CheckpointError
+from sparsefusion.checkpoint.store import (
+    CheckpointError,
+    DiskWriteError,
+    write_atomic,
+    write_error_message,
+)
 from sparsefusion.config import from_dict, load_yaml
 from sparsefusion.models.transformer import ModelConfig, Transformer
 from sparsefusion.runs.folder import CONFIG_FILE, config_path, load_model, run_config
@@ -30,6 +35,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     Raises:
         CheckpointError: when the run has no usable checkpoint or it does not match its config.
+        DiskWriteError: an output file could not be written (full disk); the message names it.
     """
     run_dir = Path(run_dir)
     if not step_folders(run_dir):
@@ -40,10 +46,16 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise CheckpointError(f"{config_path(run_dir)}: not a usable run config ({e})") from e
     model, ckpt, _ = load_model(run_dir, cfg)  # the newest valid checkpoint
     out = Path(out) if out is not None else run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiskWriteError(write_error_message(out, e)) from e
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"checkpoint": ckpt.name})
-    (out / CONFIG_FILE).write_text(config_path(run_dir).read_text())
+    meta = {"checkpoint": ckpt.name}
+    # Each file is written whole or not at all (a full disk leaves the previous export intact).
+    write_atomic(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    config = config_path(run_dir).read_text()
+    write_atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(config))
     return out
 
 

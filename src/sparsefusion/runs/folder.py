@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsefusion.checkpoint.resume import step_folders
-from sparsefusion.checkpoint.store import CheckpointError
+from sparsefusion.checkpoint.store import CheckpointError, append_row, write_atomic
 from sparsefusion.checkpoint.weights import load_weights, pick_checkpoint
 from sparsefusion.config import dump_yaml, from_dict, load_yaml, to_dict
 from sparsefusion.data.prefetch import LOADING_KEYS
@@ -50,7 +51,51 @@ def run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def write_config(run_dir: str | Path, cfg: TrainConfig) -> None:
-    dump_yaml(cfg, config_path(run_dir))
+    """Write the resolved config (atomically: a full disk leaves the previous file whole).
+
+    Raises:
+        DiskWriteError: the file could not be written (the message names it).
+    """
+    write_atomic(config_path(run_dir), lambda tmp: dump_yaml(cfg, tmp))
+
+
+def refuse_lost_history(run_dir: str | Path, save_every: int) -> None:
+    """Refuse to train in a run folder whose checkpoints are gone but whose metrics show that
+    one was written (a row at or past step ``save_every``, the first save).
+
+    Starting again at step 0 there would truncate ``metrics.jsonl`` (the run's history) and,
+    later, replace its checkpoints. A run killed before its first checkpoint has nothing to lose
+    and starts again as before. Damaged checkpoints count as present: the resume check reports
+    them.
+
+    Raises:
+        ValueError: the folder has such metrics rows and no ``checkpoints/step_*`` folder.
+    """
+    metrics = Path(run_dir) / METRICS_FILE
+    if step_folders(Path(run_dir)):
+        return
+    last = _last_step(metrics)
+    if last is None or last < save_every:
+        return
+    raise ValueError(
+        f"{run_dir} holds the metrics of an earlier run up to step {last} ({metrics}) but no "
+        "checkpoint to resume from (checkpoints/ is gone); refusing to start over at step 0 and "
+        "overwrite its history. To start over, use another run.dir or delete the folder"
+    )
+
+
+def _last_step(metrics: Path) -> int | None:
+    """The largest ``step`` of a metrics file's rows (None: no file or no rows)."""
+    if not metrics.is_file():  # a FIFO or folder named metrics.jsonl is not read
+        return None
+    last = None
+    with metrics.open("rb") as f:
+        for line in f:
+            with contextlib.suppress(ValueError, AttributeError):
+                step = json.loads(line).get("step")
+                if isinstance(step, int) and (last is None or step > last):
+                    last = step
+    return last
 
 
 def check_resume_config(run_dir: str | Path, cfg: TrainConfig) -> None:
@@ -123,9 +168,16 @@ def load_aux_routers(
         )
     aux = AuxRouters(model.cfg.dim, model.router_sites())
     try:
-        aux.load_state_dict(load_file(str(path)), strict=True)
-    except (RuntimeError, ValueError, OSError) as e:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        return None, f"auxiliary routers {path} are unreadable or truncated ({e})"
+    try:
+        aux.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError) as e:
         return None, f"auxiliary routers {path} do not fit this model ({e})"
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        return None, f"auxiliary routers {path} hold non-finite values ({bad[:3]})"
     return aux.to(device).eval().requires_grad_(False), ""
 
 
@@ -134,11 +186,8 @@ def save_aux_routers(run_dir: str | Path, aux: AuxRouters, row: dict[str, Any]) 
     out = Path(run_dir) / AUX_DIR
     out.mkdir(exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()}
-    tmp = out / ".aux_routers.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(aux_routers_path(run_dir))
-    with open(out / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    write_atomic(aux_routers_path(run_dir), lambda tmp: save_file(state, str(tmp)))
+    append_row(out / METRICS_FILE, row)
     return aux_routers_path(run_dir)
 
 
@@ -173,6 +222,7 @@ __all__ = [
     "load_aux_routers",
     "load_model",
     "read_metrics",
+    "refuse_lost_history",
     "require_checkpoint",
     "run_config",
     "save_aux_routers",

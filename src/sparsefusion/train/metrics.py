@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sparsefusion.checkpoint.store import append_row, write_atomic
 from sparsefusion.distributed.mesh import all_reduce_sum
 from sparsefusion.objectives.forward import LoggedSums, StepOutput, means
 
@@ -19,14 +20,15 @@ log = logging.getLogger(__name__)
 class MetricsLogger:
     """Appends rows to ``<run_dir>/metrics.jsonl`` and TensorBoard events under ``<run_dir>/tb``.
 
-    On resume, rows newer than the restored step are dropped first, so the file always reads like
-    the log of one uninterrupted run.
+    On resume, rows newer than the restored step are dropped first (the file is rewritten
+    atomically), so the file always reads like the log of one uninterrupted run. A row that
+    cannot be written (full disk) is a :class:`DiskWriteError` naming the file, and the file is
+    left ending in its last whole row.
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         _truncate_after(self.path, resume_step)
-        self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             try:
@@ -38,8 +40,7 @@ class MetricsLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         """Write one row (must contain ``step``)."""
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        append_row(self.path, row)
         if self._tb is not None:
             prefix = "val/" if row.get("split") == "val" else "train/"
             for key, value in row.items():
@@ -47,23 +48,27 @@ class MetricsLogger:
                     self._tb.add_scalar(prefix + key, value, row["step"])
 
     def close(self) -> None:
-        self._file.close()
         if self._tb is not None:
             self._tb.close()
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    if not path.exists():
+    if not path.is_file():
         return
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a row cut short by a crash
-        if row.get("step", 0) <= step:
+        row_step = row.get("step", 0) if isinstance(row, dict) else 0
+        if not isinstance(row_step, int | float) or row_step <= step:
             kept.append(line)
-    path.write_text("".join(k + "\n" for k in kept))
+    if len(kept) < len(lines) or not text.endswith("\n"):
+        new = "".join(k + "\n" for k in kept)
+        write_atomic(path, lambda tmp: tmp.write_text(new))
 
 
 class LogWindow:

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from sparsefusion.checkpoint.resume import resume_checkpoint
+from sparsefusion.checkpoint.resume import resume_checkpoint, step_folders
 from sparsefusion.checkpoint.store import checkpoint_dir
 from sparsefusion.checkpoint.training import TrainState, load_training, save_training
+from sparsefusion.checkpoint.validate import checkpoint_spec
 from sparsefusion.distributed.mesh import (
     DistEnv,
     all_reduce_sum,
@@ -38,7 +39,7 @@ from sparsefusion.objectives.base import build_objective
 from sparsefusion.objectives.validate import evaluate
 from sparsefusion.runs.config import TrainConfig
 from sparsefusion.runs.data import data_for
-from sparsefusion.runs.folder import check_resume_config, write_config
+from sparsefusion.runs.folder import check_resume_config, refuse_lost_history, write_config
 from sparsefusion.runs.tokenizer import finalize_config, training_tokenizer
 from sparsefusion.runtime import faults, preempt, run_lock
 from sparsefusion.runtime.device import resolve_device, training_autocast
@@ -91,24 +92,30 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
             f"backward on {env.device.type}); use model.attention_backend=sdpa"
         )
     torch.manual_seed(cfg.seed)
+    refuse_lost_history(run_dir, cfg.run.save_every)  # never start over on a run's history
     tokenizer = training_tokenizer(cfg, env, progress=use_bar(cfg.run.progress) and env.is_main)
     cfg = finalize_config(cfg, tokenizer)
     if env.is_main:
         check_resume_config(run_dir, cfg)
-        write_config(run_dir, cfg)
     barrier()
 
     model = Transformer(cfg.model)
     model.init_weights()
-    ckpt = resume_checkpoint(run_dir, model, env)  # validated; damaged ones moved aside
-    apply_init(model, cfg, tokenizer.vocab, resumed=ckpt is not None)  # init.from_hf / freeze
+    # With step folders present the run resumes (from a valid one) or is refused below.
+    resuming = bool(step_folders(run_dir))
+    apply_init(model, cfg, tokenizer.vocab, resumed=resuming)  # init.from_hf / freeze
     seed_state = None
-    if ckpt is None and cfg.model.upcycle_from:  # fresh run only: a resumed run never copies again
+    if not resuming and cfg.model.upcycle_from:  # fresh run only: never copies again on resume
         seed_state = upcycle(model, cfg.model.upcycle_from)
+    spec = checkpoint_spec(model)  # names, shapes and dtypes of the unwrapped model
     model.to(env.device)
     num_params = sum(p.numel() for p in model.parameters())
     model = parallelize_model(model, cfg.dist, env)
     optimizer = build_optimizer(model, cfg.optim)
+    # Validated against the model and optimizer; damaged ones moved aside.
+    ckpt = resume_checkpoint(run_dir, spec.with_optimizer(optimizer), env) if resuming else None
+    if env.is_main:  # once the checkpoint is chosen: a refused run changes no file
+        write_config(run_dir, cfg)
     loaders = data_for(cfg, "train", tokenizer, rank=env.rank, world_size=env.world_size,
                        device=env.device)  # fmt: skip
     val = data_for(cfg, "val", tokenizer)
