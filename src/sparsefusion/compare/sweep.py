@@ -275,16 +275,9 @@ class _Scheduler:
 
 
 def _last_step(run_dir: Path) -> int:
-    """The step of the last complete row of ``metrics.jsonl`` (0 when none)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    for line in reversed(path.read_text(errors="replace").splitlines()):
-        try:
-            return int(json.loads(line).get("step", 0))
-        except (ValueError, TypeError, AttributeError):
-            continue  # a row being written
-    return 0
+    from sparsefusion.runs.folder import last_logged_step
+
+    return last_logged_step(run_dir) or 0
 
 
 def _has_val_rows(run_dir: Path) -> bool:

@@ -74,7 +74,7 @@ def refuse_lost_history(run_dir: str | Path, save_every: int) -> None:
     metrics = Path(run_dir) / METRICS_FILE
     if step_folders(Path(run_dir)):
         return
-    last = _last_step(metrics)
+    last = last_logged_step(run_dir)
     if last is None or last < save_every:
         return
     raise ValueError(
@@ -84,8 +84,10 @@ def refuse_lost_history(run_dir: str | Path, save_every: int) -> None:
     )
 
 
-def _last_step(metrics: Path) -> int | None:
-    """The largest ``step`` of a metrics file's rows (None: no file or no rows)."""
+def last_logged_step(run_dir: str | Path) -> int | None:
+    """The largest ``step`` of the run's ``metrics.jsonl`` rows (None: no file or no rows; a
+    half-written row is skipped)."""
+    metrics = Path(run_dir) / METRICS_FILE
     if not metrics.is_file():  # a FIFO or folder named metrics.jsonl is not read
         return None
     last = None
@@ -219,6 +221,7 @@ __all__ = [
     "check_resume_config",
     "config_path",
     "is_run_folder",
+    "last_logged_step",
     "load_aux_routers",
     "load_model",
     "read_metrics",
