@@ -27,7 +27,7 @@ def gated(tiny_runs):
     gate = threading.Event()
     backend = FakeBackend(gate=gate)
     catalog = RunCatalog([tiny_runs["mot"], tiny_runs["dense"]])
-    app = create_app(catalog, backend, Limits(queue_size=2))
+    app = create_app(catalog, backend, Limits(queue_size=2, max_batch=1))
     yield app, backend, gate, catalog
     gate.set()
 
@@ -68,7 +68,9 @@ def test_full_queue_answers_503_and_models_run_one_job_at_a_time(gated):
 
 def test_queue_size_zero_admits_one(tiny_runs):
     gate = threading.Event()
-    app = create_app(RunCatalog([tiny_runs["mot"]]), FakeBackend(gate=gate), Limits(queue_size=0))
+    app = create_app(
+        RunCatalog([tiny_runs["mot"]]), FakeBackend(gate=gate), Limits(queue_size=0, max_batch=1)
+    )
     client = TestClient(app)
     results: list[int] = []
     thread = _post_in_thread(client, "mot", results)

@@ -11,6 +11,8 @@ import ipaddress
 import logging
 import sys
 
+from sparsefusion.cli.generate_cmd import add_step_arguments
+
 log = logging.getLogger(__name__)
 
 
@@ -27,14 +29,26 @@ def add_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
-    p.add_argument("--queue-size", type=int, default=4, help="waiting requests per model")
+    add_step_arguments(p)
+    p.add_argument("--queue-size", type=int, default=4,
+                   help="requests per model that may wait besides a running batch")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=Limits.max_batch,
+                   help="requests one model decodes together (1: one at a time)")  # fmt: skip
     p.add_argument("--max-upload-mb", type=float, default=4.0, help="largest image upload")
     p.add_argument("--max-prompt-chars", type=int, default=2000)
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_new_tokens")
-    p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
-                   help="largest uploaded image, width x height (read before decoding)")
-    p.add_argument("--max-body-kb", type=float, default=Limits.max_body_bytes / 1024,
-                   help="largest JSON body, checked before parsing")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=Limits.max_image_pixels,
+        help="largest uploaded image, width x height (read before decoding)",
+    )
+    p.add_argument(
+        "--max-body-kb",
+        type=float,
+        default=Limits.max_body_bytes / 1024,
+        help="largest JSON body, checked before parsing",
+    )
     p.add_argument("--max-json-depth", type=int, default=Limits.max_json_depth)
     p.add_argument("--max-samples", type=int, default=Limits.max_samples,
                    help="most samples per request")  # fmt: skip
@@ -46,7 +60,7 @@ def limits_from_args(args: argparse.Namespace):
     from sparsefusion.serve.params import Limits
 
     names = ("queue_size", "max_prompt_chars", "max_new_tokens", "port", "max_image_pixels",
-             "max_json_depth", "max_samples")  # fmt: skip
+             "max_json_depth", "max_samples", "max_batch")  # fmt: skip
     for name in names:
         low = 0 if name == "queue_size" else 1
         if getattr(args, name) < low:
@@ -59,6 +73,7 @@ def limits_from_args(args: argparse.Namespace):
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_new_tokens=args.max_new_tokens,
         queue_size=args.queue_size,
+        max_batch=args.max_batch,
         max_image_pixels=args.max_image_pixels,
         max_body_bytes=int(args.max_body_kb * 1024),
         max_json_depth=args.max_json_depth,
@@ -84,7 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     catalog = RunCatalog(args.run_dirs)
     loopback = _loopback(args.host)
     hosts = ["127.0.0.1", "localhost", args.host] if loopback else None
-    app = create_app(catalog, GeneratorBackend(args.device), limits, allowed_hosts=hosts)
+    app = create_app(
+        catalog,
+        GeneratorBackend(args.device, "compiled" if args.compile else args.step),
+        limits,
+        allowed_hosts=hosts,
+    )
     if not loopback:
         log.warning("serving on %s: anyone who can reach this address can use it", args.host)
     for run in catalog:

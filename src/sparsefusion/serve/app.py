@@ -41,10 +41,9 @@ from starlette.types import Message, Receive
 from sparsefusion.checkpoint.store import CheckpointError
 from sparsefusion.data.issues import BadInput
 from sparsefusion.data.limits import parse_json
-from sparsefusion.serve.models import Backend, LoadedModel, ModelPool, QueueFull
+from sparsefusion.serve.models import Backend, ModelPool, QueueFull
 from sparsefusion.serve.params import (
     FieldError,
-    GenerateParams,
     Limits,
     decode_image,
     parse_checkpoint,
@@ -56,7 +55,7 @@ from sparsefusion.serve.render import sample_json
 from sparsefusion.serve.runs import RunCatalog, RunInfo, summary
 
 if TYPE_CHECKING:
-    from sparsefusion.generate import Sample
+    pass
 
 log = logging.getLogger(__name__)
 STATIC = resources.files("sparsefusion.serve") / "static"
@@ -79,7 +78,7 @@ def create_app(
             the loopback names, so a web page cannot reach it through DNS rebinding.
     """
     limits = limits or Limits()
-    pool = ModelPool(backend, limits.queue_size)
+    pool = ModelPool(backend, limits.queue_size, limits.max_batch)
     app = FastAPI(
         title="sparsefusion serve",
         docs_url=None,  # FastAPI's docs page loads its scripts from a CDN
@@ -234,7 +233,7 @@ def _add_generate(app: FastAPI, catalog: RunCatalog, pool: ModelPool, limits: Li
         run = _run(catalog, params.run)
         step, slot = await run_in_threadpool(pool.slot, run, params.checkpoint)
         admitted = time.perf_counter()
-        samples, started, done = await slot.submit(lambda model: _generate(model, params))
+        samples, started, done = await slot.generate(params)
         rendered = await run_in_threadpool(lambda: [sample_json(s) for s in samples])
         new_tokens = sum(s["new_tokens"] for s in rendered)
         return {
@@ -248,16 +247,6 @@ def _add_generate(app: FastAPI, catalog: RunCatalog, pool: ModelPool, limits: Li
             "wait_seconds": started - admitted,
             "tokens_per_s": new_tokens / (done - started) if done > started else None,
         }
-
-
-def _generate(model: LoadedModel, params: GenerateParams) -> tuple[list[Sample], float, float]:
-    if params.mode not in model.modes:
-        raise FieldError(
-            "mode", f"run {params.run!r} cannot serve {params.mode!r} (modes: {model.modes})"
-        )
-    started = time.perf_counter()
-    samples = model.generate(params)
-    return samples, started, time.perf_counter()
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:

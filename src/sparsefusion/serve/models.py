@@ -1,17 +1,24 @@
-"""Models loaded once and kept; one generation at a time per model, with a bounded queue.
+"""Models loaded once and kept; requests to one model decode together in batches, bounded.
 
-A model is a (run, checkpoint step) pair. Its :class:`ModelSlot` loads it on first use (under the
-slot's lock, so it is loaded once), then runs one job at a time; at most ``1 + queue_size`` jobs
-are admitted at once (one running, the rest waiting), and a job beyond that is refused with
-:class:`QueueFull` (the API answers 503). Jobs run in worker threads, so the server keeps
-answering other requests (other models, pages, plots) while a model generates.
+A model is a (run, checkpoint step) pair. Its :class:`ModelSlot` loads it on first use (once),
+then runs its generation requests in batches: requests that arrive while a batch decodes wait and
+join the next batch (at most ``max_batch`` requests in one), so concurrent clients share decode
+steps instead of queueing behind each other. At most ``max_batch + queue_size`` requests are
+admitted at once; one beyond that is refused with :class:`QueueFull` (the API answers 503 with
+Retry-After). A request whose client goes away before its batch starts leaves the queue at once;
+one that goes away during its batch has its rows ended at the next decode step. Batches run in a
+worker thread, so the server keeps answering other requests (other models, pages, plots).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +32,7 @@ T = TypeVar("T")
 
 
 class LoadedModel(Protocol):
-    """What the server needs of a loaded model."""
+    """What the server needs of a loaded model (``generate_batch`` is optional)."""
 
     modes: list[str]
 
@@ -44,21 +51,44 @@ class QueueFull(RuntimeError):
     """A model's queue is full."""
 
 
+@dataclass
+class _Job:
+    """One generation request waiting for (or in) a batch."""
+
+    params: GenerateParams
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+Generated = tuple[list[Any], float, float]  # samples, batch start, batch end (perf_counter)
+
+
 class ModelSlot:
-    """One model: loaded once, one job at a time, at most ``1 + queue_size`` jobs admitted.
+    """One model: loaded once, its requests decoded in batches of at most ``max_batch``.
 
     Args:
-        loader: builds the model (called once, on the first job).
-        queue_size: jobs that may wait while one runs.
+        loader: builds the model (called once, by the first batch or job).
+        queue_size: requests that may wait besides a running batch.
+        max_batch: requests decoded together (1: one at a time).
     """
 
-    def __init__(self, loader: Callable[[], LoadedModel], queue_size: int) -> None:
+    def __init__(
+        self, loader: Callable[[], LoadedModel], queue_size: int, max_batch: int = 1
+    ) -> None:
+        if max_batch < 1 or queue_size < 0:
+            raise ValueError(
+                f"max_batch must be >= 1 and queue_size >= 0 ({max_batch}, {queue_size})"
+            )
         self._loader = loader
         self._model: LoadedModel | None = None
-        self._run_lock = threading.Lock()
-        self._count_lock = threading.Lock()
+        self._run_lock = threading.Lock()  # one batch or job on the model at a time
+        self._lock = threading.Lock()  # the queue and the counts
+        self._pending: list[_Job] = []
+        self._worker = False
         self._admitted = 0
-        self.capacity = 1 + queue_size
+        self.max_batch = max_batch
+        self.capacity = max_batch + queue_size
+        self.batch_sizes: list[int] = []  # every batch run so far (GET /models, tests)
 
     @property
     def loaded(self) -> bool:
@@ -71,36 +101,121 @@ class ModelSlot:
 
     @property
     def admitted(self) -> int:
-        """Jobs running or waiting now."""
+        """Requests running or waiting now."""
         return self._admitted
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the next batch."""
+        return len(self._pending)
+
     def _enter(self) -> None:
-        with self._count_lock:
+        with self._lock:
             if self._admitted >= self.capacity:
                 raise QueueFull(f"{self._admitted} requests are running or waiting for this model")
             self._admitted += 1
 
     def _leave(self) -> None:
-        with self._count_lock:
+        with self._lock:
             self._admitted -= 1
+
+    def _loaded(self) -> LoadedModel:
+        if self._model is None:
+            self._model = self._loader()
+        return self._model
 
     def _run(self, job: Callable[[LoadedModel], T]) -> T:
         with self._run_lock:
-            if self._model is None:
-                self._model = self._loader()
-            return job(self._model)
+            return job(self._loaded())
 
     async def submit(self, job: Callable[[LoadedModel], T]) -> T:
-        """Run ``job(model)`` in a worker thread after the jobs admitted before it.
+        """Run ``job(model)`` in a worker thread, between batches (e.g. reading its modes).
 
         Raises:
-            QueueFull: ``1 + queue_size`` jobs are already admitted.
+            QueueFull: ``max_batch + queue_size`` requests are already admitted.
         """
         self._enter()
         try:
             return await run_in_threadpool(self._run, job)
         finally:
             self._leave()
+
+    async def generate(self, params: GenerateParams) -> Generated:
+        """Samples for ``params``, decoded in the next batch with whatever else is waiting.
+
+        Raises:
+            QueueFull: ``max_batch + queue_size`` requests are already admitted.
+            FieldError: the model cannot serve the request (e.g. its mode).
+        """
+        self._enter()
+        job = _Job(params)
+        with self._lock:
+            self._pending.append(job)
+            start, self._worker = not self._worker, True
+        if start:
+            threading.Thread(target=self._work, name="sparsefusion-batch", daemon=True).start()
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:  # the client went away
+            job.cancelled.set()
+            with self._lock:
+                if job in self._pending:
+                    self._pending.remove(job)
+            raise
+        finally:
+            self._leave()
+
+    def _work(self) -> None:
+        """Run batches until nothing waits (the one worker of this slot)."""
+        while True:
+            with self._lock:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: len(batch)]
+                if not batch:
+                    self._worker = False
+                    return
+            try:
+                with self._run_lock:
+                    self._run_batch(self._loaded(), batch)
+            except BaseException as e:  # e.g. a damaged checkpoint: every job of the batch
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+
+    def _run_batch(self, model: LoadedModel, batch: list[_Job]) -> None:
+        jobs = []
+        for job in batch:
+            if job.params.mode not in model.modes:
+                why = f"run {job.params.run!r} cannot serve {job.params.mode!r} ({model.modes})"
+                job.future.set_exception(FieldError("mode", why))
+            else:
+                jobs.append(job)
+        if not jobs:
+            return
+        self.batch_sizes.append(len(jobs))
+        started = time.perf_counter()
+        run_batch = getattr(model, "generate_batch", None)
+        if run_batch is None or len(jobs) == 1:
+            for job in jobs:
+                t0 = time.perf_counter()
+                _settle(job, lambda j=job: model.generate(j.params), t0)
+            return
+        results = run_batch([j.params for j in jobs], [j.cancelled for j in jobs])
+        done = time.perf_counter()
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result((result, started, done))
+
+
+def _settle(job: _Job, run: Callable[[], Sequence[Any]], started: float) -> None:
+    try:
+        samples = list(run())
+    except Exception as e:
+        job.future.set_exception(e)
+        return
+    job.future.set_result((samples, started, time.perf_counter()))
 
 
 class ModelPool:
@@ -109,11 +224,12 @@ class ModelPool:
     Args:
         backend: loads models.
         queue_size: per-model queue length.
+        max_batch: requests one model decodes together.
     """
 
-    def __init__(self, backend: Backend, queue_size: int) -> None:
+    def __init__(self, backend: Backend, queue_size: int, max_batch: int = 1) -> None:
         self.backend = backend
-        self.queue_size = queue_size
+        self.queue_size, self.max_batch = queue_size, max_batch
         self._slots: dict[tuple[str, int], ModelSlot] = {}
         self._lock = threading.Lock()
 
@@ -141,7 +257,9 @@ class ModelPool:
         key = (run.name, step)
         with self._lock:
             if key not in self._slots:
-                self._slots[key] = ModelSlot(lambda: self.backend.load(run, step), self.queue_size)
+                self._slots[key] = ModelSlot(
+                    lambda: self.backend.load(run, step), self.queue_size, self.max_batch
+                )
             return step, self._slots[key]
 
     def loaded(self) -> list[tuple[str, int]]:

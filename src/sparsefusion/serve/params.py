@@ -54,7 +54,9 @@ class Limits:
         max_json_depth: deepest nesting of a JSON body, checked before it is parsed.
         max_samples: most samples per request.
         max_new_tokens: most new tokens per sample.
-        queue_size: requests that may wait per model while one generates (more: 503).
+        queue_size: requests that may wait per model besides a running batch (more: 503).
+        max_batch: requests one model decodes together (those that arrive while a batch runs
+            join the next one; 1 = one request at a time).
     """
 
     max_prompt_chars: int = 2000
@@ -65,6 +67,7 @@ class Limits:
     max_samples: int = 8
     max_new_tokens: int = 2048
     queue_size: int = 4
+    max_batch: int = 16
 
 
 MODES = (
