@@ -156,8 +156,13 @@ FILES = ["manifest.json", "train/shard_00000.json", "train/shard_00000.ids.npy",
     file=st.sampled_from(FILES),
     kind=st.sampled_from(["flip", "truncate", "json"]),
     pos=st.floats(0, 1),
-    value=st.one_of(st.integers(-(2**40), 2**40), st.text(max_size=5), st.none(),
-                    st.booleans(), st.lists(st.integers(), max_size=3)),  # fmt: skip
+    value=st.one_of(
+        st.integers(-(2**40), 2**40),
+        st.text(max_size=5),
+        st.none(),
+        st.booleans(),
+        st.lists(st.integers(), max_size=3),
+    ),  # fmt: skip
 )
 def test_any_mutation_is_a_named_error_or_a_clean_read(shards, tmp_path_factory, file, kind, pos,
                                                        value):  # fmt: skip

@@ -108,7 +108,7 @@ def _fake_generate_module(quality: str, lookup: dict):
         modes = ("text", "text_to_image", "image_to_text")
 
         @classmethod
-        def from_run(cls, run_dir, checkpoint=None, device="cpu"):
+        def from_run(cls, run_dir, checkpoint=None, device="cpu", step="auto"):
             if quality == "unloadable":
                 raise ValueError("needs auxiliary routers: run `sparsefusion train-aux`")
             return cls()

@@ -47,7 +47,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     diffusion = _check_early(base, args)
     gen = Generator.from_run(
-        args.run_dir, checkpoint=args.checkpoint, device=args.device, diffusion=diffusion
+        args.run_dir,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        diffusion=diffusion,
+        step="compiled" if args.compile else args.step,
     )
     if args.demo:
         from sparsefusion.generate.demo import demo_requests
@@ -158,25 +162,37 @@ def _check_early(base, args: argparse.Namespace):
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
-    from sparsefusion.bench.decode import DecodeBenchSettings, run_decode_bench
+    from sparsefusion.bench.decode import DecodeBenchSettings, markdown_table, run_decode_bench
 
     if args.out:
         check_out_file(args.out, "--out")
-
     settings = DecodeBenchSettings(
         arch=args.arch,
         overrides=args.overrides,
-        batch=args.batch,
+        batches=args.batch,
+        modes=args.modes,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         threads=args.threads,
         device=args.device,
     )
-    row = run_decode_bench(settings)
-    print(json.dumps(row, indent=1))
+    result = run_decode_bench(settings)
+    print(markdown_table(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(row, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """``--step`` and ``--compile``: how the decode loop runs one token per row."""
+    p.add_argument(
+        "--step",
+        default="auto",
+        choices=["auto", "eager", "static", "compiled"],
+        help="decode step: static shapes (static), compiled once per batch bucket (compiled), "
+        "the general step (eager); auto compiles batches of 4096+ new tokens",
+    )
+    p.add_argument("--compile", action="store_true", help="the same as --step compiled")
 
 
 def add_commands(sub) -> None:
@@ -238,14 +254,23 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--checkpoint", type=int, default=None, help="step (default: the newest)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
+    add_step_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser(
-        "bench-generate", help="decode tokens/s with the KV cache vs recomputing the prefix"
+        "bench-generate",
+        help="decode tokens/s: eager, static and compiled steps vs recomputing the prefix",
     )
     p.add_argument("--arch", default="mot", help="a preset name (mot, dense, moma-4t4i, ...)")
     p.add_argument("overrides", nargs="*", help="model.key=value overrides of the preset")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, e.g. 1 8 32")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["recompute", "eager", "static", "compiled"],
+        choices=["recompute", "eager", "static", "compiled"],
+        help="decode modes to time side by side (recompute: at the smallest batch only)",
+    )
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)

@@ -94,8 +94,7 @@ class SweepConfig:
             raise ValueError(f"sweep.parallel must be >= 1, got {self.parallel}")
         if self.threads < 0 or self.time_budget_s < 0 or self.progress_every_s <= 0:
             raise ValueError(
-                "sweep.threads and sweep.time_budget_s must be >= 0 and "
-                "sweep.progress_every_s > 0"
+                "sweep.threads and sweep.time_budget_s must be >= 0 and sweep.progress_every_s > 0"
             )
         if not self.runs:
             raise ValueError("sweep.runs must list at least one run")

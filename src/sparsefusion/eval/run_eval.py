@@ -55,6 +55,8 @@ class EvalConfig:
         max_new_tokens, temperature, top_k, top_p, cfg_scale: sampling settings.
         seed: seed of request ``i`` is ``seed + i``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        step: the decode step: ``auto`` (compiled for large batches), ``eager``, ``static``
+            or ``compiled`` (see ``generate/static.py``).
         threads: CPU threads (0 keeps torch's default).
         samples: write sample images and captions beside the row.
         evaluator: how the evaluator networks are trained and cached.
@@ -72,6 +74,7 @@ class EvalConfig:
     cfg_scale: float = 1.0
     seed: int = 0
     device: str = "auto"
+    step: str = "auto"
     threads: int = 0
     samples: bool = True
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
@@ -82,6 +85,9 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be >= 2, got {getattr(self, name)}")
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        steps = ("auto", "eager", "static", "compiled")
+        if self.step not in steps:
+            raise ValueError(f"eval.step must be one of {steps}, got {self.step!r}")
         if self.val_batches < 0 or self.threads < 0 or self.top_k < 0:
             raise ValueError("eval.val_batches, eval.threads and eval.top_k must be >= 0")
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.cfg_scale > 0:
@@ -190,7 +196,7 @@ def _generation(run_dir, run_cfg: TrainConfig, cfg: EvalConfig, step, n, device,
     prompts = pairs[: min(n, len(pairs) // 2)]
     others = pairs[len(prompts) : 2 * len(prompts)]
     try:
-        gen = Generator.from_run(str(run_dir), checkpoint=step, device=str(device))
+        gen = Generator.from_run(str(run_dir), checkpoint=step, device=str(device), step=cfg.step)
     except ValueError as e:  # e.g. a batch-routed model without auxiliary routers
         return _skip_all(res, f"the run cannot generate: {e}")
     ev, why = None, ""

@@ -68,8 +68,15 @@ class SpanRules:
             self._masks[name] = self._none()
             self._masks[name][i] = True
 
-    def mask(self, name: str) -> torch.Tensor:
-        return self._masks[name]
+    def mask(self, *names: str) -> torch.Tensor:
+        """The union of the named id sets (kept: a decode step stacks these, never builds them)."""
+        key = "|".join(names)
+        if key not in self._masks:
+            out = self._none()
+            for name in names:
+                out = out | self._masks[name]
+            self._masks[key] = out
+        return self._masks[key]
 
     def _none(self) -> torch.Tensor:
         return torch.zeros(self.width, dtype=torch.bool)
@@ -122,16 +129,16 @@ class RowConstraint:
             enough = self.in_span >= min(MIN_SPEECH_UNITS, r.max_speech_units)
             if self.in_span >= r.max_speech_units or (enough and self.budget <= 1):
                 return r.mask("eoa")
-            return r.mask("speech") | r.mask("eoa") if enough else r.mask("speech")
-        allowed = r.mask("text")
+            return r.mask("speech", "eoa") if enough else r.mask("speech")
+        names = ["text"]
         more_images = r.max_images is None or self.images < r.max_images
         if self.mode in r.image_modes and more_images:
             if r.image_tokens and self.budget >= r.image_tokens + 2:
-                allowed = allowed | r.mask("boi")
+                names.append("boi")
         if self.mode == "interleaved":
             if r.max_speech_units and self.budget >= MIN_SPEECH_UNITS + 2:
-                allowed = allowed | r.mask("boa")
-        return allowed
+                names.append("boa")
+        return r.mask(*names)
 
     def advance(self, token: int, *, forced: bool = False) -> None:
         """Record an emitted id (it must be allowed, unless ``forced``: a mode's opening id)."""

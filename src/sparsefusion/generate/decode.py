@@ -17,6 +17,7 @@ Shape legend: B = rows, V = vocabulary.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,13 @@ import torch
 
 from sparsefusion.generate.constraints import RowConstraint
 from sparsefusion.generate.engine import Decoder
-from sparsefusion.generate.sampling import SamplingParams, pick, process_logits
+from sparsefusion.generate.sampling import (
+    SamplingBatch,
+    SamplingParams,
+    draw_batch,
+    process_batch,
+    uniform,
+)
 from sparsefusion.generate.span_samplers import OpenSpan, SpanSampler, patch_inputs
 
 
@@ -45,6 +52,8 @@ class RowSpec:
         follower: an unconditional row (it appends what its conditional row samples).
         patches: the prompt's clean image patches (continuous prompts; see ``Prompt``).
         penalize_prompt: the repetition penalty counts the prompt's ids too.
+        cancelled: set from another thread to end the row at the next step (its rows stop
+            taking part; a served request whose client went away).
     """
 
     prompt: list[int]
@@ -58,6 +67,7 @@ class RowSpec:
     follower: bool = False
     patches: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     penalize_prompt: bool = True
+    cancelled: threading.Event | None = None
 
 
 @dataclass
@@ -98,16 +108,21 @@ def decode(decoder: Decoder, rows: Sequence[RowSpec], spans: SpanSampler) -> Dec
         first.append(list(row.prompt) + list(row.opening[:k]))
     out = decoder.step(first, **_prompt_inputs(rows, first))
     logits_BV = decoder.last_logits(out.logits_BTV, first)
+    sampler = _Sampler(rows, first, logits_BV.shape[-1], logits_BV.device)
     while True:
-        step = _next_ids(rows, logits_BV.float().cpu(), new, forced, spans)  # the one host sync
+        for row in rows:
+            if row.cancelled is not None and row.cancelled.is_set():
+                row.constraint.done = True
+        step = _next_ids(rows, logits_BV, new, forced, spans, sampler)  # the one host read
         if all(r.constraint.done for r in rows):
             break
-        if any(step):
-            logits_BV = decoder.last_logits(decoder.extend(step), step)
+        if any(i is not None for i in step):
+            logits_BV = decoder.advance(step)
+            sampler.saw(step)
         opened = [
             b
-            for b, ids in enumerate(step)
-            if ids and spans.opens_block(ids[0]) and not rows[b].follower
+            for b, i in enumerate(step)
+            if i is not None and spans.opens_block(i) and not rows[b].follower
         ]
         if opened:
             _fill(decoder, rows, opened, spans, new, images)
@@ -116,29 +131,78 @@ def decode(decoder: Decoder, rows: Sequence[RowSpec], spans: SpanSampler) -> Dec
     return DecodeResult(new, images, [time.perf_counter() - t0] * len(rows))
 
 
-def _next_ids(rows, logits_BV, new, forced, spans: SpanSampler) -> list[list[int]]:
+class _Sampler:
+    """The batch's sampling settings on the device and the ids each row has seen (penalty)."""
+
+    def __init__(self, rows: Sequence[RowSpec], first: list[list[int]], V: int, device):
+        self.device = device
+        self.settings = SamplingBatch.of([r.params for r in rows], device)
+        self.seen_BV: torch.Tensor | None = None
+        if any(r.params.repetition_penalty != 1.0 for r in rows):
+            self.seen_BV = torch.zeros(len(rows), V, dtype=torch.bool)
+            for b, (row, ids) in enumerate(zip(rows, first, strict=True)):
+                counted = ids if row.penalize_prompt else ids[len(row.prompt) :]
+                self.seen_BV[b, [i for i in counted if i < V]] = True
+            self.seen_BV = self.seen_BV.to(device)
+
+    def saw(self, step: Sequence[int | None]) -> None:
+        """Mark each row's new id as seen."""
+        if self.seen_BV is None:
+            return
+        rows = [b for b, i in enumerate(step) if i is not None]
+        ids = [step[b] for b in rows]
+        self.seen_BV[
+            torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device)
+        ] = True
+
+    def pick(self, rows: Sequence[RowSpec], sampled: list[int], logits_BV: torch.Tensor):
+        """One id for each row in ``sampled`` (its guided logits, constraints and settings)."""
+        dev = self.device
+        index_R = torch.tensor(sampled, device=dev)
+        logits_RV = logits_BV.index_select(0, index_R).float()
+        guided = [
+            b for b in sampled if rows[b].guide is not None and rows[b].constraint.in_guided_span
+        ]
+        if guided:  # classifier-free guidance: uncond + scale * (cond - uncond)
+            at = torch.tensor([sampled.index(b) for b in guided], device=dev)
+            u_GV = logits_BV.index_select(
+                0, torch.tensor([rows[b].guide for b in guided], device=dev)
+            )
+            scale_G1 = torch.tensor([rows[b].scale for b in guided], device=dev)[:, None]
+            c_GV = logits_RV.index_select(0, at)
+            logits_RV = logits_RV.index_copy(0, at, u_GV.float() + scale_G1 * (c_GV - u_GV.float()))
+        allowed_RV = torch.stack([rows[b].constraint.allowed() for b in sampled]).to(dev)
+        seen_RV = None if self.seen_BV is None else self.seen_BV.index_select(0, index_R)
+        settings = self.settings.rows(index_R)
+        x_RV = process_batch(logits_RV, settings, allowed_RV, seen_RV)
+        u_R = torch.cat(
+            [
+                uniform(rows[b].generator)
+                if rows[b].params.temperature != 0
+                else torch.ones(1, dtype=torch.float64)
+                for b in sampled
+            ]
+        ).to(dev)
+        return draw_batch(x_RV, settings.temperature_R == 0, u_R).tolist()
+
+
+def _next_ids(rows, logits_BV, new, forced, spans: SpanSampler, sampler: _Sampler):
     """One id for every active leading row (and its follower): forced, else sampled."""
-    step: list[list[int]] = [[] for _ in rows]
-    for b, row in enumerate(rows):
-        c = row.constraint
-        if row.follower or c.done:
-            continue
-        is_forced = bool(forced[b])
-        if is_forced:
-            token = forced[b].pop(0)
-        else:
-            logits_V = logits_BV[b]
-            if row.guide is not None and c.in_guided_span:
-                u_V = logits_BV[row.guide]
-                logits_V = u_V + row.scale * (logits_V - u_V)
-            history = (row.prompt if row.penalize_prompt else []) + new[b]
-            x_V = process_logits(logits_V, row.params, c.allowed(), history)
-            token = pick(x_V, row.params, row.generator)
+    step: list[int | None] = [None] * len(rows)
+    lead = [b for b, r in enumerate(rows) if not (r.follower or r.constraint.done)]
+    sampled = [b for b in lead if not forced[b]]
+    picked = (
+        dict(zip(sampled, sampler.pick(rows, sampled, logits_BV), strict=True)) if sampled else {}
+    )
+    for b in lead:
+        row = rows[b]
+        is_forced = b not in picked
+        token = forced[b].pop(0) if is_forced else picked[b]
         stops = not is_forced and token in row.stop_ids and not spans.opens_block(token)
         for r in (b,) if row.guide is None else (b, row.guide):
             rows[r].constraint.advance(token, forced=is_forced)
             new[r].append(token)
-            step[r] = [token]
+            step[r] = token
             if stops:
                 rows[r].constraint.done = True
     return step

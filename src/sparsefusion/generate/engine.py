@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsefusion.generate.kv_cache import KVCache
+from sparsefusion.generate.static import STEP_MODES, StaticStep
 from sparsefusion.models.inputs import ForwardContext, ModelInputs, plan_for
 from sparsefusion.models.transformer import ModelOutput, Transformer
 from sparsefusion.nn.routing_context import AuxRouterLookup
@@ -65,6 +66,8 @@ class Decoder:
         capacity: tokens a row may hold (at most ``model.cfg.max_seq_len``).
         aux_routers: auxiliary routers (required when the model has batch-routed sites).
         run_dir: named in the missing-aux-routers message.
+        step_mode: how :meth:`advance` runs one token per row: "eager" (the general step),
+            "static" (the static-shape step, ``static.py``) or "compiled" (that step compiled).
     """
 
     def __init__(
@@ -76,7 +79,10 @@ class Decoder:
         capacity: int,
         aux_routers: AuxRouterLookup | None = None,
         run_dir: str = "RUN_DIR",
+        step_mode: str = "eager",
     ):
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {step_mode!r}")
         sites = list(model.router_sites())
         if sites and aux_routers is None:
             raise MissingAuxRouters(aux_router_message(run_dir, sites))
@@ -97,6 +103,20 @@ class Decoder:
             device=param.device,
         )
         self.rows = [RowState(ids=[]) for _ in range(batch)]
+        self.step_mode = step_mode
+        self._static: StaticStep | None = None
+
+    @property
+    def static_step(self) -> StaticStep:
+        """The static (or compiled) one-token step, built on first use."""
+        if self._static is None:
+            self._static = StaticStep(self, compile=self.step_mode == "compiled")
+        return self._static
+
+    def reset(self) -> None:
+        """Forget every row (the cache's buffers and a compiled step are kept for reuse)."""
+        self.rows = [RowState(ids=[]) for _ in self.rows]
+        self.cache.reset()
 
     @property
     def batch(self) -> int:
@@ -156,12 +176,42 @@ class Decoder:
                     f"row {b} would hold {len(row.ids) + len(ids)} tokens; the cache holds {room}"
                 )
         inputs = dataclasses.replace(self._inputs(new_ids, span_ids), **continuous)
-        self.cache.begin([len(ids) for ids in new_ids], commit=commit)
+        bound = max(len(row.ids) + len(ids) for row, ids in zip(self.rows, new_ids, strict=True))
+        self.cache.begin([len(ids) for ids in new_ids], commit=commit, used=bound)
         out = self.model(inputs.to(self.device), self.context(self.cache))
         if commit:
             for row, ids in zip(self.rows, new_ids, strict=True):
                 _advance(row, ids, self.vocab.eos_id)
         return out
+
+    @torch.no_grad()
+    def advance(self, ids: Sequence[int | None]) -> torch.Tensor:
+        """Append one id to every row given one (None: the row stays); logits (B, V).
+
+        The decode loop's step. In "static"/"compiled" mode it runs the static step: the host
+        only lays out the ids (positions, documents) and copies them over in one transfer.
+        """
+        if len(ids) != len(self.rows):
+            raise ValueError(f"advance got {len(ids)} ids, the decoder has {len(self.rows)} rows")
+        if self.step_mode == "eager":
+            step = [[] if i is None else [i] for i in ids]
+            return self.last_logits(self.extend(step), step)
+        columns = []  # (id, position, document, keep) of every row
+        for b, (row, i) in enumerate(zip(self.rows, ids, strict=True)):
+            if i is None:
+                columns.append((self.vocab.pad_id, 0, 0, 0))
+                continue
+            if len(row.ids) + 1 > self.cache.capacity:
+                raise ValueError(f"row {b} would hold {len(row.ids) + 1} tokens; "
+                                 f"the cache holds {self.cache.capacity}")  # fmt: skip
+            (pos,), (doc,) = _layout(row, [i], self.vocab.eos_id)
+            columns.append((i, pos, doc, 1))
+        dev_4B = torch.tensor(columns, dtype=torch.long).T.contiguous().to(self.device)
+        logits_BV = self.static_step(dev_4B[0], dev_4B[1], dev_4B[2], dev_4B[3].bool())
+        for row, i in zip(self.rows, ids, strict=True):
+            if i is not None:
+                _advance(row, [i], self.vocab.eos_id)
+        return logits_BV
 
     def last_logits(self, logits_BTV: torch.Tensor, new_ids: Sequence[Sequence[int]]):
         """Logits (B, V) at the last new position of every row (zeros for rows given none)."""

@@ -11,6 +11,7 @@ against the cache, as the run's objective says.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from sparsefusion.generate.decode import DecodeResult, RowSpec, capacity_for, de
 from sparsefusion.generate.engine import Decoder, MissingAuxRouters, aux_router_message
 from sparsefusion.generate.output import Sample, Segment
 from sparsefusion.generate.request import GUIDED_MODES, GenerationRequest
-from sparsefusion.generate.sampling import row_generator
+from sparsefusion.generate.sampling import SamplingParams, row_generator
 from sparsefusion.generate.span_samplers import (
     CodeSpanSampler,
     DiffusionSettings,
@@ -40,12 +41,23 @@ from sparsefusion.generate.span_samplers import (
     SpanSampler,
     span_sampler_for,
 )
+from sparsefusion.generate.static import STEP_MODES
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.routing_context import AuxRouterLookup
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
 
 if TYPE_CHECKING:
     from sparsefusion.tokenizers.transfusion import TransfusionTokenizer
+
+
+DECODE_STEPS = ("auto", *STEP_MODES)
+COMPILE_FROM_TOKENS = 4096  # "auto" compiles a batch that decodes at least this many tokens
+MIN_CAPACITY = 64
+
+
+def bucket(n: int) -> int:
+    """The power of two >= n (batch sizes and cache lengths share compiled steps by bucket)."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 class Generator:
@@ -59,6 +71,9 @@ class Generator:
         max_speech_units: longest speech span a sample may emit.
         span_sampler: how image spans are produced (default: discrete codes from
             ``tokenizer``); :meth:`from_run` picks the one of the run's objective.
+        step: the decode step (``DECODE_STEPS``): "eager", "static", "compiled" (the static
+            step compiled once per batch and length bucket, then reused) or "auto" (compiled
+            for a batch of at least ``COMPILE_FROM_TOKENS`` new tokens, else static).
     """
 
     def __init__(
@@ -70,7 +85,10 @@ class Generator:
         run_dir: str = "RUN_DIR",
         max_speech_units: int = 256,
         span_sampler: SpanSampler | None = None,
+        step: str = "auto",
     ):
+        if step not in DECODE_STEPS:
+            raise ValueError(f"step must be one of {DECODE_STEPS}, got {step!r}")
         if model.router_sites() and aux_routers is None:
             raise MissingAuxRouters(aux_router_message(run_dir, list(model.router_sites())))
         if span_sampler is None:
@@ -79,6 +97,8 @@ class Generator:
         self.model, self.tokenizer, self.aux_routers = model.eval(), tokenizer, aux_routers
         self.spans = span_sampler
         self.run_dir = run_dir
+        self.step = step
+        self._decoders: dict[tuple[str, int, int], Decoder] = {}  # reused: compiled once
         self.run_config: Any = None  # the run's TrainConfig (set by from_run)
         self.checkpoint: Path | None = None
         has_image = IMAGE in model.cfg.modalities
@@ -99,6 +119,7 @@ class Generator:
         checkpoint: int | None = None,
         device: str = "cpu",
         diffusion: DiffusionSettings | None = None,
+        step: str = "auto",
     ) -> Generator:
         """Load a run folder's newest (or ``checkpoint``-step) model, tokenizer, aux routers.
 
@@ -117,6 +138,7 @@ class Generator:
             run_dir=str(run_dir),
             max_speech_units=run.max_speech_units,
             span_sampler=span_sampler_for(objective, run.tokenizer, run.model.cfg, diffusion),
+            step=step,
         )
         gen.run_config, gen.checkpoint = run.config, run.checkpoint
         return gen
@@ -183,17 +205,26 @@ class Generator:
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Sample]:
-        """One Sample per (request, sample index), in order; deterministic per seed."""
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        cancelled: Sequence[threading.Event | None] | None = None,
+    ) -> list[Sample]:
+        """One Sample per (request, sample index), in order; deterministic per seed.
+
+        ``cancelled[r]``: an event that, once set, ends request r's rows at the next step (the
+        other requests go on; r's samples end where they stopped).
+        """
         if not requests:
             return []
-        prompts, owners, result = self.decode(requests)
+        prompts, owners, result = self.decode(requests, cancelled)
         samples = []
         for (r, i), row_index in owners.items():
             req, new = requests[r], result.new_ids[row_index]
+            gone = cancelled is not None and cancelled[r] is not None and cancelled[r].is_set()
             samples.append(
-                Sample(
-                    segments=self.spans.segments(new, result.images[row_index]),
+                Sample(  # a cancelled request's rows may end inside a span: no segments
+                    segments=[] if gone else self.spans.segments(new, result.images[row_index]),
                     token_ids=list(new),
                     new_tokens=len(new),
                     seconds=result.seconds[row_index],
@@ -208,7 +239,9 @@ class Generator:
         return samples
 
     def decode(
-        self, requests: Sequence[GenerationRequest]
+        self,
+        requests: Sequence[GenerationRequest],
+        cancelled: Sequence[threading.Event | None] | None = None,
     ) -> tuple[list[Prompt], dict[tuple[int, int], int], DecodeResult]:
         """The encoded prompts, the row of every (request, sample index), the decoded rows.
 
@@ -216,7 +249,7 @@ class Generator:
         span sampler says so (``batch_samples``).
         """
         prompts = [req.encode(self) for req in requests]  # every check before model work
-        rows, owners = self._rows(requests, prompts)
+        rows, owners = self._rows(requests, prompts, cancelled)
         if self.spans.batch_samples:
             return prompts, owners, self._decode_batch(rows)
         result = DecodeResult([], [], [])
@@ -232,30 +265,70 @@ class Generator:
             result.seconds += one.seconds
         return prompts, owners, result
 
+    def step_for(self, rows: Sequence[RowSpec]) -> str:
+        """The decode step a batch runs with (``auto`` resolved by its token budget)."""
+        if self.step != "auto":
+            return self.step
+        budget = sum(r.constraint.budget for r in rows)
+        return "compiled" if budget >= COMPILE_FROM_TOKENS else "static"
+
     def _decode_batch(self, rows: list[RowSpec]) -> DecodeResult:
-        decoder = Decoder(
+        step = self.step_for(rows)
+        if step == "eager":
+            decoder = self._decoder(step, len(rows), capacity_for(rows))
+            return decode(decoder, rows, self.spans)
+        # Static shapes: the batch and the cache length round up to buckets, and the decoder
+        # (with its compiled step) is kept for the next batch of the same buckets.
+        B = bucket(len(rows))
+        capacity = min(self.max_len, max(bucket(capacity_for(rows)), MIN_CAPACITY))
+        decoder = self._decoders.get((step, B, capacity))
+        if decoder is None:
+            decoder = self._decoders[(step, B, capacity)] = self._decoder(step, B, capacity)
+        decoder.reset()
+        padding = [self._idle_row() for _ in range(B - len(rows))]
+        result = decode(decoder, [*rows, *padding], self.spans)
+        n = len(rows)
+        return DecodeResult(result.new_ids[:n], result.images[:n], result.seconds[:n])
+
+    def _decoder(self, step: str, batch: int, capacity: int) -> Decoder:
+        return Decoder(
             self.model,
             self.tokenizer.vocab,
-            batch=len(rows),
-            capacity=capacity_for(rows),
+            batch=batch,
+            capacity=capacity,
             aux_routers=self.aux_routers,
             run_dir=self.run_dir,
+            step_mode=step,
         )
-        return decode(decoder, rows, self.spans)
+
+    def _idle_row(self) -> RowSpec:
+        """A row that pads a batch to its bucket: one BOS, no budget (done from the start)."""
+        bos = self.tokenizer.vocab.bos_id
+        return RowSpec(
+            prompt=[bos],
+            constraint=RowConstraint(self.rules, "text", 0),
+            params=SamplingParams(temperature=0.0),
+            generator=torch.Generator(),
+        )
 
     def _rows(
-        self, requests: Sequence[GenerationRequest], prompts: Sequence[Prompt]
+        self,
+        requests: Sequence[GenerationRequest],
+        prompts: Sequence[Prompt],
+        cancelled: Sequence[threading.Event | None] | None = None,
     ) -> tuple[list[RowSpec], dict[tuple[int, int], int]]:
         rows: list[RowSpec] = []
         owners: dict[tuple[int, int], int] = {}
         for r, (req, prompt) in enumerate(zip(requests, prompts, strict=True)):
             budget = min(req.max_new_tokens, self.max_len - len(prompt.ids))
+            cancel = None if cancelled is None else cancelled[r]
             for i in range(req.num_samples):
                 owners[(r, i)] = len(rows)
                 rows.append(self._row(req, prompt, budget, i))
+                rows[-1].cancelled = cancel
                 if req.cfg_scale != 1.0 and req.mode in GUIDED_MODES:
                     uncond = self._row(req, Prompt([self.tokenizer.vocab.bos_id]), budget, i)
-                    uncond.follower = True
+                    uncond.follower, uncond.cancelled = True, cancel
                     rows[-1].guide, rows[-1].scale = len(rows), req.cfg_scale
                     rows.append(uncond)
         return rows, owners

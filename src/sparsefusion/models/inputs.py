@@ -76,16 +76,19 @@ class ForwardContext:
         aux_routers: the auxiliary routers (required for "causal" with batch-routed sites).
         trace: return every batch router's inputs and decisions in ``ModelOutput.records``.
         cache: a KV cache the attention layers read and extend (incremental decoding), or None.
+        static: a static-shape step (``generate/static.py``): a per-token plan, a cache, and
+            causal routers that select by masking (no host read, no data-dependent shape).
     """
 
     routing_mode: RoutingMode = "batch"
     aux_routers: AuxRouterLookup | None = None
     trace: bool = False
     cache: Any = None
+    static: bool = False
 
     def routing(self) -> RoutingContext:
         """The read-only routing part handed to the routers."""
-        return RoutingContext(self.routing_mode, self.aux_routers, self.trace)
+        return RoutingContext(self.routing_mode, self.aux_routers, self.trace, self.static)
 
 
 def plan_for(

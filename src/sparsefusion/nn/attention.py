@@ -82,6 +82,10 @@ class KVStep(Protocol):
         """The view for other tokens: ``counts[b]`` valid tokens lead row b (host ints)."""
         ...
 
+    def gated(self, keep_BT: torch.Tensor) -> KVStep:
+        """The same tokens, of which this layer keeps only ``keep_BT`` (device bool, (B, T))."""
+        ...
+
     def real_BT(self) -> torch.Tensor:
         """True at the step's real tokens (False at filler, e.g. right padding)."""
         ...

@@ -35,12 +35,12 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 32, ffn_hidden: int = 0) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-
 def swiglu_gate(h_F2: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of the fused (..., 2F) w1/w3 projection: the one SwiGLU activation
     of every FFN and expert."""
     gate_F, up_F = h_F2.chunk(2, dim=-1)
     return F.silu(gate_F) * up_F
+
 
 class TowerFFN(nn.Module):
     """SwiGLU FFN with ``num_towers`` independent weight sets.

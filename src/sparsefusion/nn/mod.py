@@ -22,6 +22,9 @@ count). In causal mode the selection is ``aux(x) > 0.5`` per token, so k is data
 (inference only); such a subset always runs as one row of K tokens. With a KV cache
 (incremental decoding, ``generate/``) the selected tokens of each row run as B rows against the
 layer's cache, which keeps only the tokens this layer processed; filler (padding) never routes.
+A static decode step (``RoutingContext.static``: one token per row, compiled) instead runs the
+block on every token and lets the layer's cache keep only the selected ones, discarding the
+others' outputs: no sync and no data-dependent shape, the same result for the selected tokens.
 
 Shape legend: B = batch rows, T = sequence length, N = B*T positions, K = selected positions,
 k = selected positions per row, D = model width, M = B * kmax per-row entries of a cached
@@ -179,6 +182,8 @@ class MoDRouter(nn.Module):
             raise ValueError(
                 "a Mixture-of-Depths layer decodes with a KV cache in causal mode only"
             )
+        if ctx.static:
+            return self._static(block, x_ND, plan, layout, ctx, kv)
         gate_N = self.gate(x_ND)
         stats = RouterStats({}, {f"mod/{self.site}/score_mean": gate_N.detach().mean()}, {}, ())
         real_N = None if kv is None else kv.real_BT().reshape(-1)  # filler never routes
@@ -205,6 +210,25 @@ class MoDRouter(nn.Module):
         out_KD, block_stats = block(x_KD, plan=sub, mask=mask, rope=rope, ctx=ctx)
         delta_KD = (out_KD - x_KD) * gate_N.index_select(0, parent_K)[:, None]
         return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype)), stats.merge(block_stats)
+
+    def _static(self, block, x_ND, plan, layout, ctx, kv) -> tuple[torch.Tensor, RouterStats]:
+        """A static decode step: the block runs on every token, the cache keeps the selected.
+
+        The unselected tokens' block outputs are discarded (``where``, so nothing of them
+        leaks) and the layer's cache does not keep them: the same result as running the block
+        on the selected subset, with no data-dependent shape and no host read.
+        """
+        if kv is None or not plan.per_token:
+            raise ValueError("a static Mixture-of-Depths step needs a per-token plan and a cache")
+        gate_N = self.gate(x_ND)
+        chosen_N = ctx.causal_selection(self.site, x_ND)[:, 0] & kv.real_BT().reshape(-1)
+        B, T = layout.position_BT.shape
+        rope = rope_angles(layout.position_BT, layout.head_dim, layout.rope_theta,
+                           layout.rope_scaling)  # fmt: skip
+        out_ND, stats = block(x_ND, plan=plan, mask=None, rope=rope, ctx=ctx,
+                              kv=kv.gated(chosen_N.view(B, T)))  # fmt: skip
+        delta_ND = (out_ND - x_ND) * gate_N[:, None].to(x_ND.dtype)
+        return torch.where(chosen_N[:, None], x_ND + delta_ND, x_ND), stats
 
     def _select(self, gate_N, x_ND, plan, layout, ctx, real_N=None) -> tuple[torch.Tensor, int]:
         """Selected positions (original order, ascending) and the subset rows (0: one row)."""

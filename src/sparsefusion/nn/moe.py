@@ -18,7 +18,10 @@ tokens never leave their tower's slice, and routing happens inside the slice.
 
 Causal mode (``RoutingContext.mode == "causal"``): an expert processes a token iff the auxiliary
 router's score exceeds 0.5; the gate still comes from the main router. This path computes every
-expert on every token and masks (inference only, no batch dependence).
+expert on every token and masks (inference only, no batch dependence). In a static decode step
+(a per-token plan, ``RoutingContext.static``) every group runs on every row and each row keeps
+its own group's output, and token choice weights every expert's output by its top-k gates
+instead of dispatching: the same sums, with no shape that depends on the routing.
 
 Shape legend: n = tokens of one group, D = model width, F = expert hidden width, E = experts,
 k = tokens per expert (expert choice), A = n * top_k assignments (token choice).
@@ -168,7 +171,11 @@ class ExpertGroup(nn.Module):
         logits_nE = F.linear(x_nD.float(), self.router.float())
         scores_nE = _activate(logits_nE, self.cfg.gate)
         stats = self._score_metrics(scores_nE)
-        if self.cfg.router == "token_choice":
+        if self.cfg.router == "token_choice" and ctx.static:  # same sum, no dispatch shapes
+            gate_nK, expert_nK = torch.topk(scores_nE, min(self.cfg.top_k, self.num_experts), -1)
+            weight_nE = torch.zeros_like(scores_nE).scatter(1, expert_nK, gate_nK)
+            y_nD, more = self._every_expert_masked(x_nD, weight_nE), RouterStats.empty()
+        elif self.cfg.router == "token_choice":
             y_nD, more = self._token_choice(x_nD, logits_nE, scores_nE)
         elif ctx.causal:
             selected_nE = ctx.causal_selection(self.site, x_nD)
@@ -328,9 +335,19 @@ class MoEFeedForward(nn.Module):
             return self.groups[0](x_ND, ctx)
         if plan.num_groups != len(self.groups):
             raise ValueError(f"plan has {plan.num_groups} groups, FFN has {len(self.groups)}")
+        if plan.per_token:  # a static step: every group on every row, each row keeps its own
+            return self._per_token(x_ND, plan, ctx)
         parts, stats = [], RouterStats.empty()
         for g, (s, e) in zip(self.groups, plan.slices(), strict=True):
             y_nD, group_stats = g(x_ND[s:e], ctx)
             parts.append(y_nD)
             stats = stats.merge(group_stats)
         return torch.cat(parts, dim=0), stats
+
+    def _per_token(self, x_ND: torch.Tensor, plan: RoutingPlan, ctx: RoutingContext):
+        y_ND, stats = torch.zeros_like(x_ND), RouterStats.empty()
+        for g, group in enumerate(self.groups):
+            y_g_ND, group_stats = group(x_ND, ctx)
+            y_ND = torch.where((plan.group_N == g)[:, None], y_g_ND, y_ND)
+            stats = stats.merge(group_stats)
+        return y_ND, stats

@@ -23,6 +23,8 @@ def per_position(weight_GD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     Returns:
         weight_ND: row ``weight_GD[g]`` repeated ``plan.counts[g]`` times.
     """
+    if plan.per_token:
+        return weight_GD.index_select(0, plan.group_N)
     offsets_G = plan.offsets_G.to(torch.int64)
     repeats_G = torch.diff(offsets_G, prepend=offsets_G.new_zeros(1))
     return torch.repeat_interleave(weight_GD, repeats_G, dim=0, output_size=plan.num_positions)
@@ -95,7 +97,7 @@ class TowerRMSNorm(nn.Module):
             return (y_ND * self.weight[0].float()).type_as(x_ND)
         if plan is None or plan.num_groups != self.num_towers:
             raise ValueError(f"TowerRMSNorm with {self.num_towers} towers needs a matching plan")
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or plan.per_token):
             return _TowerScale.apply(y_ND, self.weight.float(), plan.slices()).type_as(x_ND)
         w_ND = per_position(self.weight, plan).float()
         w_ND = w_ND.view(w_ND.shape[0], *([1] * (x_ND.dim() - 2)), self.dim)

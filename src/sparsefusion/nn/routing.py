@@ -5,6 +5,12 @@ holds a stable sort permutation of the flattened positions by group, its inverse
 counts as Python ints and int32 cumulative offsets for grouped matmuls. Every layer reads the plan;
 nothing in the layer loop recomputes it or asks the device for a count.
 
+A *per-token* plan (:func:`per_token_plan`) is the static-shape form of the same primitive, for a
+decode step of a few tokens whose groups live on the device: nothing is sorted and no count is
+known on the host; every layer applies each position's group by selection instead of slicing
+(``TowerLinear`` computes every group's projection of the few rows and gathers), so the step has
+the same shapes and operations whatever the tokens' modalities are.
+
 Shape legend: N = flattened positions (B*T), G = groups, D = feature width.
 """
 
@@ -26,6 +32,7 @@ class RoutingPlan:
         counts: number of positions per group (host ints, length G).
         offsets_G: int32 cumulative ends of the groups in sorted order (for grouped matmuls).
         is_identity: True when sorting changes nothing (one group, or already sorted input).
+        per_token: the static form (no sort, no host counts; ``counts`` is empty).
     """
 
     perm_N: torch.Tensor
@@ -34,17 +41,21 @@ class RoutingPlan:
     counts: tuple[int, ...]
     offsets_G: torch.Tensor
     is_identity: bool
+    per_token: bool = False
+    groups: int = 0  # G of a per-token plan (a sorted plan's G is len(counts))
 
     @property
     def num_groups(self) -> int:
-        return len(self.counts)
+        return self.groups if self.per_token else len(self.counts)
 
     @property
     def num_positions(self) -> int:
-        return sum(self.counts)
+        return self.group_N.numel() if self.per_token else sum(self.counts)
 
     def slices(self) -> list[tuple[int, int]]:
         """(start, end) of each group in sorted order, as host ints."""
+        if self.per_token:
+            raise ValueError("a per-token plan has no host slices (select per position)")
         out, start = [], 0
         for c in self.counts:
             out.append((start, start + c))
@@ -68,6 +79,8 @@ class RoutingPlan:
             counts=self.counts,
             offsets_G=self.offsets_G.to(device, non_blocking=True),
             is_identity=self.is_identity,
+            per_token=self.per_token,
+            groups=self.groups,
         )
 
     def subset(self, index_K: torch.Tensor, counts: tuple[int, ...] | None = None) -> RoutingPlan:
@@ -113,6 +126,18 @@ def permute_rows(
     if not (x_ND.requires_grad and torch.is_grad_enabled()):
         return x_ND.index_select(0, index_N)
     return _PermuteRows.apply(x_ND, index_N, inverse_N)
+
+
+def per_token_plan(group_N: torch.Tensor, num_groups: int) -> RoutingPlan:
+    """The static-shape plan of a few positions whose groups may live on the device.
+
+    Nothing is sorted (the permutation is the identity) and nothing is read on the host, so a
+    compiled decode step keeps one graph whatever its tokens' modalities are.
+    """
+    group_N = group_N.reshape(-1).long()
+    ident_N = torch.arange(group_N.numel(), device=group_N.device)
+    empty = torch.zeros(0, dtype=torch.int32, device=group_N.device)
+    return RoutingPlan(ident_N, ident_N, group_N, (), empty, True, True, num_groups)
 
 
 def build_plan(group_N: torch.Tensor, num_groups: int) -> RoutingPlan:

@@ -102,15 +102,20 @@ class RoutingContext:
         mode: "batch" (batch-level top-k) or "causal" (auxiliary routers decide per token).
         aux_routers: required in causal mode for expert-choice and MoD sites.
         trace: every batch-mode router returns a :class:`RouterRecord` of its decisions.
+        static: static shapes (a compiled decode step): causal routers act by selection and
+            masking over every token they see (no data-dependent subset, no host read).
     """
 
     mode: RoutingMode = "batch"
     aux_routers: AuxRouterLookup | None = None
     trace: bool = False
+    static: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("batch", "causal"):
             raise ValueError(f"routing_mode must be 'batch' or 'causal', got {self.mode!r}")
+        if self.static and self.mode != "causal":
+            raise ValueError("static routing (a decode step) needs routing_mode='causal'")
 
     @property
     def causal(self) -> bool:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The decode-step table of docs/benchmarks.md: eager vs static vs compiled (and recomputing the
+# prefix) for the demo-size presets, 256 prompt + 256 new tokens, one thread, side by side.
+#   bash benchmarks/decode_steps.sh [OUT_DIR]      (default docs/benchmarks/decode_steps)
+set -euo pipefail
+out=${1:-docs/benchmarks/decode_steps}
+mkdir -p "$out"
+sparsefusion bench-generate --arch mot --prompt-len 256 --new-tokens 256 --batch 1 8 32 \
+  --threads 1 --out "$out/mot.json"
+for a in dense moma-4t4i moma-4t4i-mod; do
+  sparsefusion bench-generate --arch "$a" --prompt-len 256 --new-tokens 256 --batch 1 8 \
+    --modes eager static compiled --threads 1 --out "$out/$a.json"
+done
