@@ -144,3 +144,37 @@ def test_a_time_budget_stops_runs_at_a_checkpoint_and_the_next_sweep_continues(
     assert int(second.name[5:]) > int(first.name[5:])
     steps = [r["step"] for r in _rows(out / "dense-debug")]
     assert steps == list(range(1, len(steps) + 1))  # resumed where it stopped: no step twice
+
+
+def test_sigterm_stops_the_sweep_like_its_budget_and_leaves_no_trainer(tmp_path, tokenizer_cache):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    recipe = _recipe(
+        tmp_path, out=str(out), baseline="dense-debug", threads=1,
+        overrides=[f"tokenizer.cache_dir={tokenizer_cache}", "train.steps=100000",
+                   "run.log_every=1", "run.eval_every=0", "run.save_every=100000",
+                   "run.progress=log"],
+        runs=["dense-debug", {"name": "later", "config": "mot-debug"}],
+    )  # fmt: skip
+    sweep = subprocess.Popen([sys.executable, "-m", "sparsefusion", "sweep", str(recipe)])
+    metrics = out / "dense-debug" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and sweep.poll() is None, "the run never trained"
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(120) == 0
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert status["status"] == {"dense-debug": "unfinished", "later": "unfinished"}
+    left = []  # a trainer left running (orphaned) would still name the run folder
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"run.dir={out}".encode() in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:
+            pass
+    assert left == [], f"trainers left running: {left}"

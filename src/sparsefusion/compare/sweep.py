@@ -207,6 +207,21 @@ class _Scheduler:
         self.deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
 
     def run(self, queue: list[_Job]) -> None:
+        """Train the queue; SIGTERM to the sweep ends it as its time budget would (every
+        running run stops at a checkpoint, the rest are marked not started, the report is
+        written), so a preempted sweep continues where it stopped."""
+        previous = _on_sigterm(self._preempted)
+        try:
+            self._run(queue)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _preempted(self, signum, frame) -> None:
+        log.warning("sweep: SIGTERM: stopping the runs at a checkpoint")
+        self.deadline = time.monotonic()
+
+    def _run(self, queue: list[_Job]) -> None:
         running: list[_Job] = []
         last_line = 0.0
         try:
@@ -217,7 +232,8 @@ class _Scheduler:
                 if expired:
                     self._stop(running)
                     for job in queue:
-                        self._done(job, "unfinished", "not started: the time budget ran out")
+                        self._done(job, "unfinished", "not started: the time budget ran out "
+                                   "(or the sweep was stopped)")  # fmt: skip
                     queue = []
                 for job in [j for j in running if j.proc.poll() is not None]:
                     running.remove(job)
@@ -251,8 +267,8 @@ class _Scheduler:
         if code == 0 and _finished(job.run_dir, job.steps):
             self._done(job, "finished", f"trained in {job.run_dir}")
         elif job.stopped and code in (0, 128 + signal.SIGTERM):
-            self._done(job, "unfinished", f"stopped by the time budget at step {step} of "
-                       f"{job.steps}; run the sweep again to continue")  # fmt: skip
+            self._done(job, "unfinished", f"stopped by the time budget (or SIGTERM) at step "
+                       f"{step} of {job.steps}; run the sweep again to continue")  # fmt: skip
         elif code == 0:  # train.stop_at ended this invocation early
             self._done(job, "unfinished", f"stopped at step {step} of {job.steps} "
                        "(train.stop_at); run the sweep again to continue")  # fmt: skip
@@ -271,6 +287,15 @@ class _Scheduler:
         if queue:
             parts.append(f"{len(queue)} queued")
         return " | ".join(parts)
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (main thread only); the previous handler, or None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _last_step(run_dir: Path) -> int:
