@@ -100,12 +100,10 @@ class KVCache:
         self, index: int, document_BT: torch.Tensor, span_BT: torch.Tensor | None
     ) -> LayerStep:
         """Layer ``index``'s cache bound to the step's tokens (called by the model)."""
-        if self._write_BT is not None:
-            write_BT = self._write_BT
-        else:
+        if self._write_BT is None:  # an eager step: built once, at its first layer
             assert self._counts is not None, "begin() before the forward"
-            write_BT = leading(self._counts, document_BT.shape[1], document_BT.device)
-        return LayerStep(self.layers[index], document_BT, span_BT, write_BT, shared=True)
+            self._write_BT = leading(self._counts, document_BT.shape[1], document_BT.device)
+        return LayerStep(self.layers[index], document_BT, span_BT, self._write_BT, shared=True)
 
     def reset(self) -> None:
         """Forget every cached token (the buffers are kept)."""
