@@ -147,3 +147,15 @@ def test_generator_reuses_its_static_decoders(tok):
     again = gen.generate([req, req, req])
     assert len(gen._decoders) == 1
     assert [s.token_ids for s in first] == [s.token_ids for s in again]
+
+
+def test_the_cli_offers_exactly_the_decode_steps():
+    import argparse
+
+    from sparsefusion.cli.generate_cmd import add_step_arguments
+    from sparsefusion.generate.static import DECODE_STEPS
+
+    p = argparse.ArgumentParser()
+    add_step_arguments(p)
+    step = next(a for a in p._actions if a.dest == "step")
+    assert tuple(step.choices) == DECODE_STEPS

@@ -188,7 +188,7 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--step",
         default="auto",
-        choices=["auto", "eager", "static", "compiled"],
+        choices=["auto", "eager", "static", "compiled"],  # generate.static.DECODE_STEPS
         help="decode step: static shapes (static), compiled once per batch bucket (compiled), "
         "the general step (eager); auto compiles batches of 4096+ new tokens",
     )

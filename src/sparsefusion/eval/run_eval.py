@@ -85,9 +85,10 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be >= 2, got {getattr(self, name)}")
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
-        steps = ("auto", "eager", "static", "compiled")
-        if self.step not in steps:
-            raise ValueError(f"eval.step must be one of {steps}, got {self.step!r}")
+        from sparsefusion.generate.static import DECODE_STEPS
+
+        if self.step not in DECODE_STEPS:
+            raise ValueError(f"eval.step must be one of {DECODE_STEPS}, got {self.step!r}")
         if self.val_batches < 0 or self.threads < 0 or self.top_k < 0:
             raise ValueError("eval.val_batches, eval.threads and eval.top_k must be >= 0")
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.cfg_scale > 0:

@@ -41,7 +41,7 @@ from sparsefusion.generate.span_samplers import (
     SpanSampler,
     span_sampler_for,
 )
-from sparsefusion.generate.static import STEP_MODES
+from sparsefusion.generate.static import DECODE_STEPS
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.nn.routing_context import AuxRouterLookup
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from sparsefusion.tokenizers.transfusion import TransfusionTokenizer
 
 
-DECODE_STEPS = ("auto", *STEP_MODES)
 COMPILE_FROM_TOKENS = 4096  # "auto" compiles a batch that decodes at least this many tokens
 MIN_CAPACITY = 64
 

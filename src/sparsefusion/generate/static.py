@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STEP_MODES = ("eager", "static", "compiled")
+DECODE_STEPS = ("auto", *STEP_MODES)  # what users choose: "auto" resolves per batch (generator.py)
 
 
 def compile_mode(device: torch.device) -> str | None:
