@@ -33,13 +33,20 @@ CASES = [
     ("mot", "fsdp", "none"),
     ("moma-4t4i", "fsdp", "full"),
     ("moma-4t4i-mod", "ddp", "none"),
+    ("tf-mot-unet", "fsdp", "none"),
 ]
+# Case name -> (preset, overrides) where a case is not a preset of its own.
+VARIANTS = {
+    "tf-mot-unet": ("tf-mot", ("model.patch_layers=unet", "model.unet_width=16")),
+}
 
 
 def _cfg(run_dir: Path, cache: str, arch: str, *extra: str):
+    preset, overrides = VARIANTS.get(arch, (arch, ()))
     return resolve_config(
-        f"{arch}-debug",
+        f"{preset}-debug",
         [
+            *overrides,
             f"run.dir={run_dir}",
             f"tokenizer.cache_dir={cache}",
             "run.progress=log",

@@ -96,10 +96,20 @@ def test_timestep_changes_the_prediction():
     assert not torch.allclose(a, model(inputs).predictions["noise_PC"])
 
 
-@pytest.mark.parametrize("placement", ["pre", "post"])
-def test_mot_with_tied_towers_equals_dense_with_patches(placement):
-    dense = _model(arch="dense", norm_placement=placement)
-    mot = _model(seed=1, arch="mot", norm_placement=placement)
+UNET = {"patch_layers": "unet", "latent_size": 4, "unet_width": 8}
+GRADS = {  # a weight of each patch half whose gradients must agree
+    "linear": ("patch_embed.proj.weight", "patch_head.proj.weight"),
+    "unet": ("patch_embed.conv_in.weight", "patch_head.conv_out.weight"),
+}
+
+
+@pytest.mark.parametrize(
+    ("placement", "layers"), [("pre", "linear"), ("post", "linear"), ("pre", "unet")]
+)
+def test_mot_with_tied_towers_equals_dense_with_patches(placement, layers):
+    kw = {"norm_placement": placement, **(UNET if layers == "unet" else {})}
+    dense = _model(arch="dense", **kw)
+    mot = _model(seed=1, arch="mot", **kw)
     with torch.no_grad():
         for p_mot, p_dense in zip(mot.parameters(), dense.parameters(), strict=True):
             p_mot.copy_(p_dense.expand_as(p_mot))
@@ -112,7 +122,7 @@ def test_mot_with_tied_towers_equals_dense_with_patches(placement):
     (a.predictions["noise_PC"].square().mean() + a.logits_BTV.square().mean()).backward()
     (b.predictions["noise_PC"].square().mean() + b.logits_BTV.square().mean()).backward()
     grads = dict(dense.named_parameters())
-    for name in ("patch_embed.proj.weight", "patch_head.proj.weight"):
+    for name in GRADS[layers]:
         torch.testing.assert_close(
             dict(mot.named_parameters())[name].grad, grads[name].grad, atol=1e-6, rtol=1e-4
         )

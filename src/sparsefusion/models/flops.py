@@ -17,9 +17,10 @@ Forward FLOPs = 2 * A * N + L * 4 * H * K * P, where
 Bidirectional spans (Transfusion image patches, ``span_BT``) add the pairs above the diagonal
 inside each span: s * (s - 1) / 2 per span of s positions (:func:`span_pairs`).
 
-Continuous image patches (Transfusion, ``num_patches`` > 0): the patch embedder (patch linear and
-timestep MLP) and the patch head cost 2 * their matmul parameters per patch, and the LM head
-runs on the other positions only (N - patches).
+Continuous image patches (Transfusion, ``num_patches`` > 0): the linear patch embedder (patch
+linear and timestep MLP) and the patch head cost 2 * their matmul parameters per patch; the U-Net
+patch layers cost their convolutions and linears per image (``nn/unet_patch.py:
+unet_flops_per_image``); the LM head runs on the other positions only (N - patches).
 
 Sparse layers count only the tokens actually processed (pass the plan's per-tower counts):
 
@@ -48,6 +49,7 @@ from torch import nn
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.nn.mod import mod_capacity
 from sparsefusion.nn.moe import expert_capacity
+from sparsefusion.nn.unet_patch import unet_flops_per_image
 
 
 def layer_matmul_params(cfg: ModelConfig) -> int:
@@ -113,9 +115,13 @@ def patch_flops(cfg: ModelConfig, num_patches: int) -> int:
     if not num_patches or not cfg.patch_dim:
         return 0
     D, C, F = cfg.dim, cfg.patch_dim, 128  # F: PatchEmbed's default timestep features
+    lm_head = num_patches * 2 * D * cfg.vocab_size
+    if cfg.patch_layers == "unet":
+        shape = cfg.unet_shape()
+        return num_patches // shape.patches_per_image * unet_flops_per_image(shape) - lm_head
     embed = 2 * (C * D + F * D + D * D)
     head = 2 * D * C
-    return num_patches * (embed + head - 2 * D * cfg.vocab_size)
+    return num_patches * (embed + head) - lm_head
 
 
 def forward_flops(

@@ -33,6 +33,7 @@ from sparsefusion.nn.patch_embed import PatchEmbed, PatchHead
 from sparsefusion.nn.rope import RopeAngles, RopeScalingConfig, rope_angles
 from sparsefusion.nn.routing import RoutingPlan
 from sparsefusion.nn.routing_context import RouterRecord, RouterStats, RoutingContext
+from sparsefusion.nn.unet_patch import UNetDown, UNetShape, UNetState, UNetUp, unet_levels
 
 
 @dataclass(kw_only=True)
@@ -84,6 +85,13 @@ class ModelConfig:
             continuous inputs. Set from the VAE tokenizer by the trainer.
         patch_size: side k of the latent patches one position holds (Transfusion; 2 as in the
             paper's main setting). Only used when ``latent_channels > 0``.
+        patch_layers: how patches enter and leave the transformer (Transfusion): "linear" (a
+            linear layer per patch plus a timestep MLP) or "unet" (diffusers' U-Net down blocks
+            in, up blocks out with skips; ``nn/unet_patch.py``).
+        latent_size: side of the square latent grid; set from the VAE by the trainer when the
+            U-Net needs it (0 with linear patch layers).
+        unet_width: channels of the U-Net's first level (level i has ``unet_width * 2 ** i``).
+        unet_layers: ResNet blocks per U-Net down block (one more per up block).
     """
 
     arch: Literal["dense", "mot", "moe", "moma"] = "mot"
@@ -117,18 +125,28 @@ class ModelConfig:
     upcycle_from: str = ""
     latent_channels: int = 0
     patch_size: int = 2
+    patch_layers: Literal["linear", "unet"] = "linear"
+    latent_size: int = 0
+    unet_width: int = 64
+    unet_layers: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ("dense", "mot", "moe", "moma"))
         _check_choice("norm_placement", self.norm_placement, ("pre", "post"))
         _check_choice("linear_impl", self.linear_impl, ("grouped", "reference"))
         _check_choice("attention_backend", self.attention_backend, ("sdpa", "flex"))
+        _check_choice("patch_layers", self.patch_layers, ("linear", "unet"))
         for name in ("dim", "num_layers", "num_heads", "multiple_of", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.patch_size < 1:
             raise ValueError(f"model.patch_size must be >= 1, got {self.patch_size}")
-        for name in ("vocab_size", "num_kv_heads", "ffn_hidden", "latent_channels"):
+        for name in ("unet_width", "unet_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.patch_layers == "unet" and self.latent_size:
+            self.unet_shape()  # raises naming the keys when the U-Net cannot halve the latent
+        for name in ("vocab_size", "num_kv_heads", "ffn_hidden", "latent_channels", "latent_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("norm_eps", "rope_theta", "init_std"):
@@ -198,6 +216,23 @@ class ModelConfig:
     def patch_dim(self) -> int:
         """Values per continuous patch (latent channels * k * k; 0 without latents)."""
         return self.latent_channels * self.patch_size**2
+
+    def unet_shape(self) -> UNetShape:
+        """The U-Net patch layers' sizes (``patch_layers="unet"``; ValueError naming the keys)."""
+        if not self.latent_size:
+            raise ValueError(
+                "model.patch_layers=unet needs model.latent_size (the latent side; the trainer "
+                "sets it from the VAE tokenizer)"
+            )
+        unet_levels(self.latent_size, self.patch_size)
+        return UNetShape(
+            self.latent_channels,
+            self.latent_size,
+            self.patch_size,
+            self.dim,
+            self.unet_width,
+            self.unet_layers,
+        )
 
     @property
     def head_dim(self) -> int:
@@ -395,9 +430,15 @@ class Transformer(nn.Module):
             self.output = TiedOutputHead(self.embedding)
         else:
             self.output = OutputHead(cfg.dim, cfg.vocab_size)
-        # Transfusion: image patches in and noise out (image-only parameters).
-        self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.dim) if cfg.patch_dim else None
-        self.patch_head = PatchHead(cfg.dim, cfg.patch_dim, cfg.norm_eps) if cfg.patch_dim else None
+        # Transfusion: image patches in and predictions out (image-only parameters).
+        self.patch_embed: PatchEmbed | UNetDown | None = None
+        self.patch_head: PatchHead | UNetUp | None = None
+        if cfg.patch_dim and cfg.patch_layers == "unet":
+            self.patch_embed = UNetDown(cfg.unet_shape())
+            self.patch_head = UNetUp(cfg.unet_shape(), cfg.norm_eps)
+        elif cfg.patch_dim:
+            self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.dim)
+            self.patch_head = PatchHead(cfg.dim, cfg.patch_dim, cfg.norm_eps)
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for embeddings/linears, std / sqrt(2L) for output projections."""
@@ -469,7 +510,7 @@ class Transformer(nn.Module):
         )
         routing = ctx.routing()
         layout = self.layout(inputs)
-        x_ND = self._embed(inputs, plan)
+        x_ND, patch_state = self._embed(inputs, plan)
         stats = RouterStats.empty()
         for i, layer in enumerate(self.layers):
             kv = cache.layer(i, self._cache_documents(inputs), inputs.span_BT) if cache else None
@@ -481,7 +522,7 @@ class Transformer(nn.Module):
             else:
                 x_ND, layer_stats = layer(x_ND, plan=plan, mask=mask, rope=rope, ctx=routing, kv=kv)
             stats = stats.merge(layer_stats)
-        logits_NV, predictions = self._heads(plan.unsort(x_ND), inputs)
+        logits_NV, predictions = self._heads(plan.unsort(x_ND), inputs, patch_state)
         return ModelOutput(
             logits_BTV=logits_NV.view(B, T, -1),
             predictions=predictions,
@@ -490,31 +531,40 @@ class Transformer(nn.Module):
             records=list(stats.records),
         )
 
-    def _embed(self, inputs: ModelInputs, plan: RoutingPlan) -> torch.Tensor:
+    def _embed(
+        self, inputs: ModelInputs, plan: RoutingPlan
+    ) -> tuple[torch.Tensor, UNetState | None]:
         """Token embeddings (N, D) in plan-sorted order; patch slots hold the patch embeddings.
 
-        The token ids are sorted before the lookup, so no (N, D) activation is gathered.
+        The token ids are sorted before the lookup, so no (N, D) activation is gathered. The
+        second value is what the U-Net's up half needs from its down half (None otherwise).
         """
         B, T = inputs.shape
         x_ND = self.embedding(plan.sort(inputs.tokens_BT.reshape(B * T)))
         if inputs.patches_PC is None or inputs.patches_PC.shape[0] == 0:
-            return x_ND
+            return x_ND, None
         if self.patch_embed is None or inputs.patch_slot_P is None or inputs.timestep_P is None:
             raise ValueError(
                 "inputs carry latent patches (with slots and timesteps) but the model has no patch "
                 "embedder: set model.latent_channels (the Transfusion setting)"
             )
-        p_PD = self.patch_embed(inputs.patches_PC.to(x_ND.dtype), inputs.timestep_P)
+        state = None
+        patches_PC = inputs.patches_PC.to(x_ND.dtype)
+        if isinstance(self.patch_embed, UNetDown):
+            p_PD, state = self.patch_embed(patches_PC, inputs.timestep_P)
+        else:
+            p_PD = self.patch_embed(patches_PC, inputs.timestep_P)
         slot_P = inputs.patch_slot_P if plan.is_identity else plan.inv_perm_N[inputs.patch_slot_P]
-        return x_ND.index_copy(0, slot_P, p_PD.to(x_ND.dtype))
+        return x_ND.index_copy(0, slot_P, p_PD.to(x_ND.dtype)), state
 
     def _heads(
-        self, h_ND: torch.Tensor, inputs: ModelInputs
+        self, h_ND: torch.Tensor, inputs: ModelInputs, patch_state: UNetState | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """LM logits (N, V) at discrete positions (zeros at patch slots), and predicted noise."""
+        """LM logits (N, V) at discrete positions (zeros at patch slots), and the patch head's
+        prediction (``noise_PC``: what the objective regresses, noise or velocity)."""
         slot_P = inputs.patch_slot_P
         if inputs.patches_PC is None or slot_P is None or slot_P.numel() == 0:
-            return self.output(self.norm(h_ND)), {}
+            return self.output(self.norm(h_ND)) + self._idle_patch_layers(), {}
         assert self.patch_head is not None
         N = h_ND.shape[0]
         discrete_N = torch.ones(N, dtype=torch.bool, device=h_ND.device)
@@ -522,7 +572,19 @@ class Transformer(nn.Module):
         keep = discrete_N.nonzero().squeeze(1)
         out = self.output(self.norm(h_ND[keep]))
         logits_NV = out.new_zeros(N, out.shape[-1]).index_copy(0, keep, out)
+        if isinstance(self.patch_head, UNetUp):
+            assert patch_state is not None, "the U-Net's up half needs its down half's state"
+            return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P], patch_state)}
         return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P])}
+
+    def _idle_patch_layers(self) -> torch.Tensor | float:
+        """0 * the patch layers' weights, when a batch without images trains a model that has
+        them: their gradients are then zeros, not missing, so every data-parallel rank
+        reduces the same tensors whether or not its batch held an image."""
+        if self.patch_embed is None or self.patch_head is None or not torch.is_grad_enabled():
+            return 0.0
+        params = [*self.patch_embed.parameters(), *self.patch_head.parameters()]
+        return 0.0 * torch.stack([p.sum() for p in params if p.requires_grad]).sum()
 
     def _cache_documents(self, inputs: ModelInputs) -> torch.Tensor:
         """Document ids a KV cache compares (all 0 without document masking)."""

@@ -189,6 +189,10 @@ class TransfusionObjective:
             terms["z_loss"] = LossTerm(z_N.sum(), "targets", self.cfg.z_loss)
             logged["z_loss"] = (z_N.detach().double().sum(), n_text)
         mse_I = self._per_image_mse(output, inputs)
+        # Logged whether or not the batch holds an image (count 0 then), so that the sums of
+        # data-parallel ranks always line up.
+        zero = torch.zeros((), dtype=torch.float64, device=n_text.device)
+        logged["loss/image"] = (zero, torch.zeros_like(n_text))
         if mse_I is not None:
             terms["diffusion"] = LossTerm(mse_I.sum(), "images", self.cfg.diffusion_weight)
             n_img = torch.tensor(mse_I.numel(), device=mse_I.device)

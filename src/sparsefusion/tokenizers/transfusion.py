@@ -113,12 +113,12 @@ class TransfusionTokenizer:
     def bind_model(self, model: ModelConfig) -> ModelConfig:
         """Fit this tokenizer and the model it feeds to each other: the tokenizer cuts images
         into ``model.patch_size`` patches from now on; the model gets ``latent_channels`` from
-        the VAE.
+        the VAE (and ``latent_size``, the latent side, when its patch layers are a U-Net).
 
         Raises:
             ValueError: naming the key, when the patch size does not divide the latent grid,
                 differs from the one a saved copy was bound to, or ``model.latent_channels``
-                disagrees with the VAE.
+                (``model.latent_size``) disagrees with the VAE.
         """
         channels = self.latent_shape[0]
         if model.latent_channels not in (0, channels):
@@ -133,7 +133,14 @@ class TransfusionTokenizer:
             )
         self.patches_per_image(model.patch_size)  # raises naming model.patch_size
         self.patch_size = model.patch_size
-        return replace(model, latent_channels=channels)
+        if model.patch_layers != "unet":
+            return replace(model, latent_channels=channels)
+        side = self.latent_shape[1]
+        if model.latent_size not in (0, side):
+            raise ValueError(
+                f"model.latent_size={model.latent_size} but the VAE's latent is {side}"
+            )
+        return replace(model, latent_channels=channels, latent_size=side)
 
     def describe_image(self) -> str:
         """One line on how an image is encoded (``sparsefusion tokenizer inspect``)."""

@@ -23,6 +23,7 @@ def accumulate_gradients(
     env: DistEnv,
     amp: contextlib.AbstractContextManager | None = None,
     poison: bool = False,
+    draw_seed: tuple[int, int] | None = None,
 ) -> list[StepOutput]:
     """Forward and backward every micro-batch of one optimizer step (token-weighted).
 
@@ -32,16 +33,30 @@ def accumulate_gradients(
     micro-batches. Data-parallel wrappers average gradients over ranks, so each rank normalises
     by the global count over the number of ranks. DDP skips its all-reduce on all but the last
     micro-batch. ``poison`` multiplies the losses by NaN (fault injection for tests).
+
+    ``draw_seed`` = (run seed, step): the objective's random draws (diffusion noise and
+    timesteps) for a micro-batch come from a generator of (seed, step, its data stream), so
+    they belong to the batch, not to the process: 2 ranks draw what 1 process with 2
+    micro-batches draws, and a resumed run what an uninterrupted one drew. None: the global RNG.
     """
     norms = global_counts(objective, batches, env)
     outs = []
     for micro, batch in enumerate(batches):
+        gen = None
+        if draw_seed is not None:
+            gen = draw_generator(*draw_seed, stream=env.rank * len(batches) + micro)
         with _maybe_no_sync(model, last_micro=micro == len(batches) - 1):
-            out = forward_loss(model, batch, objective, device=env.device, amp=amp)
+            out = forward_loss(model, batch, objective, device=env.device, amp=amp, generator=gen)
             loss = out.loss(norms, micro_batches=len(batches))
             (loss * float("nan") if poison else loss).backward()
         outs.append(out)
     return outs
+
+
+def draw_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """The generator of data stream ``stream``'s draws at ``step`` (a host generator)."""
+    mixed = ((seed * 1_000_003 + step) * 1_009 + stream) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
 
 
 def global_counts(objective: Objective, batches: list[Batch], env: DistEnv) -> dict[str, float]:

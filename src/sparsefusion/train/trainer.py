@@ -173,7 +173,13 @@ def _loop(
             group["lr"] = lr
         batches = [loaders.next_batch(micro) for micro in range(accum)]
         outs = accumulate_gradients(
-            model, batches, objective, env=env, amp=amp, poison=faults.nan_at(step)
+            model,
+            batches,
+            objective,
+            env=env,
+            amp=amp,
+            poison=faults.nan_at(step),
+            draw_seed=(cfg.seed, step),
         )
         for batch, out in zip(batches, outs, strict=True):
             pending_flops += step_flops(cfg.model, batch, out)
