@@ -4,6 +4,8 @@ uncached; a batch of requests samples what each request samples alone."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -64,28 +66,35 @@ def _model(tok: TransfusionTokenizer, seed: int = 0):
     return model
 
 
-def _overfit(tok, model, steps: int = 250):
+def _overfit(tok, model, steps: int = 250, image_loss: str = "ddpm", losses=None):
     pair = Document(segments=[Segment(TEXT, CAPTION), Segment(IMAGE, _image())])
     alone = Document(segments=[Segment(IMAGE, _image())])  # the unconditional branch (CFG)
     loader = PackedLoader(
         _Source([pair, alone]), tok, seq_len=40, batch_size=4, docs_per_chunk=2,
         caption_order=CaptionOrder(0, caption_first=1.0, caption_dropout=0.0),
     )  # fmt: skip
-    obj = build_objective(ObjectiveConfig(name="transfusion", z_loss=0.0), model.cfg)
+    obj = build_objective(
+        ObjectiveConfig(name="transfusion", z_loss=0.0, image_loss=image_loss), model.cfg
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     batch = loader.next_batch()
     torch.manual_seed(1)
     for _ in range(steps):
         loss = forward_loss(model, batch, obj).loss()
+        if losses is not None:
+            losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model.eval()
 
 
-def _generator(tok, model, settings: DiffusionSettings | None = None) -> Generator:
+def _generator(
+    tok, model, settings: DiffusionSettings | None = None, image_loss: str = "ddpm"
+) -> Generator:
     """The run's generator: diffusion spans on the objective's noise schedule."""
-    schedule = build_objective(ObjectiveConfig(name="transfusion"), model.cfg).noise_schedule
+    cfg = ObjectiveConfig(name="transfusion", image_loss=image_loss)
+    schedule = build_objective(cfg, model.cfg).noise_schedule
     spans = DiffusionSpanSampler(tok, model.cfg.patch_size, schedule, settings)
     return Generator(model, tok, span_sampler=spans)
 
@@ -96,9 +105,11 @@ def _latents(gen: Generator, reqs) -> list[list[torch.Tensor]]:
     return [result.images[row] for row in owners.values()]
 
 
-def _sample_mse(tok, model, cfg_scale: float) -> float:
+def _sample_mse(
+    tok, model, cfg_scale: float, sampler: str = "ddim", image_loss: str = "ddpm"
+) -> float:
     """Latent MSE of a sampled image to the pair's image (both through the VAE encoder)."""
-    gen = _generator(tok, model, DiffusionSettings(steps=20, sampler="ddim"))
+    gen = _generator(tok, model, DiffusionSettings(steps=20, sampler=sampler), image_loss)
     req = GenerationRequest(prompt=CAPTION, mode="text_to_image", cfg_scale=cfg_scale, seed=3)
     (sample,) = gen.generate([req])
     (image,) = sample.images
@@ -125,6 +136,22 @@ def test_overfit_model_samples_its_image(trained, cfg_scale):
     noise = float((torch.randn(target.shape, generator=torch.Generator().manual_seed(0)) - target)
                   .pow(2).mean())  # fmt: skip
     assert fitted < 0.25 * random and fitted < 0.5 * noise, (fitted, random, noise)
+
+
+@pytest.fixture(scope="module")
+def trained_flow():
+    tok, losses = _tokenizer(), []
+    return tok, _overfit(tok, _model(tok), image_loss="flow", losses=losses), losses
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_flow_overfit_model_samples_its_image_with_the_auto_sampler(trained_flow, cfg_scale):
+    tok, model, losses = trained_flow
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-10:]) < 0.2 * sum(losses[:10]), (losses[:10], losses[-10:])
+    fitted = _sample_mse(tok, model, cfg_scale, sampler="auto", image_loss="flow")
+    random = _sample_mse(tok, _model(tok, seed=5), cfg_scale, sampler="auto", image_loss="flow")
+    assert fitted < 0.25 * random, (fitted, random)
 
 
 def test_captioning_runs_and_emits_text(trained):

@@ -1,6 +1,7 @@
 """Training in the Transfusion setting: every architecture trains and logs both losses; resume
-with another patch size or VAE is refused; resumed equals uninterrupted; background loading and
-`data tokenize` shards give the losses of loading in the training thread."""
+with another patch size, VAE or image loss is refused; resumed equals uninterrupted (DDPM and
+flow); background loading and `data tokenize` shards give the losses of loading in the training
+thread; a flow run generates images with the auto sampler."""
 
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def test_resume_with_another_patch_size_or_vae_is_refused(tmp_path, tokenizer_ca
         train(_cfg(tmp_path, tokenizer_cache, *common, "tokenizer.vae.kl_weight=0.001"))
 
 
-def test_resumed_equals_uninterrupted(tmp_path, tokenizer_cache):
-    common = ("run.log_every=1", "run.save_every=2", "run.eval_every=0", "train.steps=4")
+@pytest.mark.parametrize("image_loss", ["ddpm", "flow"])
+def test_resumed_equals_uninterrupted(tmp_path, tokenizer_cache, image_loss):
+    common = ("run.log_every=1", "run.save_every=2", "run.eval_every=0", "train.steps=4",
+              f"objective.image_loss={image_loss}")  # fmt: skip
     train(_cfg(tmp_path / "a", tokenizer_cache, *common))
     train(_cfg(tmp_path / "b", tokenizer_cache, *common, "train.stop_at=2"))
     train(_cfg(tmp_path / "b", tokenizer_cache, *common))
@@ -128,3 +131,34 @@ def test_cli_generates_images_and_captions_and_inspects_the_vae(tmp_path, tokeni
     capsys.readouterr()
     assert main(["tokenizer", "inspect", str(tok_dir)]) == 0
     assert "VAE latent 4x8x8" in capsys.readouterr().out
+
+
+def test_flow_run_trains_generates_and_refuses_a_resume_with_another_image_loss(
+    tmp_path, tokenizer_cache, capsys
+):
+    import dataclasses
+
+    from sparsefusion.cli.main import main
+    from sparsefusion.runs.folder import check_resume_config
+
+    run = tmp_path / "run"
+    common = ("train.steps=2", "run.save_every=2", "run.eval_every=2", "run.log_every=1")
+    last = train(_cfg(run, tokenizer_cache, *common, "objective.image_loss=flow"))
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "split" not in r]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss/image"] != rows[1]["loss/image"]
+    assert all(0 < r["loss/image"] < float("inf") for r in rows) and last["val"]["loss/image"] > 0
+    out = tmp_path / "samples"
+    args = ["generate", str(run), "--prompt", "a red circle", "--mode", "text_to_image",
+            "--diffusion-steps", "3"]  # fmt: skip
+    assert main([*args, "--cfg", "2", "--out", str(out)]) == 0  # --sampler auto: euler
+    assert len(list(out.glob("sample_*_image_0.png"))) == 1
+    capsys.readouterr()
+    assert main([*args, "--sampler", "ddim", "--out", str(tmp_path / "ddim")]) == 2
+    err = capsys.readouterr().err
+    assert "sampler 'ddim' does not fit objective.image_loss=flow" in err, err
+    with pytest.raises(ValueError, match=r"objective\.image_loss=flow \(now objective\.image"):
+        train(_cfg(run, tokenizer_cache, *common, "objective.image_loss=ddpm", "train.steps=3"))
+    cfg = _cfg(run, tokenizer_cache, *common, "objective.image_loss=flow")
+    cfg.objective = dataclasses.replace(cfg.objective, name="ar")
+    with pytest.raises(ValueError, match=r"objective\.name=transfusion \(now objective\.name=ar"):
+        check_resume_config(run, cfg)

@@ -245,9 +245,10 @@ def add_commands(sub) -> None:
     )
     p.add_argument(
         "--sampler",
-        default="ddim",
-        choices=["ddim", "ddpm"],
-        help="image sampler (Transfusion)",
+        default="auto",
+        choices=["auto", "ddim", "ddpm", "euler"],  # objectives.diffusion.SAMPLERS
+        help="image sampler (Transfusion): ddim or ddpm for objective.image_loss=ddpm, euler "
+        "for flow; auto picks ddim or euler",
     )
     p.add_argument(
         "--stop-id", type=int, action="append", default=[], help="an id that ends a sample (repeat)"

@@ -10,13 +10,15 @@ decodes a sample back into text, images and speech. The objective says which one
   the logits of a row and its unconditional partner.
 - :class:`DiffusionSpanSampler` (continuous VAE latents, objective ``transfusion``; arXiv
   2408.11039 section 3.3): the span is filled as a whole. After BOI, n patches of pure noise
-  are denoised for ``steps`` passes of a diffusers scheduler on the objective's noise schedule
-  (DDPM, as the paper with 250 steps, or DDIM with fewer). Every pass re-runs the span against
-  the cached prefix without committing it (the model only ever sees the latest x_t); the clean
-  latent is then committed once at t = 0 and EOI follows. All rows of a decode batch that open
-  a span at the same step are denoised together, each from its own random stream. Guidance runs
-  the unconditional partner row in the same passes: ``eps = eps_u + s * (eps_c - eps_u)``. A
-  prompt's images enter as clean patches (t = 0).
+  are denoised for ``steps`` passes of a diffusers scheduler on the objective's image process
+  (``objective.image_loss``: ``ddpm`` samples with DDPM, as the paper with 250 steps, or DDIM
+  with fewer; ``flow`` integrates the predicted velocity with Euler steps; ``auto`` picks DDIM
+  or Euler). Every pass re-runs the span against the cached prefix without committing it (the
+  model only ever sees the latest x_t); the clean latent is then committed once at t = 0 and EOI
+  follows. All rows of a decode batch that open a span at the same step are denoised together,
+  each from its own random stream and its own scheduler. Guidance runs the unconditional
+  partner row in the same passes and mixes the predictions (noise or velocity):
+  ``e = e_u + s * (e_c - e_u)``. A prompt's images enter as clean patches (t = 0).
 
 Batching and bit-identity: a row's random draws never depend on its batch, but its floats do in
 the last bits (CPU matrix multiplies pick their kernel by the number of rows, e.g. one token per
@@ -42,12 +44,13 @@ from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document
 from sparsefusion.generate.engine import Decoder
 from sparsefusion.generate.output import Segment
 from sparsefusion.nn.patch_embed import patchify, unpatchify
+from sparsefusion.objectives.diffusion import SAMPLERS, resolve_sampler
 from sparsefusion.tokenizers.multimodal import MultimodalTokenizer
 
 if TYPE_CHECKING:
     from sparsefusion.models.transformer import ModelConfig
     from sparsefusion.objectives.base import Objective
-    from sparsefusion.objectives.transfusion import NoiseSchedule
+    from sparsefusion.objectives.diffusion import DiffusionSchedule
     from sparsefusion.tokenizers.transfusion import TransfusionTokenizer
 
 
@@ -187,7 +190,9 @@ class DiffusionSettings:
 
     Attributes:
         steps: denoising passes per image (the paper evaluates DDPM with 250).
-        sampler: "ddim" (deterministic, good with few steps) or "ddpm" (ancestral).
+        sampler: "auto" (the image process's own: ddim for ``ddpm``, euler for ``flow``),
+            "ddim" (deterministic, good with few steps) or "ddpm" (ancestral) for
+            ``objective.image_loss=ddpm``, "euler" for ``flow``.
         max_images: most images one sample may open itself (``text``/``interleaved``).
         batch_samples: decode all samples of a ``generate`` call as one batch (faster; their
             floats then differ in the last bits from one sample decoded alone, see the module
@@ -195,15 +200,15 @@ class DiffusionSettings:
     """
 
     steps: int = 50
-    sampler: str = "ddim"
+    sampler: str = "auto"
     max_images: int = 1
     batch_samples: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"diffusion steps must be >= 1, got {self.steps}")
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
 
 
 class DiffusionSpanSampler:
@@ -212,8 +217,11 @@ class DiffusionSpanSampler:
     Args:
         tokenizer: the run's latent (VAE) tokenizer.
         patch_size: the model's patch side k.
-        schedule: the objective's noise schedule.
+        schedule: the objective's image process (DDPM or flow).
         settings: steps, sampler and image limit.
+
+    Raises:
+        ValueError: the sampler does not fit the process (e.g. ``ddim`` on ``flow``).
     """
 
     image_modes = ("text", "interleaved")
@@ -223,11 +231,12 @@ class DiffusionSpanSampler:
         self,
         tokenizer: TransfusionTokenizer,
         patch_size: int,
-        schedule: NoiseSchedule,
+        schedule: DiffusionSchedule,
         settings: DiffusionSettings | None = None,
     ):
         self.tokenizer, self.k, self.schedule = tokenizer, patch_size, schedule
         self.settings = settings or DiffusionSettings()
+        self.sampler = resolve_sampler(schedule, self.settings.sampler)
         self.image_tokens = tokenizer.patches_per_image(patch_size)
 
     @property
@@ -266,20 +275,24 @@ class DiffusionSpanSampler:
         span_ids: list[list[int]] = [[] for _ in range(decoder.batch)]
         for r in members:
             ids[r], span_ids[r] = self.span_ids, [spans[leader[r]].span] * n
-        sched = self.schedule.scheduler(self.settings.sampler, self.settings.steps)
+        # one scheduler per span: diffusers' Euler scheduler counts its own steps
+        scheds = [self.schedule.scheduler(self.sampler, self.settings.steps) for _ in spans]
         x = [torch.randn((1, *shape), generator=s.generator) for s in spans]
-        for t in sched.timesteps:
+        for t in scheds[0].timesteps:
             patches = [patchify(x[leader[r]], self.k)[0] for r in members]
-            continuous = patch_inputs(members, patches, n, int(t))
+            timestep = self.schedule.sampler_timestep(t)
+            continuous = patch_inputs(members, patches, n, timestep)
             out = decoder.step(ids, commit=False, span_ids=span_ids, **continuous)
-            eps = out.predictions["noise_PC"].float().cpu().view(len(members), n, -1)
+            # the model's prediction: the noise (ddpm) or the velocity (flow)
+            pred = out.predictions["noise_PC"].float().cpu().view(len(members), n, -1)
             for i, s in enumerate(spans):
-                e = eps[members.index(s.row)]
+                e = pred[members.index(s.row)]
                 if s.guide is not None:
-                    u = eps[members.index(s.guide)]
+                    u = pred[members.index(s.guide)]
                     e = u + s.scale * (e - u)
-                kw = {"generator": s.generator} if self.settings.sampler == "ddpm" else {}
-                x[i] = sched.step(unpatchify(e[None], self.k, shape), t, x[i], **kw).prev_sample
+                kw = {"generator": s.generator} if self.sampler == "ddpm" else {}
+                step = scheds[i].step(unpatchify(e[None], self.k, shape), t, x[i], **kw)
+                x[i] = step.prev_sample
         clean = [patchify(x[leader[r]], self.k)[0] for r in members]
         decoder.step(ids, commit=True, span_ids=span_ids, **patch_inputs(members, clean, n, 0))
         return [xi[0] for xi in x]
@@ -308,7 +321,11 @@ class DiffusionSpanSampler:
 
 
 def patch_inputs(
-    rows: Sequence[int], patches: Sequence[torch.Tensor], T: int, timestep: int, starts=None
+    rows: Sequence[int],
+    patches: Sequence[torch.Tensor],
+    T: int,
+    timestep: int | float,
+    starts=None,
 ) -> dict[str, torch.Tensor]:
     """``Decoder.step`` inputs placing ``patches[i]`` (n, C) in row ``rows[i]`` of a T-wide step.
 
@@ -316,7 +333,9 @@ def patch_inputs(
         rows: the row of each patch block.
         patches: the blocks.
         T: the step's width (its longest row).
-        timestep: the diffusion timestep of every patch.
+        timestep: the model's timestep input of every patch: an int (DDPM step, an int64
+            tensor) or a float (flow's t * T, a float32 tensor; the sinusoidal features of an
+            int and of the same value as a float are equal).
         starts: each block's first position in its row (default 0).
     """
     starts = starts if starts is not None else [0] * len(rows)
@@ -324,10 +343,11 @@ def patch_inputs(
         r * T + s + torch.arange(p.shape[0]) for r, s, p in zip(rows, starts, patches, strict=True)
     ]
     patches_PC = torch.cat(list(patches)).float()
+    value = float(timestep) if isinstance(timestep, float) else int(timestep)
     return {
         "patches_PC": patches_PC,
         "patch_slot_P": torch.cat(slots),
-        "timestep_P": torch.full((patches_PC.shape[0],), int(timestep)),
+        "timestep_P": torch.full((patches_PC.shape[0],), value),
     }
 
 
@@ -337,7 +357,7 @@ def span_sampler_for(
     model: ModelConfig,
     diffusion: DiffusionSettings | None = None,
 ) -> SpanSampler:
-    """The span sampler of a run: diffusion on the objective's noise schedule, or codes.
+    """The span sampler of a run: diffusion on the objective's image process, or codes.
 
     Args:
         objective: the run's objective (``build_objective(run.objective, run.model)``).

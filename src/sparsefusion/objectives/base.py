@@ -29,9 +29,10 @@ from sparsefusion.data.batch import Batch
 from sparsefusion.data.encoded import CaptionOrder
 from sparsefusion.models.inputs import ModelInputs
 from sparsefusion.models.transformer import ModelConfig, ModelOutput
+from sparsefusion.objectives.diffusion import IMAGE_LOSSES
 
 if TYPE_CHECKING:
-    from sparsefusion.objectives.transfusion import NoiseSchedule
+    from sparsefusion.objectives.diffusion import DiffusionSchedule
 
 
 @dataclass(kw_only=True)
@@ -40,35 +41,47 @@ class ObjectiveConfig:
 
     Attributes:
         name: registry key: ``ar`` (next-token cross-entropy over the unified vocabulary) or
-            ``transfusion`` (cross-entropy on text plus DDPM noise prediction on continuous
-            image latents of a VAE, arXiv 2408.11039).
+            ``transfusion`` (cross-entropy on text plus a diffusion loss on continuous image
+            latents of a VAE, arXiv 2408.11039).
         z_loss: weight of the Chameleon z-loss ``(log Z)^2`` per predicted token (0 disables it).
 
     The keys below are read by ``transfusion`` only (``ar`` ignores them).
 
     Attributes:
-        diffusion_weight: lambda in L = L_LM + lambda * L_DDPM (5, the Transfusion default).
-        num_train_timesteps: T of the DDPM (1000).
-        beta_schedule: diffusers beta schedule; ``squaredcos_cap_v2`` is the cosine schedule
-            (Nichol & Dhariwal, arXiv 2102.09672) Transfusion uses.
+        image_loss: the image diffusion process (``objectives/diffusion.py``): ``ddpm`` (noise
+            prediction on the cosine schedule, as the paper) or ``flow`` (rectified flow /
+            flow matching: velocity prediction, logit-normal times, Euler sampling).
+        diffusion_weight: lambda in L = L_LM + lambda * L_image (5, the Transfusion default).
+        num_train_timesteps: T: the DDPM's steps; under ``flow`` the model's timestep input is
+            t * T for t in [0, 1].
+        beta_schedule: diffusers beta schedule of ``ddpm``; ``squaredcos_cap_v2`` is the cosine
+            schedule (Nichol & Dhariwal, arXiv 2102.09672) Transfusion uses.
+        flow_logit_mean: m of ``flow``'s training times t = sigmoid(m + s z), z ~ N(0, 1)
+            (SD3's logit-normal, arXiv 2403.03206).
+        flow_logit_std: s of those times (> 0).
         noise_limit: images that precede their caption draw t uniformly from [0, noise_limit)
-            (Transfusion's t <= 500 rule; set it to num_train_timesteps to turn it off).
+            (Transfusion's t <= 500 rule; set it to num_train_timesteps to turn it off); under
+            ``flow`` their logit-normal t is scaled into [0, noise_limit / T].
         caption_first: probability that an image-caption pair is ordered caption -> image
             (0.8 as in the paper; the rest are image -> caption, i.e. captioning data).
         caption_dropout: probability that a caption-first pair loses its caption (the image
             alone then trains the unconditional branch of classifier-free guidance). The paper
             does not state it; 0.1 as its close relatives.
         val_timesteps: validation draws every image's t from this many evenly spaced timesteps
-            in [0, T - 1] (in turn) with noise from a fixed seed, so that the validation
-            diffusion loss of different runs is comparable point by point.
+            in [0, T - 1] (``flow``: strictly inside (0, 1)) in turn, with noise from a fixed
+            seed, so that the validation diffusion loss of different runs is comparable point
+            by point.
         val_noise_seed: seed of the fixed validation noise.
     """
 
     name: str = "ar"
     z_loss: float = 1e-5
+    image_loss: str = "ddpm"
     diffusion_weight: float = 5.0
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
     noise_limit: int = 500
     caption_first: float = 0.8
     caption_dropout: float = 0.1
@@ -85,6 +98,19 @@ class ObjectiveConfig:
         if not (math.isfinite(self.diffusion_weight) and self.diffusion_weight >= 0):
             raise ValueError(
                 f"objective.diffusion_weight must be finite and >= 0, got {self.diffusion_weight}"
+            )
+        if self.image_loss not in IMAGE_LOSSES:
+            raise ValueError(
+                f"objective.image_loss must be one of {sorted(IMAGE_LOSSES)}, "
+                f"got {self.image_loss!r}"
+            )
+        if not math.isfinite(self.flow_logit_mean):
+            raise ValueError(
+                f"objective.flow_logit_mean must be finite, got {self.flow_logit_mean}"
+            )
+        if not (math.isfinite(self.flow_logit_std) and self.flow_logit_std > 0):
+            raise ValueError(
+                f"objective.flow_logit_std must be finite and > 0, got {self.flow_logit_std}"
             )
         if self.num_train_timesteps < 2:
             raise ValueError(
@@ -148,11 +174,11 @@ class Objective(Protocol):
     """What the trainer, validation, train-aux, eval and the benchmark need from an objective.
 
     Attributes:
-        noise_schedule: the diffusion schedule of continuous image spans, which generation samples
-            them on (None: images are discrete codes, sampled token by token).
+        noise_schedule: the diffusion process of continuous image spans (DDPM or flow), which
+            generation samples them on (None: images are discrete codes, sampled token by token).
     """
 
-    noise_schedule: NoiseSchedule | None
+    noise_schedule: DiffusionSchedule | None
 
     def counts(self, batch: Batch) -> dict[str, int]:
         """Host counts that normalise the loss terms (called on the host batch)."""

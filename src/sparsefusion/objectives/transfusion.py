@@ -1,15 +1,24 @@
-"""The Transfusion objective (arXiv 2408.11039): text next-token loss plus image DDPM loss.
+"""The Transfusion objective (arXiv 2408.11039): text next-token loss plus an image diffusion loss.
 
-``prepare`` noises every image's whole latent, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``,
-with one t per image drawn uniformly from [0, T) (from [0, noise_limit) for an image that
-precedes its caption), then cuts it into k x k patches in raster order; the patches, their
-slots and timesteps become the model's continuous inputs. ``loss`` is
-``L = L_LM + lambda * L_DDPM``: the cross-entropy over text targets (sum over targets / their
-count, the ``ar`` rule; no loss is predicted from a BOI or patch position because their targets
-are ignored at packing) plus lambda times the per-image mean squared error between the true and
-predicted noise (sum over images / the number of images: an image counts once whatever its
-patch count). The schedule (cosine, T = 1000) is diffusers' ``DDPMScheduler`` with
-``beta_schedule="squaredcos_cap_v2"``.
+``prepare`` draws one time t per image and noises the image's whole latent x_0 with noise eps to
+x_t, then cuts x_t into k x k patches in raster order; the patches, their slots and timesteps
+become the model's continuous inputs. How t is drawn, x_t and the regression target are the
+image process's (``objective.image_loss``, ``objectives/diffusion.py``):
+
+- ``ddpm`` (the paper's): ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with t uniform in
+  [0, T) (in [0, noise_limit) for an image that precedes its caption) on the cosine schedule
+  (T = 1000, diffusers' ``DDPMScheduler`` with ``beta_schedule="squaredcos_cap_v2"``); the
+  target is eps.
+- ``flow`` (rectified flow): ``x_t = (1 - t) x_0 + t eps`` with logit-normal t in [0, 1]
+  (scaled into [0, noise_limit / T] for an image that precedes its caption); the target is the
+  velocity ``eps - x_0`` and the model's timestep input is ``t * T``.
+
+``loss`` is ``L = L_LM + lambda * L_image``: the cross-entropy over text targets (sum over
+targets / their count, the ``ar`` rule; no loss is predicted from a BOI or patch position
+because their targets are ignored at packing) plus lambda times the per-image mean squared error
+between the target and the model's patch prediction (sum over images / the number of images: an
+image counts once whatever its patch count). The model's prediction keeps the name ``noise_PC``
+under both processes (under ``flow`` it is the predicted velocity).
 
 Logged: ``loss/text`` (cross-entropy per text target), ``loss/image`` (diffusion MSE per image),
 ``z_loss`` when on, and ``loss`` = loss/text + lambda * loss/image of each batch (count 1, so a
@@ -21,6 +30,8 @@ by ``caption_first`` / ``caption_dropout`` (``data/encoded.py: CaptionOrder``).
 
 Validation batches carry a ``noise_seed``: their t cycle through ``val_timesteps`` evenly spaced
 values and their noise comes from that seed, so every evaluation sees the same noisy inputs.
+A batch may also fix every image's t (``Batch.timestep_I``, in the process's units: integer
+steps for ``ddpm``, t in [0, 1] for ``flow``) and its noise (``Batch.noise_IZhw``).
 
 Shape legend: B = rows, T = sequence length, N = B*T, I = images, Z/h/w = latent channels and
 side, n = patches per image, P = I*n patches, C = values per patch.
@@ -44,87 +55,42 @@ from sparsefusion.objectives.base import (
     ObjectiveOutput,
     register_objective,
 )
-
-
-def cosine_alphas_cumprod(
-    num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2"
-):
-    """abar_t for t = 0..T-1 from diffusers' DDPMScheduler (float64 on the host)."""
-    from sparsefusion.tokenizers.image_vae import require_diffusers
-
-    diffusers = require_diffusers()
-    sched = diffusers.DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule
-    )
-    return sched.alphas_cumprod.double()
-
-
-@dataclass(frozen=True)
-class NoiseSchedule:
-    """The DDPM noise schedule a model is trained on, and that its image sampler must follow.
-
-    Attributes:
-        num_train_timesteps: T.
-        beta_schedule: diffusers beta schedule (``squaredcos_cap_v2``: cosine).
-    """
-
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        """abar_t for t = 0..T-1 (float64 on the host)."""
-        return cosine_alphas_cumprod(self.num_train_timesteps, self.beta_schedule)
-
-    def scheduler(self, sampler: str, steps: int):
-        """A diffusers ``ddim`` or ``ddpm`` scheduler on this schedule, set to ``steps`` passes.
-
-        The model predicts the noise (epsilon); samples are not clipped.
-        """
-        from sparsefusion.tokenizers.image_vae import require_diffusers
-
-        diffusers = require_diffusers()
-        cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
-        sched = cls(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_schedule=self.beta_schedule,
-            clip_sample=False,
-            prediction_type="epsilon",
-        )
-        sched.set_timesteps(steps)
-        return sched
-
-
-def add_noise(
-    x0_IZhw: torch.Tensor, noise_IZhw: torch.Tensor, t_I: torch.Tensor, abar_T: torch.Tensor
-) -> torch.Tensor:
-    """``sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` per image."""
-    ab_I = abar_T.to(x0_IZhw.device)[t_I.to(x0_IZhw.device)].to(x0_IZhw.dtype)
-    shape = (-1,) + (1,) * (x0_IZhw.dim() - 1)
-    return ab_I.sqrt().view(shape) * x0_IZhw + (1 - ab_I).sqrt().view(shape) * noise_IZhw
+from sparsefusion.objectives.ddpm import (  # noqa: F401  (their former home)
+    NoiseSchedule,
+    add_noise,
+    cosine_alphas_cumprod,
+)
+from sparsefusion.objectives.diffusion import build_schedule
 
 
 @dataclass
 class DiffusionInputs(ModelInputs):
-    """Model inputs plus what the loss needs: the true noise per patch and its image.
+    """Model inputs plus what the loss needs: the regression target per patch and its image.
 
     Attributes:
-        noise_PC: the noise added to each patch (the regression target).
+        target_PC: what the model's patch prediction regresses (``ddpm``: the noise added to
+            the patch; ``flow``: its velocity eps - x_0).
         num_images: images in the batch (patches are image-major, n per image).
     """
 
-    noise_PC: torch.Tensor | None = None
+    target_PC: torch.Tensor | None = None
     num_images: int = 0
+
+    @property
+    def noise_PC(self) -> torch.Tensor | None:
+        """The target under its DDPM name (the noise under ``ddpm``; prefer ``target_PC``)."""
+        return self.target_PC
 
 
 class TransfusionObjective:
-    """Text cross-entropy + lambda * per-image DDPM epsilon MSE.
+    """Text cross-entropy + lambda * per-image diffusion MSE (DDPM noise or flow velocity).
 
     Args:
-        cfg: the objective settings (``diffusion_weight``, ``num_train_timesteps``, ...).
+        cfg: the objective settings (``image_loss``, ``diffusion_weight``, ...).
         model: the model config (towers, ``patch_size``, ``latent_channels``).
 
     Attributes:
-        noise_schedule: the training schedule (generation samples images on it).
+        noise_schedule: the image process it trains (generation samples images on it).
     """
 
     def __init__(self, cfg: ObjectiveConfig, model: ModelConfig):
@@ -135,25 +101,23 @@ class TransfusionObjective:
             )
         self.cfg, self.towers = cfg, (model.tower_of_modality, model.num_towers)
         self.patch_size = model.patch_size
-        self.noise_schedule = NoiseSchedule(cfg.num_train_timesteps, cfg.beta_schedule)
-        self.abar_T = self.noise_schedule.alphas_cumprod().float()
+        self.noise_schedule = build_schedule(cfg)
 
     def counts(self, batch: Batch) -> dict[str, int]:
         return {"targets": batch.num_targets, "images": batch.num_images}
 
     def timesteps(self, batch: Batch, gen: torch.Generator | None) -> torch.Tensor:
-        """One t per image: fixed, the validation grid, or uniform (limited for early images)."""
+        """One t per image: fixed, the validation grid, or drawn (limited for early images)."""
         I, T = batch.num_images, self.cfg.num_train_timesteps
         if batch.timestep_I is not None:
-            return batch.timestep_I.long()
+            return self.noise_schedule.fixed(batch.timestep_I)
         if batch.noise_seed is not None:
-            grid = torch.linspace(0, T - 1, self.cfg.val_timesteps).round().long()
+            grid = self.noise_schedule.grid(self.cfg.val_timesteps)
             return grid[torch.arange(I) % grid.numel()]
-        u_I = torch.rand(I, generator=gen)
         limit_I = torch.full((I,), float(T))
         if batch.image_early_I is not None:
             limit_I = torch.where(batch.image_early_I, float(self.cfg.noise_limit), limit_I)
-        return (u_I * limit_I).long().clamp_max(T - 1)
+        return self.noise_schedule.draw_timesteps(limit_I, gen)
 
     def prepare(self, batch: Batch, *, generator: torch.Generator | None = None) -> ModelInputs:
         base = batch.model_inputs(*self.towers)
@@ -168,16 +132,19 @@ class TransfusionObjective:
         noise = batch.noise_IZhw
         if noise is None:
             noise = torch.randn(x0.shape, generator=gen)
-        xt_InC = patchify(add_noise(x0, noise.float(), t_I, self.abar_T), self.patch_size)
+        noise = noise.float()
+        process = self.noise_schedule
+        xt_InC = patchify(process.noisy(x0, noise, t_I), self.patch_size)
         I, n, C = xt_InC.shape
         slot_P = (batch.image_slot_I.long()[:, None] + torch.arange(n)[None, :]).reshape(-1)
         kw.update(
             patches_PC=xt_InC.reshape(I * n, C),
             patch_slot_P=slot_P,
-            timestep_P=t_I.repeat_interleave(n),
+            timestep_P=process.model_timestep(t_I).repeat_interleave(n),
         )
-        noise_PC = patchify(noise.float(), self.patch_size).reshape(I * n, C)
-        return DiffusionInputs(**kw, noise_PC=noise_PC, num_images=I)
+        target_IZhw = process.target(x0, noise, t_I)
+        target_PC = patchify(target_IZhw, self.patch_size).reshape(I * n, C)
+        return DiffusionInputs(**kw, target_PC=target_PC, num_images=I)
 
     def loss(self, output: ModelOutput, batch: Batch, inputs: ModelInputs) -> ObjectiveOutput:
         ce_N, lse_N, valid_N = token_cross_entropy(output.logits_BTV, batch.targets_BT)
@@ -205,12 +172,12 @@ class TransfusionObjective:
         return ObjectiveOutput(terms, {}, logged)
 
     def _per_image_mse(self, output: ModelOutput, inputs: ModelInputs) -> torch.Tensor | None:
-        noise_PC = getattr(inputs, "noise_PC", None)
+        target_PC = getattr(inputs, "target_PC", None)
         num_images = getattr(inputs, "num_images", 0)
-        if noise_PC is None or num_images == 0:
+        if target_PC is None or num_images == 0:
             return None
-        pred_PC = output.predictions["noise_PC"].float()
-        se_P = (pred_PC - noise_PC.to(pred_PC.device)).pow(2).mean(dim=-1)
+        pred_PC = output.predictions["noise_PC"].float()  # the model's name, whatever the target
+        se_P = (pred_PC - target_PC.to(pred_PC.device)).pow(2).mean(dim=-1)
         return se_P.view(num_images, -1).mean(dim=-1)
 
 

@@ -100,8 +100,14 @@ def last_logged_step(run_dir: str | Path) -> int | None:
     return last
 
 
+# The objective keys that decide what the weights were trained to predict (a run resumed with
+# another ``image_loss`` would regress the velocity with a noise predictor, or the reverse).
+RESUME_OBJECTIVE_KEYS = ("name", "image_loss")
+
+
 def check_resume_config(run_dir: str | Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a run whose model, data or tokenizer settings changed."""
+    """Refuse to resume a run whose model, data or tokenizer settings, or whose objective
+    (``objective.name``, ``objective.image_loss``), changed."""
     path = config_path(run_dir)
     if not path.exists() or not step_folders(Path(run_dir)):
         return
@@ -114,6 +120,7 @@ def check_resume_config(run_dir: str | Path, cfg: TrainConfig) -> None:
             d.pop(key, None)
     for d in (old.get("tokenizer", {}), new["tokenizer"]):  # the run keeps its own tokenizer
         d.pop("cache_dir", None)
+    _check_resume_objective(path, old.get("objective", {}), new["objective"])
     for section in ("model", "data", "tokenizer"):
         if old.get(section) != new.get(section):
             changed = ", ".join(
@@ -123,6 +130,19 @@ def check_resume_config(run_dir: str | Path, cfg: TrainConfig) -> None:
             raise ValueError(
                 f"{path}: the run folder holds a checkpoint trained with different '{section}' "
                 f"settings ({changed}); use another run.dir or the same config"
+            )
+
+
+def _check_resume_objective(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse a change of :data:`RESUME_OBJECTIVE_KEYS` (a key the old config lacks compares
+    at its default)."""
+    defaults = to_dict(TrainConfig())["objective"]
+    for key in RESUME_OBJECTIVE_KEYS:
+        was, now = old.get(key, defaults[key]), new[key]
+        if was != now:
+            raise ValueError(
+                f"{path}: the run folder holds a checkpoint trained with objective.{key}={was} "
+                f"(now objective.{key}={now}); use another run.dir or objective.{key}={was}"
             )
 
 
