@@ -24,7 +24,8 @@ exist for every architecture (dense, mot, moe, moma, mod, hybrid); ``tf-moe`` (4
 expert choice, capacity 1) is the MoT paper's third Transfusion row at the demo size;
 ``tf-dense-<size>`` and ``tf-mot-<size>`` use the MoT paper's Transfusion shapes (163m, 760m,
 1.4b, 7b; spec section 5.5) with the Transfusion optimizer (lr 3e-4, 4000 warm-up steps, cosine
-to 1.5e-5) and a 256-pixel, 8x-downsampling, 8-channel VAE (a 32x32x8 latent: 256 patches of 2x2), and need a GPU.
+to 1.5e-5) and a 256-pixel, 8x-downsampling, 8-channel VAE (a 32x32x8 latent: 256 patches of
+2x2), and need a GPU.
 """
 
 from __future__ import annotations
