@@ -34,10 +34,12 @@ CASES = [
     ("moma-4t4i", "fsdp", "full"),
     ("moma-4t4i-mod", "ddp", "none"),
     ("tf-mot-unet", "fsdp", "none"),
+    ("tf-mot-flow", "ddp", "none"),
 ]
 # Case name -> (preset, overrides) where a case is not a preset of its own.
 VARIANTS = {
     "tf-mot-unet": ("tf-mot", ("model.patch_layers=unet", "model.unet_width=16")),
+    "tf-mot-flow": ("tf-mot", ("objective.image_loss=flow",)),
 }
 
 
