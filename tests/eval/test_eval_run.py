@@ -289,7 +289,8 @@ def test_real_generator_complete_reproducible_row(tmp_path, tiny_evaluator):
     train(cfg)
     ecfg = merge(_cfg(tiny_evaluator), {"num_samples": 4, "max_new_tokens": 96})
     row, out = evaluate_run(tmp_path / "run", ecfg)
-    for key in ("fid_sf", "clip_sf", "cider", "fid_sf_real", "ppl/batch/text", "ppl/causal/image"):
+    keys = ("fid_sf", "clip_sf", "cider", "fid_sf_real", "fid_sf_tokenizer", "clip_sf_tokenizer")
+    for key in (*keys, "ppl/batch/text", "ppl/causal/image"):
         assert key in row and math.isfinite(row[key]), (key, row.get("skipped"))
     assert row["t2i_samples"] == 4 and row["i2t_samples"] == 4
     assert (out / "text_to_image.png").is_file()
@@ -297,3 +298,43 @@ def test_real_generator_complete_reproducible_row(tmp_path, tiny_evaluator):
     assert _numbers(again) == _numbers(row)
     other, _ = evaluate_run(tmp_path / "run", merge(ecfg, {"seed": 1}))
     assert _numbers(other) != _numbers(row)  # the seed drives the samples
+
+
+@pytest.mark.parametrize("image_loss", ["ddpm", "flow"])
+def test_transfusion_row_with_diffusion_settings_and_the_vae_ceiling(
+    tmp_path, tiny_evaluator, image_loss
+):
+    pytest.importorskip("diffusers")
+    cfg = resolve_config(
+        "tf-mot-debug",
+        [
+            f"run.dir={tmp_path / 'run'}",
+            f"tokenizer.cache_dir={tmp_path / 'tok'}",
+            f"objective.image_loss={image_loss}",
+            "run.progress=log",
+            "run.eval_every=0",
+            "data.val_batches=1",
+            "train.steps=2",
+        ],
+    )
+    train(cfg)
+    ecfg = merge(_cfg(tiny_evaluator), {"num_samples": 4, "max_new_tokens": 24})
+    row, _ = evaluate_run(tmp_path / "run", merge(ecfg, {"diffusion_steps": 2}))
+    for key in ("fid_sf", "clip_sf", "fid_sf_tokenizer", "clip_sf_tokenizer", "fid_sf_real"):
+        assert key in row and math.isfinite(row[key]), (key, row.get("skipped"))
+    # The VAE round trip is the same whatever the model draws; more passes change the samples.
+    more, _ = evaluate_run(tmp_path / "run", merge(ecfg, {"diffusion_steps": 3}))
+    assert more["fid_sf_tokenizer"] == row["fid_sf_tokenizer"]
+    assert more["fid_sf"] != row["fid_sf"]
+    wrong = "ddim" if image_loss == "flow" else "euler"
+    with pytest.raises(ValueError, match="image_loss"):
+        evaluate_run(tmp_path / "run", merge(ecfg, {"sampler": wrong}))
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [({"sampler": "heun"}, "eval.sampler"), ({"diffusion_steps": 0}, "eval.diffusion_steps")],
+)
+def test_bad_diffusion_settings_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=key):
+        EvalConfig(**kw)

@@ -10,8 +10,10 @@ model nor the evaluator networks trained on), request ``i`` asks the generator
   caption (CIDEr-D).
 
 Reference values on the same pairs put the numbers in scale: ``fid_sf_real`` (a second, disjoint
-set of real images against the first), ``clip_sf_real`` (real images with their own captions) and
-``clip_sf_shuffled`` (real images with other images' captions).
+set of real images against the first), ``clip_sf_real`` (real images with their own captions),
+``clip_sf_shuffled`` (real images with other images' captions), and ``fid_sf_tokenizer`` /
+``clip_sf_tokenizer`` (the prompts' images after a round trip through the run's image
+tokenizer: the best a sample can score through it).
 
 Legend: N = images.
 """
@@ -70,6 +72,28 @@ def reference_scores(ev: Evaluators, pairs: list[Pair], others: list[Pair]) -> d
             ev.features, real, images_to_tensor([p.image for p in others], size)
         )
     return out
+
+
+def tokenizer_ceiling(
+    ev: Evaluators, tokenizer: Any, pairs: list[Pair], others: list[Pair]
+) -> dict[str, float]:
+    """``fid_sf_tokenizer`` and ``clip_sf_tokenizer``: the held-out images after a round trip
+    through the run's image tokenizer (VAE latents or VQ codes and back), scored like samples.
+
+    The best a model can reach through its tokenizer: a sample that is a perfect latent of the
+    prompt's image still scores this, not ``fid_sf_real``. {} when the run has no image tokenizer.
+    """
+    image_tok = getattr(tokenizer, "vae", None) or getattr(tokenizer, "image", None)
+    if image_tok is None or len(pairs) < 2 or len(others) < 2:
+        return {}
+    size = ev.features.image_size
+    round_trip = image_tok.decode(image_tok.encode([p.image for p in pairs]))
+    x_NCHW = images_to_tensor(round_trip, size)
+    real = images_to_tensor([p.image for p in others], size)
+    return {
+        "fid_sf_tokenizer": fid_sf(ev.features, real, x_NCHW),
+        "clip_sf_tokenizer": clip_sf(ev, x_NCHW, [p.caption for p in pairs]),
+    }
 
 
 def _request(mode: str, i: int, s: GenerationSettings, **kw):

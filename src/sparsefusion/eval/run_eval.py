@@ -29,6 +29,7 @@ from sparsefusion.eval.generation_eval import (
     GenerationResult,
     GenerationSettings,
     reference_scores,
+    tokenizer_ceiling,
     score_generation,
 )
 from sparsefusion.eval.pairs import read_pairs
@@ -53,6 +54,9 @@ class EvalConfig:
         perplexity: measure batch/causal perplexity.
         generate: run the generation metrics.
         max_new_tokens, temperature, top_k, top_p, cfg_scale: sampling settings.
+        diffusion_steps: denoising passes per image (continuous images; the paper uses 250).
+        sampler: the image sampler of continuous images: ``auto`` (the run's image process's
+            own: DDIM for ``ddpm``, Euler for ``flow``), ``ddim``, ``ddpm`` or ``euler``.
         seed: seed of request ``i`` is ``seed + i``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         step: the decode step: ``auto`` (compiled for large batches), ``eager``, ``static``
@@ -72,6 +76,8 @@ class EvalConfig:
     top_k: int = 0
     top_p: float = 1.0
     cfg_scale: float = 1.0
+    diffusion_steps: int = 50
+    sampler: str = "auto"
     seed: int = 0
     device: str = "auto"
     step: str = "auto"
@@ -87,6 +93,12 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         from sparsefusion.generate.static import DECODE_STEPS
 
+        from sparsefusion.objectives.diffusion import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"eval.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.diffusion_steps < 1:
+            raise ValueError(f"eval.diffusion_steps must be >= 1, got {self.diffusion_steps}")
         if self.step not in DECODE_STEPS:
             raise ValueError(f"eval.step must be one of {DECODE_STEPS}, got {self.step!r}")
         if self.val_batches < 0 or self.threads < 0 or self.top_k < 0:
@@ -189,15 +201,23 @@ def _generation(run_dir, run_cfg: TrainConfig, cfg: EvalConfig, step, n, device,
         return _skip_all(res, "the run's corpus has no images")
     try:
         from sparsefusion.generate import Generator
+        from sparsefusion.generate.span_samplers import DiffusionSettings
     except ImportError as e:
         return _skip_all(res, f"generation is not available in this version ({e})")
+    if run_cfg.objective.name == "transfusion":  # a sampler that cannot fit is the user's error
+        from sparsefusion.objectives.diffusion import build_schedule, resolve_sampler
+
+        resolve_sampler(build_schedule(run_cfg.objective), cfg.sampler)
     pairs = read_pairs(build_source(run_cfg.data, seed=0, split="val"), 2 * n)
     if len(pairs) < 4:
         return _skip_all(res, f"only {len(pairs)} held-out caption-image pairs in the corpus")
     prompts = pairs[: min(n, len(pairs) // 2)]
     others = pairs[len(prompts) : 2 * len(prompts)]
     try:
-        gen = Generator.from_run(str(run_dir), checkpoint=step, device=str(device), step=cfg.step)
+        diffusion = DiffusionSettings(steps=cfg.diffusion_steps, sampler=cfg.sampler)
+        gen = Generator.from_run(
+            str(run_dir), checkpoint=step, device=str(device), diffusion=diffusion, step=cfg.step
+        )
     except ValueError as e:  # e.g. a batch-routed model without auxiliary routers
         return _skip_all(res, f"the run cannot generate: {e}")
     ev, why = None, ""
@@ -210,6 +230,7 @@ def _generation(run_dir, run_cfg: TrainConfig, cfg: EvalConfig, step, n, device,
     if ev is not None:
         row["evaluators"] = {"path": str(ev.path), "heldout": ev.manifest["heldout"]}
         row.update(reference_scores(ev, prompts, others))
+        row.update(tokenizer_ceiling(ev, getattr(gen, "tokenizer", None), prompts, others))
     return score_generation(gen, ev, prompts, cfg.sampling(), why)
 
 
@@ -270,7 +291,8 @@ def summary_markdown(row: dict[str, Any], run_dir: Path) -> str:
     lines += [
         "",
         "`fid_sf`/`clip_sf` use networks trained on this corpus (not Inception/OpenAI CLIP); "
-        "`fid_sf_real` and `clip_sf_real` are the same scores for real held-out images.",
+        "`fid_sf_real` and `clip_sf_real` are the same scores for real held-out images, "
+        "`fid_sf_tokenizer` and `clip_sf_tokenizer` for them after the image tokenizer's round trip.",
         "",
     ]
     return "\n".join(lines)
