@@ -29,8 +29,8 @@ from sparsefusion.eval.generation_eval import (
     GenerationResult,
     GenerationSettings,
     reference_scores,
-    tokenizer_ceiling,
     score_generation,
+    tokenizer_ceiling,
 )
 from sparsefusion.eval.pairs import read_pairs
 from sparsefusion.eval.perplexity import routing_perplexity
@@ -92,7 +92,6 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         from sparsefusion.generate.static import DECODE_STEPS
-
         from sparsefusion.objectives.diffusion import SAMPLERS
 
         if self.sampler not in SAMPLERS:
