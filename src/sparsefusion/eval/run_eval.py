@@ -291,7 +291,8 @@ def summary_markdown(row: dict[str, Any], run_dir: Path) -> str:
         "",
         "`fid_sf`/`clip_sf` use networks trained on this corpus (not Inception/OpenAI CLIP); "
         "`fid_sf_real` and `clip_sf_real` are the same scores for real held-out images, "
-        "`fid_sf_tokenizer` and `clip_sf_tokenizer` for them after the image tokenizer's round trip.",
+        "`fid_sf_tokenizer` and `clip_sf_tokenizer` for them after the image tokenizer's "
+        "round trip.",
         "",
     ]
     return "\n".join(lines)
