@@ -108,7 +108,7 @@ def _fake_generate_module(quality: str, lookup: dict):
         modes = ("text", "text_to_image", "image_to_text")
 
         @classmethod
-        def from_run(cls, run_dir, checkpoint=None, device="cpu", step="auto"):
+        def from_run(cls, run_dir, checkpoint=None, device="cpu", diffusion=None, step="auto"):
             if quality == "unloadable":
                 raise ValueError("needs auxiliary routers: run `sparsefusion train-aux`")
             return cls()
@@ -131,6 +131,7 @@ def _fake_generate_module(quality: str, lookup: dict):
 
     mod = types.ModuleType("sparsefusion.generate")
     mod.Generator, mod.GenerationRequest = Generator, _Req
+    mod.DiffusionSettings = lambda **kw: kw
     mod.write_samples = lambda samples, out: Path(out).mkdir(parents=True, exist_ok=True)
     return mod
 
@@ -323,6 +324,7 @@ def test_transfusion_row_with_diffusion_settings_and_the_vae_ceiling(
     for key in ("fid_sf", "clip_sf", "fid_sf_tokenizer", "clip_sf_tokenizer", "fid_sf_real"):
         assert key in row and math.isfinite(row[key]), (key, row.get("skipped"))
     # The VAE round trip is the same whatever the model draws; more passes change the samples.
+    assert row["sampling"]["diffusion_steps"] == 2 and row["sampling"]["sampler"] == "auto"
     more, _ = evaluate_run(tmp_path / "run", merge(ecfg, {"diffusion_steps": 3}))
     assert more["fid_sf_tokenizer"] == row["fid_sf_tokenizer"]
     assert more["fid_sf"] != row["fid_sf"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,12 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be >= 2, got {getattr(self, name)}")
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
-        from sparsefusion.generate.static import DECODE_STEPS
         from sparsefusion.objectives.diffusion import SAMPLERS
+
+        try:
+            from sparsefusion.generate.static import DECODE_STEPS
+        except ImportError:  # generation unavailable: the metrics that need it are skipped
+            DECODE_STEPS = (self.step,)
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"eval.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
@@ -140,6 +144,11 @@ def evaluate_run(
     model, ckpt, state = load_model(run_dir, run_cfg, checkpoint, device)
     step = int(state["step"])
     row: dict[str, Any] = {"step": step, "size": size, "checkpoint": ckpt.name, "seed": cfg.seed}
+    row["sampling"] = {  # what drew the samples, so rows of different settings stay apart
+        **asdict(cfg.sampling()),
+        "diffusion_steps": cfg.diffusion_steps,
+        "sampler": cfg.sampler,
+    }
     row.update(_counters(run_dir, state, step))
     skipped: dict[str, str] = {}
     if cfg.perplexity:
@@ -199,8 +208,7 @@ def _generation(run_dir, run_cfg: TrainConfig, cfg: EvalConfig, step, n, device,
     if IMAGE not in run_cfg.model.modalities:
         return _skip_all(res, "the run's corpus has no images")
     try:
-        from sparsefusion.generate import Generator
-        from sparsefusion.generate.span_samplers import DiffusionSettings
+        from sparsefusion.generate import DiffusionSettings, Generator
     except ImportError as e:
         return _skip_all(res, f"generation is not available in this version ({e})")
     if run_cfg.objective.name == "transfusion":  # a sampler that cannot fit is the user's error

@@ -13,8 +13,10 @@ from sparsefusion.generate.kv_cache import KVCache
 from sparsefusion.generate.output import Sample, Segment, write_samples
 from sparsefusion.generate.request import GenerationRequest
 from sparsefusion.generate.sampling import SamplingParams
+from sparsefusion.generate.span_samplers import DiffusionSettings
 
 __all__ = [
+    "DiffusionSettings",
     "MODES",
     "Decoder",
     "GenerationRequest",
