@@ -50,16 +50,13 @@ def _rows(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     keep = ("step", "split", "tokens", "flops")
     return [
-        {k: v for k, v in json.loads(x).items() if k in keep or k.startswith("loss")}
-        for x in lines
+        {k: v for k, v in json.loads(x).items() if k in keep or k.startswith("loss")} for x in lines
     ]
 
 
 def _tone(path: Path, freqs: list[float], rate: int = 16000) -> None:
     n = int(0.6 * rate / len(freqs))
-    samples = [
-        int(12000 * math.sin(2 * math.pi * f * i / rate)) for f in freqs for i in range(n)
-    ]
+    samples = [int(12000 * math.sin(2 * math.pi * f * i / rate)) for f in freqs for i in range(n)]
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
