@@ -564,7 +564,9 @@ class Transformer(nn.Module):
         prediction (``noise_PC``: what the objective regresses, noise or velocity)."""
         slot_P = inputs.patch_slot_P
         if inputs.patches_PC is None or slot_P is None or slot_P.numel() == 0:
-            return self.output(self.norm(h_ND)) + self._idle_patch_layers(), {}
+            logits_NV = self.output(self.norm(h_ND))
+            idle = self._idle_patch_layers()
+            return (logits_NV if idle is None else logits_NV + idle), {}
         assert self.patch_head is not None
         N = h_ND.shape[0]
         discrete_N = torch.ones(N, dtype=torch.bool, device=h_ND.device)
@@ -577,12 +579,12 @@ class Transformer(nn.Module):
             return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P], patch_state)}
         return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P])}
 
-    def _idle_patch_layers(self) -> torch.Tensor | float:
+    def _idle_patch_layers(self) -> torch.Tensor | None:
         """0 * the patch layers' weights, when a batch without images trains a model that has
         them: their gradients are then zeros, not missing, so every data-parallel rank
         reduces the same tensors whether or not its batch held an image."""
         if self.patch_embed is None or self.patch_head is None or not torch.is_grad_enabled():
-            return 0.0
+            return None  # nothing to keep alive: no extra (N, V) add on the plain path
         params = [*self.patch_embed.parameters(), *self.patch_head.parameters()]
         return 0.0 * torch.stack([p.sum() for p in params if p.requires_grad]).sum()
 
