@@ -159,8 +159,11 @@ def test_generation_metrics_perfect_vs_bad_and_reproducible(run, monkeypatch, lo
     assert good["cider"] > 5.0 and good["fid_sf_real"] > 0
     assert "retrieval_i2t_top1" in good["evaluators"]["heldout"]
     assert (out / "text_to_image.png").is_file() and (out / "image_to_text.jsonl").is_file()
-    again, _ = evaluate_run(run_dir, _cfg(ev))
-    assert _numbers(again) == _numbers(good)
+    again, same = evaluate_run(run_dir, _cfg(ev))
+    assert _numbers(again) == _numbers(good) and same == out
+    _, guided = evaluate_run(run_dir, _cfg(ev, cfg_scale=3.0, sampler="ddpm"))
+    assert guided.name == f"{out.name}_cfg_scale-3.0_sampler-ddpm"  # its own samples
+    assert (out / "text_to_image.png").is_file() and (guided / "text_to_image.png").is_file()
     assert all(k in good for k in METRICS)
     monkeypatch.setitem(sys.modules, "sparsefusion.generate", _fake_generate_module("bad", lookup))
     bad, _ = evaluate_run(run_dir, _cfg(ev))

@@ -3,7 +3,8 @@ project's evaluator networks (``fid_sf``, ``clip_sf``) and by CIDEr.
 
 One JSON row per evaluation is appended to ``RUN_DIR/eval.jsonl`` (``step``, ``size``, the
 metrics, ``skipped``: metric -> why); sample images, captions and a Markdown summary go to
-``RUN_DIR/eval/step_<STEP>_<size>/``. The same seed gives the same numbers. A run without images
+``RUN_DIR/eval/step_<STEP>_<size>[_<setting>-<value>...]/`` (:func:`sample_folder`: the sampling
+settings that differ from the defaults). The same seed gives the same numbers. A run without images
 (or whose model cannot generate) evaluates what it has and names what it skipped.
 
 :func:`evaluate_at_checkpoint` is the small version the trainer calls every
@@ -168,7 +169,7 @@ def evaluate_run(
         skipped.update({k: "eval.generate=false" for k in GENERATION_METRICS})
     row["skipped"] = skipped
     row["eval_seconds"] = round(time.perf_counter() - t0, 2)
-    out = run_dir / "eval" / f"step_{step:08d}_{size}"
+    out = run_dir / "eval" / sample_folder(step, size, cfg)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.samples:
         _write_samples(out, gen_res, gen_res.pairs)
@@ -250,6 +251,21 @@ def _evaluators(run_cfg: TrainConfig, cfg: EvalConfig):
         image_size=data.image_size,
         log=log.info,
     )
+
+
+def sample_folder(step: int, size: str, cfg: EvalConfig) -> str:
+    """``step_<STEP>_<size>``, then every sampling setting that is not the default as
+    ``_<key><value>`` (e.g. ``step_00001200_full_cfg_scale-3.0_sampler-ddpm``), so evaluations of
+    one checkpoint with other settings keep their own samples."""
+    default = EvalConfig()
+    keys = ("cfg_scale", "diffusion_steps", "sampler", "temperature", "top_k", "top_p",
+            "max_new_tokens", "seed")  # fmt: skip
+    parts = [f"step_{step:08d}_{size}"]
+    for key in keys:
+        value = getattr(cfg, key)
+        if value != getattr(default, key):
+            parts.append(f"{key}-{value}")
+    return "_".join(parts)
 
 
 def _write_samples(out: Path, res: GenerationResult, pairs: list) -> None:
