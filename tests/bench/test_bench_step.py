@@ -68,3 +68,27 @@ def test_bench_settings_are_checked():
 
     with pytest.raises(ValueError, match="rounds"):
         BenchSettings(archs=["dense"], rounds=0)
+
+
+def test_rows_are_written_as_they_finish(tmp_path: Path, monkeypatch):
+    """A run cut off after its first row (a lease's time limit) still leaves that row."""
+    import pytest
+
+    from sparsefusion.bench import step
+
+    real = step.bench_row
+
+    def cut_off_after_dense(arch, s, device):
+        if arch != "dense":
+            raise KeyboardInterrupt  # what a SIGINT from `timeout` looks like in Python
+        return real(arch, s, device)
+
+    monkeypatch.setattr(step, "bench_row", cut_off_after_dense)
+    out = tmp_path / "bench.json"
+    s = BenchSettings(archs=["dense", "mot"], size="debug", seq_len=32, batch_size=1,
+                      steps=1, warmup=1, device="cpu")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        step.run_bench(s, out=out)
+    got = json.loads(out.read_text())
+    assert [r["arch"] for r in got["rows"]] == ["dense"] and got["meta"]["complete"] is False
+    assert not list(tmp_path.glob("*.tmp"))

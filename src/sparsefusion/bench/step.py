@@ -230,27 +230,44 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def run_bench(s: BenchSettings, *, out: Path | None = None) -> list[dict[str, Any]]:
-    """Benchmark every row, add ratios to the first row, print a table, write JSON."""
+    """Benchmark every row, add ratios to the first row, print a table, write JSON.
+
+    Rows timed one after the other (``rounds == 1``) are written to ``out`` as each finishes,
+    so a run that is cut off (a GPU lease's time limit) still leaves every row it reached.
+    """
     device = torch.device(
         "cuda"
         if s.device == "auto" and torch.cuda.is_available()
         else ("cpu" if s.device == "auto" else s.device)
     )
     apply_host_malloc(s.host_malloc)
+    rows: list[dict[str, Any]] = []
     if s.rounds > 1:
         rows = _bench_interleaved(s, device)
     else:
-        rows = [bench_row(arch, s, device) for arch in s.archs]
-    base = rows[0]
-    for row in rows:
-        row["throughput_vs_first"] = row["tokens_per_s"] / base["tokens_per_s"]
-        row["step_time_vs_first"] = row["step_s"] / base["step_s"]
+        for arch in s.archs:
+            rows.append(bench_row(arch, s, device))
+            _write_rows(out, rows, s, device)
+    _write_rows(out, rows, s, device)
     print(format_table(rows, s, device))
-    if out is not None:
-        meta = {"settings": asdict(s), "device": _device_name(device), "torch": torch.__version__}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return rows
+
+
+def _write_rows(
+    out: Path | None, rows: list[dict[str, Any]], s: BenchSettings, device: torch.device
+) -> None:
+    """Add the ratios to the first row and write the rows atomically (nothing when no ``out``)."""
+    for row in rows:
+        row["throughput_vs_first"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        row["step_time_vs_first"] = row["step_s"] / rows[0]["step_s"]
+    if out is None:
+        return
+    meta = {"settings": asdict(s), "device": _device_name(device), "torch": torch.__version__,
+            "complete": len(rows) == len(s.archs)}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    tmp.replace(out)
 
 
 def _device_name(device: torch.device) -> str:
