@@ -145,3 +145,22 @@ def test_the_compiled_span_step_agrees_with_the_static_one(tok):
     got_x, got_text, got_len = _fill_then_text(model, aux, tok, spans, "compiled", _batch)
     torch.testing.assert_close(got_x, want_x, atol=1e-4, rtol=1e-4)
     assert got_text == want_text and got_len == want_len
+
+
+def test_bench_generate_images_times_every_mode_and_static_matches_eager(capsys):
+    from sparsefusion.cli.main import main
+
+    assert main(["bench-generate", "--arch", "tf-mot-debug", "--images", "--batch", "2",
+                 "--diffusion-steps", "2", "--modes", "eager", "static"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| tf-mot-debug | 2 | eager |" in table and "| tf-mot-debug | 2 | static |" in table
+    from sparsefusion.bench.span_fill import SpanBenchSettings, run_span_bench
+
+    settings = SpanBenchSettings(
+        arch="tf-mot-debug", batches=[1], steps=1, modes=["eager", "static"], cfg_scale=1.0
+    )
+    result = run_span_bench(settings)
+    assert [r["mode"] for r in result["rows"]] == ["eager", "static"]
+    assert result["rows"][1]["max_diff"] < 1e-4 and result["rows"][1]["images_s"] > 0
+    with pytest.raises(ValueError, match="recompute"):
+        SpanBenchSettings(modes=["recompute"])
