@@ -359,7 +359,7 @@ def _passes(
         out_PC = decoder.span_step(
             block, continuous["patches_PC"], continuous["timestep_P"], commit=commit
         )
-        return out_PC.view(decoder.batch, n, -1).index_select(0, rows_M).flatten(0, 1)
+        return out_PC.reshape(decoder.batch, n, -1).index_select(0, rows_M).flatten(0, 1)
 
     return static
 
