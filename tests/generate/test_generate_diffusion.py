@@ -90,13 +90,17 @@ def _overfit(tok, model, steps: int = 250, image_loss: str = "ddpm", losses=None
 
 
 def _generator(
-    tok, model, settings: DiffusionSettings | None = None, image_loss: str = "ddpm"
+    tok,
+    model,
+    settings: DiffusionSettings | None = None,
+    image_loss: str = "ddpm",
+    step: str = "auto",
 ) -> Generator:
     """The run's generator: diffusion spans on the objective's noise schedule."""
     cfg = ObjectiveConfig(name="transfusion", image_loss=image_loss)
     schedule = build_objective(cfg, model.cfg).noise_schedule
     spans = DiffusionSpanSampler(tok, model.cfg.patch_size, schedule, settings)
-    return Generator(model, tok, span_sampler=spans)
+    return Generator(model, tok, span_sampler=spans, step=step)
 
 
 def _latents(gen: Generator, reqs) -> list[list[torch.Tensor]]:
@@ -211,11 +215,15 @@ def _batch_requests() -> list[GenerationRequest]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("batch_samples", [False, True])
-def test_batched_requests_equal_each_request_alone(trained, batch_samples):
+@pytest.mark.parametrize(
+    ("step", "batch_samples"), [("eager", False), ("eager", True), ("static", False)]
+)
+def test_batched_requests_equal_each_request_alone(trained, step, batch_samples):
+    """The eager step honours ``batch_samples``; a static step always decodes one batch."""
     tok, model = trained
     settings = DiffusionSettings(steps=4, sampler="ddpm", batch_samples=batch_samples)
-    gen = _generator(tok, model, settings)
+    gen = _generator(tok, model, settings, step=step)
+    one_batch = batch_samples or step != "eager"
     reqs = _batch_requests()
     together = gen.generate(reqs)
     alone = [s for r in reqs for s in gen.generate([r])]
@@ -226,7 +234,7 @@ def test_batched_requests_equal_each_request_alone(trained, batch_samples):
     assert len(opened) >= 2  # rows opened their images at different steps (the rest waited)
     for g, w in zip(got, want, strict=True):
         for a, b in zip(g, w, strict=True):
-            if batch_samples:  # one forward for all rows: equal up to the last bits of a float
+            if one_batch:  # one forward for all rows: equal up to the last bits of a float
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             else:  # each sample in a batch of its own: bit for bit
                 assert torch.equal(a, b)

@@ -25,13 +25,15 @@ class _OracleDecoder:
     """Stands in for the model: row r's prediction is the exact velocity E[eps - x_0 | x_t] of
     x_0 ~ N(mu[r], SIGMA^2) per value, at the step's noisy patches and timestep t * T."""
 
+    step_mode = "eager"  # the fill calls ``step`` once per pass
+
     def __init__(self, mu_R: list[float], T: int = 1000):
         self.batch, self.mu_R, self.T = len(mu_R), torch.tensor(mu_R, dtype=torch.float64), T
         self.timestep_dtypes: set[torch.dtype] = set()
 
     def step(self, ids, *, commit, span_ids, patches_PC, patch_slot_P, timestep_P):
-        if commit:
-            return None
+        if commit:  # the clean pass: its prediction is not used
+            return SimpleNamespace(predictions={"noise_PC": torch.zeros_like(patches_PC)})
         self.timestep_dtypes.add(timestep_P.dtype)
         t_P1 = (timestep_P.double() / self.T)[:, None]
         mu_P1 = self.mu_R[patch_slot_P // N_PATCHES][:, None]  # the step is N_PATCHES wide

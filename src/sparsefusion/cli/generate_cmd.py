@@ -5,6 +5,7 @@
     sparsefusion generate runs/default --prompts prompts.jsonl --out s/
     sparsefusion generate runs/default --demo --out s/   # a caption, an image, a continuation
     sparsefusion bench-generate --arch mot --prompt-len 64 --new-tokens 128
+    sparsefusion bench-generate --arch tf-mot --images --batch 1 8   # image span fills
 
 The output folder holds every sample's text, PNG images, WAV files, ``tokens.json`` and
 ``index.html`` (open it in a browser).
@@ -162,15 +163,22 @@ def _check_early(base, args: argparse.Namespace):
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
-    from sparsefusion.bench.decode import DecodeBenchSettings, markdown_table, run_decode_bench
+    from sparsefusion.bench.decode import (
+        MODES,
+        DecodeBenchSettings,
+        markdown_table,
+        run_decode_bench,
+    )
 
     if args.out:
         check_out_file(args.out, "--out")
+    if args.images:
+        return _bench_images(args)
     settings = DecodeBenchSettings(
         arch=args.arch,
         overrides=args.overrides,
         batches=args.batch,
-        modes=args.modes,
+        modes=args.modes or list(MODES),
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         threads=args.threads,
@@ -178,6 +186,33 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     )
     result = run_decode_bench(settings)
     print(markdown_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench_images(args: argparse.Namespace) -> int:
+    """``bench-generate --images``: image span fills of a Transfusion preset, per mode."""
+    from sparsefusion.bench.span_fill import (
+        SPAN_MODES,
+        SpanBenchSettings,
+        run_span_bench,
+        span_markdown_table,
+    )
+
+    settings = SpanBenchSettings(
+        arch=args.arch,
+        overrides=args.overrides,
+        batches=args.batch,
+        modes=args.modes or list(SPAN_MODES),
+        steps=args.diffusion_steps,
+        prompt_len=args.prompt_len,
+        cfg_scale=args.cfg_scale,
+        threads=args.threads,
+        device=args.device,
+    )
+    result = run_span_bench(settings)
+    print(span_markdown_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
@@ -268,12 +303,28 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--modes",
         nargs="+",
-        default=["recompute", "eager", "static", "compiled"],
+        default=None,
         choices=["recompute", "eager", "static", "compiled"],
-        help="decode modes to time side by side (recompute: at the smallest batch only)",
+        help="decode modes to time side by side (default: all; recompute: text only, at the "
+        "smallest batch)",
     )
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="time image span fills of a Transfusion preset (--arch tf-mot) instead of text: "
+        "images/s and ms per denoising pass",
+    )
+    p.add_argument(
+        "--diffusion-steps", type=int, default=50, help="--images: denoising passes per image"
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=3.0,
+        help="--images: guidance scale (a partner row per image; 1 = none)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="", help="write the row as JSON here")

@@ -12,7 +12,9 @@ Mixture-of-Depths) run in causal mode with the run's auxiliary routers.
 and values are overwritten by the next call): the call a diffusion span sampler
 (``span_samplers.py``) repeats for every denoising pass of an image span before committing the
 span once; :meth:`Decoder.step` takes the step's continuous inputs (latent patches, timesteps)
-and returns the whole model output.
+and returns the whole model output. In "static"/"compiled" step mode the sampler instead lays
+the spans out once (:meth:`Decoder.span_block`) and runs every pass through the static span
+step (:meth:`Decoder.span_step`, ``static_span.py``): all rows, one fixed (B, n) block.
 
 Shape legend: B = rows, T = tokens of a step, V = vocabulary.
 """
@@ -25,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsefusion.generate.kv_cache import KVCache
+from sparsefusion.generate.kv_cache import KVCache, leading
 from sparsefusion.generate.static import STEP_MODES, StaticStep
+from sparsefusion.generate.static_span import SpanBlock, StaticSpanStep
 from sparsefusion.models.inputs import ForwardContext, ModelInputs, plan_for
 from sparsefusion.models.transformer import ModelOutput, Transformer
 from sparsefusion.nn.routing_context import AuxRouterLookup
@@ -67,7 +70,9 @@ class Decoder:
         aux_routers: auxiliary routers (required when the model has batch-routed sites).
         run_dir: named in the missing-aux-routers message.
         step_mode: how :meth:`advance` runs one token per row: "eager" (the general step),
-            "static" (the static-shape step, ``static.py``) or "compiled" (that step compiled).
+            "static" (the static-shape step, ``static.py``) or "compiled" (that step compiled);
+            a diffusion span sampler fills image spans through the static span step
+            (:meth:`span_step`) unless it is "eager".
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class Decoder:
         self.rows = [RowState(ids=[]) for _ in range(batch)]
         self.step_mode = step_mode
         self._static: StaticStep | None = None
+        self._span_steps: dict[tuple[int, int], StaticSpanStep] = {}
 
     @property
     def static_step(self) -> StaticStep:
@@ -113,8 +119,16 @@ class Decoder:
             self._static = StaticStep(self, compile=self.step_mode == "compiled")
         return self._static
 
+    def static_span_step(self, token: int, n: int) -> StaticSpanStep:
+        """The static (or compiled) step of an image span of ``n`` ``token`` ids, built once."""
+        key = (token, n)
+        if key not in self._span_steps:
+            compile = self.step_mode == "compiled"
+            self._span_steps[key] = StaticSpanStep(self, token, n, compile=compile)
+        return self._span_steps[key]
+
     def reset(self) -> None:
-        """Forget every row (the cache's buffers and a compiled step are kept for reuse)."""
+        """Forget every row (the cache's buffers and compiled steps are kept for reuse)."""
         self.rows = [RowState(ids=[]) for _ in self.rows]
         self.cache.reset()
 
@@ -167,14 +181,7 @@ class Decoder:
         ``timestep_P``): a diffusion sampler runs an image span's noisy patches with
         ``commit=False`` for every denoising pass, then once more, clean, with ``commit=True``.
         """
-        if len(new_ids) != len(self.rows):
-            raise ValueError(f"extend got {len(new_ids)} rows, the decoder has {len(self.rows)}")
-        room = self.cache.capacity
-        for b, (row, ids) in enumerate(zip(self.rows, new_ids, strict=True)):
-            if len(row.ids) + len(ids) > room:
-                raise ValueError(
-                    f"row {b} would hold {len(row.ids) + len(ids)} tokens; the cache holds {room}"
-                )
+        self._check_room([len(ids) for ids in new_ids])
         inputs = dataclasses.replace(self._inputs(new_ids, span_ids), **continuous)
         bound = max(len(row.ids) + len(ids) for row, ids in zip(self.rows, new_ids, strict=True))
         self.cache.begin([len(ids) for ids in new_ids], commit=commit, used=bound)
@@ -196,14 +203,12 @@ class Decoder:
         if self.step_mode == "eager":
             step = [[] if i is None else [i] for i in ids]
             return self.last_logits(self.extend(step), step)
+        self._check_room([0 if i is None else 1 for i in ids])
         columns = []  # (id, position, document, keep) of every row
-        for b, (row, i) in enumerate(zip(self.rows, ids, strict=True)):
+        for row, i in zip(self.rows, ids, strict=True):
             if i is None:
                 columns.append((self.vocab.pad_id, 0, 0, 0))
                 continue
-            if len(row.ids) + 1 > self.cache.capacity:
-                raise ValueError(f"row {b} would hold {len(row.ids) + 1} tokens; "
-                                 f"the cache holds {self.cache.capacity}")  # fmt: skip
             (pos,), (doc,) = _layout(row, [i], self.vocab.eos_id)
             columns.append((i, pos, doc, 1))
         dev_4B = torch.tensor(columns, dtype=torch.long).T.contiguous().to(self.device)
@@ -213,13 +218,91 @@ class Decoder:
                 _advance(row, [i], self.vocab.eos_id)
         return logits_BV
 
+    def span_block(
+        self, new_ids: Sequence[Sequence[int]], span_ids: Sequence[Sequence[int]]
+    ) -> SpanBlock:
+        """Lay out an image span fill once, on the device, for :meth:`span_step`.
+
+        Args:
+            new_ids: :meth:`step`'s ids: n equal patch ids in every row that fills a span,
+                none in the others.
+            span_ids: the bidirectional span id of every new id.
+        """
+        counts = [len(ids) for ids in new_ids]
+        tokens = {i for ids in new_ids for i in ids}
+        if len(new_ids) != len(self.rows) or len(set(counts) - {0}) != 1 or len(tokens) != 1:
+            raise ValueError("a span block holds n equal ids in every row that fills a span "
+                             f"and none in the others, one list per row; got {counts}")  # fmt: skip
+        self._check_room(counts)
+        _, position, document, span = self._layout_BT(new_ids, span_ids)
+        dev = self.device
+        return SpanBlock(
+            ids=[list(ids) for ids in new_ids],
+            token=tokens.pop(),
+            position_BT=position.to(dev),
+            document_BT=document.to(dev),
+            span_BT=span.to(dev),
+            keep_BT=leading(counts, position.shape[1], dev),
+        )
+
+    @torch.no_grad()
+    def span_step(
+        self,
+        block: SpanBlock,
+        patches_PC: torch.Tensor,
+        timestep_P: torch.Tensor,
+        *,
+        commit: bool,
+    ) -> torch.Tensor:
+        """One pass of an image span fill through the static span step (``static_span.py``).
+
+        Args:
+            block: the fill's layout (:meth:`span_block`).
+            patches_PC: (B * n, C) patch values of every row, row-major (zeros in rows that do
+                not fill; they are not kept and their predictions mean nothing).
+            timestep_P: (B * n,) the model's timestep input of every patch.
+            commit: keep the spans (the clean pass) and advance the filling rows.
+
+        Returns:
+            The patch head's prediction (B * n, C) of every slot (device tensor).
+        """
+        step = self.static_span_step(block.token, block.n)
+        dev = self.device
+        out_PC = step(block, patches_PC.to(dev), timestep_P.to(dev), commit=commit)
+        if commit:
+            for row, ids in zip(self.rows, block.ids, strict=True):
+                _advance(row, ids, self.vocab.eos_id)
+        return out_PC
+
     def last_logits(self, logits_BTV: torch.Tensor, new_ids: Sequence[Sequence[int]]):
         """Logits (B, V) at the last new position of every row (zeros for rows given none)."""
         idx_B = torch.tensor([max(0, len(ids) - 1) for ids in new_ids], device=logits_BTV.device)
         rows_B = torch.arange(logits_BTV.shape[0], device=logits_BTV.device)
         return logits_BTV[rows_B, idx_B]
 
+    def _check_room(self, counts: Sequence[int]) -> None:
+        """ValueError when row b cannot take ``counts[b]`` more tokens."""
+        room = self.cache.capacity
+        for b, (row, k) in enumerate(zip(self.rows, counts, strict=True)):
+            if len(row.ids) + k > room:
+                raise ValueError(
+                    f"row {b} would hold {len(row.ids) + k} tokens; the cache holds {room}"
+                )
+
     def _inputs(self, new_ids, span_ids) -> ModelInputs:
+        tokens, position, document, span = self._layout_BT(new_ids, span_ids)
+        modality = self.vocab.modality_of(tokens)
+        return ModelInputs(
+            tokens_BT=tokens,
+            position_BT=position,
+            document_BT=document,
+            plan=_plan(self.model, modality),
+            modality_BT=modality,
+            span_BT=span,
+        )
+
+    def _layout_BT(self, new_ids, span_ids):
+        """Ids, positions, documents and span ids (or None) of a step, right-padded (B, T)."""
         B = len(new_ids)
         T = max(1, max(len(ids) for ids in new_ids))
         pad = self.vocab.pad_id
@@ -236,15 +319,7 @@ class Decoder:
             document[b, : len(ids)] = torch.tensor(doc)
             if span is not None and span_ids is not None:
                 span[b, : len(ids)] = torch.tensor(list(span_ids[b]), dtype=torch.long)
-        modality = self.vocab.modality_of(tokens)
-        return ModelInputs(
-            tokens_BT=tokens,
-            position_BT=position,
-            document_BT=document,
-            plan=_plan(self.model, modality),
-            modality_BT=modality,
-            span_BT=span,
-        )
+        return tokens, position, document, span
 
 
 def _plan(model: Transformer, modality_BT: torch.Tensor):

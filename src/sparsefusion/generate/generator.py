@@ -6,6 +6,12 @@ unconditional row, a document that opens with BOI, as the model saw images witho
 and are decoded back to text, images and speech. Image spans come from the run's span sampler
 (``span_samplers.py``): discrete codes sampled one by one, or continuous latents denoised
 against the cache, as the run's objective says.
+
+Batching rule: with a static or compiled step (``auto`` resolves to one of them) every call
+decodes as one batch, so all images of the call denoise together through the static span step.
+Only the eager step honours a span sampler that asks for a batch per sample
+(``DiffusionSettings.batch_samples=False``, the default: each continuous sample, with its
+guidance partner, decodes alone, bit for bit as before the generators merged).
 """
 
 from __future__ import annotations
@@ -244,13 +250,15 @@ class Generator:
     ) -> tuple[list[Prompt], dict[tuple[int, int], int], DecodeResult]:
         """The encoded prompts, the row of every (request, sample index), the decoded rows.
 
-        All rows decode as one batch, or each sample's rows as a batch of their own when the
-        span sampler says so (``batch_samples``).
+        All rows decode as one batch, except with the eager step when the span sampler asks
+        for a batch per sample (``batch_samples`` False): then each sample's rows decode as a
+        batch of their own (see the module doc).
         """
         prompts = [req.encode(self) for req in requests]  # every check before model work
         rows, owners = self._rows(requests, prompts, cancelled)
-        if self.spans.batch_samples:
-            return prompts, owners, self._decode_batch(rows)
+        step = self.step_for(rows)
+        if step != "eager" or self.spans.batch_samples:
+            return prompts, owners, self._decode_batch(rows, step)
         result = DecodeResult([], [], [])
         for start in sorted(owners.values()):
             end = start + (2 if rows[start].guide is not None else 1)
@@ -258,7 +266,7 @@ class Generator:
                 dataclasses.replace(r, guide=None if r.guide is None else r.guide - start)
                 for r in rows[start:end]
             ]
-            one = self._decode_batch(part)
+            one = self._decode_batch(part, step)
             result.new_ids += one.new_ids
             result.images += one.images
             result.seconds += one.seconds
@@ -271,8 +279,7 @@ class Generator:
         budget = sum(r.constraint.budget for r in rows)
         return "compiled" if budget >= COMPILE_FROM_TOKENS else "static"
 
-    def _decode_batch(self, rows: list[RowSpec]) -> DecodeResult:
-        step = self.step_for(rows)
+    def _decode_batch(self, rows: list[RowSpec], step: str) -> DecodeResult:
         if step == "eager":
             decoder = self._decoder(step, len(rows), capacity_for(rows))
             return decode(decoder, rows, self.spans)

@@ -3,7 +3,8 @@
 Every layer owns a preallocated (B, J, S, K) key and value buffer, the document and span id of
 every slot, and per-row lengths as a DEVICE tensor, so a step's shapes never depend on how much
 a row holds: the same code serves an eager step (a prefill of ragged prompts, an image span)
-and the static decode step (one token per row, compiled once per batch size; ``static.py``).
+and the static steps (one token per row, ``static.py``; an image span's fixed block of patches,
+``static_span.py``; each compiled once per batch size).
 
 A forward over the next tokens of every row (``ForwardContext(cache=...)``) writes each layer's
 new keys/values and attends over the cached prefix and the step. Which of the step's tokens a

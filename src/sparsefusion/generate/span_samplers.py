@@ -20,13 +20,20 @@ decodes a sample back into text, images and speech. The objective says which one
   partner row in the same passes and mixes the predictions (noise or velocity):
   ``e = e_u + s * (e_c - e_u)``. A prompt's images enter as clean patches (t = 0).
 
+The model call of a pass: with the decoder's eager step, :meth:`Decoder.step` on the filling
+rows' ragged ids (inputs built on the host each pass); with a static or compiled step, the
+static span step (``static_span.py``): every row of the batch on one fixed (B, n) block laid
+out once per fill, the rows that do not fill now given zero patches that the cache never keeps.
+The loop around it (scheduler steps, guidance, random streams) is the same either way.
+
 Batching and bit-identity: a row's random draws never depend on its batch, but its floats do in
 the last bits (CPU matrix multiplies pick their kernel by the number of rows, e.g. one token per
 step takes a matrix-vector path), and a latent decoded to 8-bit pixels turns such a difference
-into a different byte now and then. Discrete runs have always decoded all samples as one batch;
-continuous runs decode each sample (with its guidance partner) in a batch of its own unless
-``DiffusionSettings.batch_samples`` is set, which keeps their images identical to what they
-were before the generators merged.
+into a different byte now and then. Discrete runs have always decoded all samples as one batch.
+Continuous runs do too with a static or compiled step (what the static span step is for: all
+images of a call denoise together); with the eager step each sample (with its guidance partner)
+decodes in a batch of its own unless ``DiffusionSettings.batch_samples`` is set, which keeps
+their images identical to what they were before the generators merged.
 
 Shape legend: Z/h/w = latent channels and side, n = patches per image, C = values per patch,
 P = patches of a step.
@@ -34,7 +41,7 @@ P = patches of a step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -96,7 +103,7 @@ class SpanSampler(Protocol):
         max_images: most image spans a row may open itself (None: no limit).
         penalize_prompt: the repetition penalty counts the prompt's ids (else only new ones).
         batch_samples: all samples of a ``generate`` call decode as one batch (else each
-            sample, with its guidance partner, in a batch of its own).
+            sample, with its guidance partner, in a batch of its own; eager step only).
     """
 
     image_tokens: int
@@ -194,9 +201,10 @@ class DiffusionSettings:
             "ddim" (deterministic, good with few steps) or "ddpm" (ancestral) for
             ``objective.image_loss=ddpm``, "euler" for ``flow``.
         max_images: most images one sample may open itself (``text``/``interleaved``).
-        batch_samples: decode all samples of a ``generate`` call as one batch (faster; their
-            floats then differ in the last bits from one sample decoded alone, see the module
-            doc). Off: each sample in a batch of its own, as before the generators merged.
+        batch_samples: with the eager step, decode all samples of a ``generate`` call as one
+            batch (faster; their floats then differ in the last bits from one sample decoded
+            alone, see the module doc). Off: each sample in a batch of its own, as before the
+            generators merged. A static or compiled step always decodes one batch.
     """
 
     steps: int = 50
@@ -275,16 +283,15 @@ class DiffusionSpanSampler:
         span_ids: list[list[int]] = [[] for _ in range(decoder.batch)]
         for r in members:
             ids[r], span_ids[r] = self.span_ids, [spans[leader[r]].span] * n
+        passes = _passes(decoder, members, ids, span_ids)
         # one scheduler per span: diffusers' Euler scheduler counts its own steps
         scheds = [self.schedule.scheduler(self.sampler, self.settings.steps) for _ in spans]
         x = [torch.randn((1, *shape), generator=s.generator) for s in spans]
         for t in scheds[0].timesteps:
             patches = [patchify(x[leader[r]], self.k)[0] for r in members]
-            timestep = self.schedule.sampler_timestep(t)
-            continuous = patch_inputs(members, patches, n, timestep)
-            out = decoder.step(ids, commit=False, span_ids=span_ids, **continuous)
+            out_PC = passes(patches, self.schedule.sampler_timestep(t), commit=False)
             # the model's prediction: the noise (ddpm) or the velocity (flow)
-            pred = out.predictions["noise_PC"].float().cpu().view(len(members), n, -1)
+            pred = out_PC.float().cpu().view(len(members), n, -1)
             for i, s in enumerate(spans):
                 e = pred[members.index(s.row)]
                 if s.guide is not None:
@@ -293,8 +300,7 @@ class DiffusionSpanSampler:
                 kw = {"generator": s.generator} if self.sampler == "ddpm" else {}
                 step = scheds[i].step(unpatchify(e[None], self.k, shape), t, x[i], **kw)
                 x[i] = step.prev_sample
-        clean = [patchify(x[leader[r]], self.k)[0] for r in members]
-        decoder.step(ids, commit=True, span_ids=span_ids, **patch_inputs(members, clean, n, 0))
+        passes([patchify(x[leader[r]], self.k)[0] for r in members], 0, commit=True)
         return [xi[0] for xi in x]
 
     def segments(self, ids: Sequence[int], images: Sequence[torch.Tensor]) -> list[Segment]:
@@ -318,6 +324,44 @@ class DiffusionSpanSampler:
 
     def input_segments(self, prompt: Prompt) -> list[Segment]:
         return []  # as the former separate Transfusion generator: the prompt image is not shown
+
+
+PassFn = Callable[..., torch.Tensor]
+
+
+def _passes(
+    decoder: Decoder, members: list[int], ids: list[list[int]], span_ids: list[list[int]]
+) -> PassFn:
+    """The model call of a fill's passes: ``fn(patches, timestep, commit=...)`` -> (M * n, C).
+
+    ``patches[i]`` (n, C) are row ``members[i]``'s; the prediction holds the members' patches
+    in that order. Eager: :meth:`Decoder.step` on the members' ragged ids, inputs built on the
+    host. Otherwise the static span step over all B rows (the others get zero patches and sit
+    the pass out), laid out once per fill; only the members' predictions come back.
+    """
+    n = len(ids[members[0]])
+    if decoder.step_mode == "eager":
+
+        def eager(patches, timestep, *, commit: bool) -> torch.Tensor:
+            continuous = patch_inputs(members, patches, n, timestep)
+            out = decoder.step(ids, commit=commit, span_ids=span_ids, **continuous)
+            return out.predictions["noise_PC"]
+
+        return eager
+    block = decoder.span_block(ids, span_ids)
+    rows_M = torch.tensor(members, device=decoder.device)
+
+    def static(patches, timestep, *, commit: bool) -> torch.Tensor:
+        blocks = [torch.zeros_like(patches[0])] * decoder.batch
+        for r, p in zip(members, patches, strict=True):
+            blocks[r] = p
+        continuous = patch_inputs(range(decoder.batch), blocks, n, timestep)
+        out_PC = decoder.span_step(
+            block, continuous["patches_PC"], continuous["timestep_P"], commit=commit
+        )
+        return out_PC.reshape(decoder.batch, n, -1).index_select(0, rows_M).flatten(0, 1)
+
+    return static
 
 
 def patch_inputs(

@@ -561,7 +561,10 @@ class Transformer(nn.Module):
         self, h_ND: torch.Tensor, inputs: ModelInputs, patch_state: UNetState | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """LM logits (N, V) at discrete positions (zeros at patch slots), and the patch head's
-        prediction (``noise_PC``: what the objective regresses, noise or velocity)."""
+        prediction (``noise_PC``: what the objective regresses, noise or velocity).
+
+        When every position is a patch (an image span's fixed block, ``generate/static_span.py``)
+        the logits are an expanded zero (nothing computed or allocated, no host read)."""
         slot_P = inputs.patch_slot_P
         if inputs.patches_PC is None or slot_P is None or slot_P.numel() == 0:
             logits_NV = self.output(self.norm(h_ND))
@@ -569,15 +572,23 @@ class Transformer(nn.Module):
             return (logits_NV if idle is None else logits_NV + idle), {}
         assert self.patch_head is not None
         N = h_ND.shape[0]
+        if slot_P.numel() == N:  # every position is a patch (an image span's block): no logits
+            logits_NV = h_ND.new_zeros(()).expand(N, self.output.weight.shape[0])
+            return logits_NV, {"noise_PC": self._patch_predictions(h_ND[slot_P], patch_state)}
         discrete_N = torch.ones(N, dtype=torch.bool, device=h_ND.device)
         discrete_N[slot_P] = False
         keep = discrete_N.nonzero().squeeze(1)
         out = self.output(self.norm(h_ND[keep]))
         logits_NV = out.new_zeros(N, out.shape[-1]).index_copy(0, keep, out)
+        return logits_NV, {"noise_PC": self._patch_predictions(h_ND[slot_P], patch_state)}
+
+    def _patch_predictions(self, h_PD: torch.Tensor, patch_state: UNetState | None):
+        """The patch head's prediction (P, C) from the patch positions' final hidden states."""
         if isinstance(self.patch_head, UNetUp):
             assert patch_state is not None, "the U-Net's up half needs its down half's state"
-            return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P], patch_state)}
-        return logits_NV, {"noise_PC": self.patch_head(h_ND[slot_P])}
+            return self.patch_head(h_PD, patch_state)
+        assert self.patch_head is not None
+        return self.patch_head(h_PD)
 
     def _idle_patch_layers(self) -> torch.Tensor | None:
         """0 * the patch layers' weights, when a batch without images trains a model that has

@@ -22,9 +22,10 @@ count). In causal mode the selection is ``aux(x) > 0.5`` per token, so k is data
 (inference only); such a subset always runs as one row of K tokens. With a KV cache
 (incremental decoding, ``generate/``) the selected tokens of each row run as B rows against the
 layer's cache, which keeps only the tokens this layer processed; filler (padding) never routes.
-A static decode step (``RoutingContext.static``: one token per row, compiled) instead runs the
-block on every token and lets the layer's cache keep only the selected ones, discarding the
-others' outputs: no sync and no data-dependent shape, the same result for the selected tokens.
+A static step (``RoutingContext.static``: one token per row, or an image span's fixed block of
+patches; compiled) instead runs the block on every token and lets the layer's cache keep only the
+selected ones, discarding the others' outputs: no sync and no data-dependent shape, the same
+result for the selected tokens.
 
 Shape legend: B = batch rows, T = sequence length, N = B*T positions, K = selected positions,
 k = selected positions per row, D = model width, M = B * kmax per-row entries of a cached
@@ -212,21 +213,22 @@ class MoDRouter(nn.Module):
         return x_ND.index_add(0, parent_K, delta_KD.to(x_ND.dtype)), stats.merge(block_stats)
 
     def _static(self, block, x_ND, plan, layout, ctx, kv) -> tuple[torch.Tensor, RouterStats]:
-        """A static decode step: the block runs on every token, the cache keeps the selected.
+        """A static step: the block runs on every token, the cache keeps the selected ones.
 
         The unselected tokens' block outputs are discarded (``where``, so nothing of them
         leaks) and the layer's cache does not keep them: the same result as running the block
         on the selected subset, with no data-dependent shape and no host read.
         """
-        if kv is None or not plan.per_token:
-            raise ValueError("a static Mixture-of-Depths step needs a per-token plan and a cache")
+        if kv is None:
+            raise ValueError("a static Mixture-of-Depths step needs a KV cache")
         gate_N = self.gate(x_ND)
-        chosen_N = ctx.causal_selection(self.site, x_ND)[:, 0] & kv.real_BT().reshape(-1)
+        real_N = plan.sort(kv.real_BT().reshape(-1))  # x_ND is plan-sorted, the cache's tokens not
+        chosen_N = ctx.causal_selection(self.site, x_ND)[:, 0] & real_N
         B, T = layout.position_BT.shape
         rope = rope_angles(layout.position_BT, layout.head_dim, layout.rope_theta,
                            layout.rope_scaling)  # fmt: skip
         out_ND, stats = block(x_ND, plan=plan, mask=None, rope=rope, ctx=ctx,
-                              kv=kv.gated(chosen_N.view(B, T)))  # fmt: skip
+                              kv=kv.gated(plan.unsort(chosen_N).view(B, T)))  # fmt: skip
         delta_ND = (out_ND - x_ND) * gate_N[:, None].to(x_ND.dtype)
         return torch.where(chosen_N[:, None], x_ND + delta_ND, x_ND), stats
 
