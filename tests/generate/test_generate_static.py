@@ -6,17 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 from generate_archs import ARCHS, VOCAB, tiny_generator_model, tiny_model, tiny_tokenizer
-from test_generate_cache import _full_logits, _sequences
+from test_generate_cache import BOI, EOI, _full_logits, _sequences
 
 from sparsefusion.generate import GenerationRequest, Generator
-from sparsefusion.generate.engine import Decoder
+from sparsefusion.generate.engine import Decoder, sequence_inputs
+from sparsefusion.models.inputs import ForwardContext
+from sparsefusion.tokenizers.vocab import UnifiedVocab
 
 TRANSFUSION = {"latent_channels": 4}  # the Transfusion setting's text path (patch layers exist)
 
 
-def _static_logits(model, aux, seqs, prompt_lens, mode="static") -> list[torch.Tensor]:
+def _static_logits(model, aux, seqs, prompt_lens, mode="static", vocab=VOCAB) -> list[torch.Tensor]:
     """Prefill ragged prompts (eager), then feed the rest one token per row with ``advance``."""
-    dec = Decoder(model, VOCAB, batch=len(seqs), capacity=64, aux_routers=aux, step_mode=mode)
+    dec = Decoder(model, vocab, batch=len(seqs), capacity=64, aux_routers=aux, step_mode=mode)
     prompts = [s[:n] for s, n in zip(seqs, prompt_lens, strict=True)]
     logits = dec.extend(prompts)
     out = [[logits[b, : len(p)]] for b, p in enumerate(prompts)]
@@ -39,6 +41,33 @@ def test_static_step_matches_full_forward(arch):
     got = _static_logits(model, aux, seqs, prompt_lens=[7, 4, 2])
     for ids, logits in zip(seqs, got, strict=True):
         torch.testing.assert_close(logits, _full_logits(model, aux, ids), atol=1e-5, rtol=0)
+
+
+SPEECH_VOCAB = UnifiedVocab({"text": 40, "image": 20, "speech": 12})  # speech ids 76..87
+
+
+@pytest.mark.parametrize("arch", ["mot", "moma_mod"])
+def test_static_step_with_speech_matches_full_forward(arch):
+    """The Chameleon + speech setting: a third tower (MoT) or expert group (MoMa) chosen on the
+    device from speech unit ids, inside BOA/EOA spans, rows of different lengths."""
+    extra = {"modalities": ["text", "image", "speech"]}
+    if arch == "moma_mod":
+        extra["moe"] = {"experts": {"text": 2, "image": 2, "speech": 2}}
+    model, aux = tiny_model(arch, **extra)
+    g = torch.Generator().manual_seed(3)
+    ids = lambda lo, hi, n: torch.randint(lo, hi, (n,), generator=g).tolist()  # noqa: E731
+    boa, eoa = SPEECH_VOCAB.boa_id, SPEECH_VOCAB.eoa_id
+    seqs = [
+        [1, *ids(16, 56, 4), boa, *ids(76, 88, 7), eoa, *ids(16, 56, 3)],
+        [1, boa, *ids(76, 88, 5), eoa, *ids(16, 56, 5), BOI, *ids(56, 76, 4), EOI],
+        [1, *ids(16, 56, 8), boa, *ids(76, 88, 3)],
+    ]
+    assert (SPEECH_VOCAB.modality_of(torch.tensor(seqs[0])) == 2).sum() == 7
+    got = _static_logits(model, aux, seqs, prompt_lens=[6, 3, 2], vocab=SPEECH_VOCAB)
+    for row, logits in zip(seqs, got, strict=True):
+        ctx = ForwardContext(routing_mode="causal", aux_routers=aux)
+        full = model(sequence_inputs(model, SPEECH_VOCAB, row), ctx).logits_BTV[0]
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
 
 
 def test_static_mod_cache_keeps_only_the_selected_tokens():
