@@ -149,3 +149,21 @@ def test_checkpoint_option(run, tmp_path, capsys):
     assert main([*args, "--checkpoint", "10"]) == 0
     assert main([*args, "--checkpoint", "5"]) == 1
     assert "does not exist; the run has ['step_00000010']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("image_loss, sampler", [("ddpm", "euler"), ("flow", "ddim")])
+def test_a_sampler_that_cannot_fit_is_refused_before_the_model_loads(
+    tmp_path, capsys, image_loss, sampler
+):
+    """A Transfusion run folder with only its config: the error comes from the config alone."""
+    from sparsefusion.runs.folder import write_config
+    from sparsefusion.runs.presets import resolve_config
+
+    cfg = resolve_config("tf-mot-debug", [f"objective.image_loss={image_loss}"])
+    (tmp_path / "run").mkdir()
+    write_config(tmp_path / "run", cfg)
+    flags = ["--prompt", "x", "--mode", "text_to_image", "--sampler", sampler]
+    assert main(["generate", str(tmp_path / "run"), *flags, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--sampler: sampler '{sampler}' does not fit objective.image_loss={image_loss}" in err
+    assert "checkpoint" not in err  # nothing was loaded

@@ -155,11 +155,17 @@ def _check_early(base, args: argparse.Namespace):
     check_out_folder(args.out, "--out")
     if args.prompts and not Path(args.prompts).is_file():
         raise ValueError(f"--prompts: {args.prompts} is not a file")
-    from sparsefusion.runs.folder import is_run_folder
+    from sparsefusion.objectives.diffusion import check_sampler
+    from sparsefusion.runs.folder import is_run_folder, run_config
 
     if not is_run_folder(args.run_dir):
         raise ValueError(f"{args.run_dir} is not a run folder (no config.yaml)")
-    return DiffusionSettings(steps=args.diffusion_steps, sampler=args.sampler)
+    settings = DiffusionSettings(steps=args.diffusion_steps, sampler=args.sampler)
+    try:
+        check_sampler(run_config(args.run_dir).objective, args.sampler)
+    except ValueError as e:
+        raise ValueError(f"--sampler: {e}") from None
+    return settings
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:

@@ -212,10 +212,9 @@ def _generation(run_dir, run_cfg: TrainConfig, cfg: EvalConfig, step, n, device,
         from sparsefusion.generate import DiffusionSettings, Generator
     except ImportError as e:
         return _skip_all(res, f"generation is not available in this version ({e})")
-    if run_cfg.objective.name == "transfusion":  # a sampler that cannot fit is the user's error
-        from sparsefusion.objectives.diffusion import build_schedule, resolve_sampler
+    from sparsefusion.objectives.diffusion import check_sampler
 
-        resolve_sampler(build_schedule(run_cfg.objective), cfg.sampler)
+    check_sampler(run_cfg.objective, cfg.sampler)  # a sampler that cannot fit: the user's error
     pairs = read_pairs(build_source(run_cfg.data, seed=0, split="val"), 2 * n)
     if len(pairs) < 4:
         return _skip_all(res, f"only {len(pairs)} held-out caption-image pairs in the corpus")

@@ -108,3 +108,11 @@ IMAGE_LOSSES: dict[str, Callable[[ObjectiveConfig], DiffusionSchedule]] = {
 def build_schedule(cfg: ObjectiveConfig) -> DiffusionSchedule:
     """The process named by ``cfg.image_loss``, with its settings from ``cfg``."""
     return IMAGE_LOSSES[cfg.image_loss](cfg)
+
+
+def check_sampler(cfg: ObjectiveConfig, sampler: str) -> None:
+    """ValueError when ``sampler`` cannot sample a run's images (a run whose objective has no
+    diffusion part samples no latents: nothing to check). Cheap: commands call it before
+    loading a model."""
+    if cfg.name == "transfusion":
+        resolve_sampler(build_schedule(cfg), sampler)
