@@ -331,6 +331,11 @@ def test_transfusion_row_with_diffusion_settings_and_the_vae_ceiling(
     more, _ = evaluate_run(tmp_path / "run", merge(ecfg, {"diffusion_steps": 3}))
     assert more["fid_sf_tokenizer"] == row["fid_sf_tokenizer"]
     assert more["fid_sf"] != row["fid_sf"]
+    # Guidance draws other images and leaves the captions (image -> text) as they were.
+    guided, _ = evaluate_run(
+        tmp_path / "run", merge(ecfg, {"diffusion_steps": 2, "cfg_scale": 3.0})
+    )
+    assert guided["fid_sf"] != row["fid_sf"] and guided["cider"] == row["cider"]
     wrong = "ddim" if image_loss == "flow" else "euler"
     with pytest.raises(ValueError, match="image_loss"):
         evaluate_run(tmp_path / "run", merge(ecfg, {"sampler": wrong}))

@@ -106,7 +106,7 @@ def _request(mode: str, i: int, s: GenerationSettings, **kw):
         temperature=s.temperature,
         top_k=s.top_k,
         top_p=s.top_p,
-        cfg_scale=s.cfg_scale,
+        cfg_scale=s.cfg_scale if mode == T2I else 1.0,  # guidance is for the image spans
         seed=s.seed + i,
         **kw,
     )
