@@ -190,11 +190,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
     )
-    result = run_decode_bench(settings)
-    print(markdown_table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
+    return _report(run_decode_bench(settings), markdown_table, args.out)
 
 
 def _bench_images(args: argparse.Namespace) -> int:
@@ -217,10 +213,14 @@ def _bench_images(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
     )
-    result = run_span_bench(settings)
-    print(span_markdown_table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    return _report(run_span_bench(settings), span_markdown_table, args.out)
+
+
+def _report(result: dict, table, out: str) -> int:
+    """Print a bench result as a Markdown table and write it as JSON to ``out`` (if given)."""
+    print(table(result))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
     return 0
 
 
