@@ -135,3 +135,24 @@ def test_the_default_image_loss_is_ddpm():
     assert ObjectiveConfig().image_loss == "ddpm"
     obj = build_objective(ObjectiveConfig(name="transfusion"), _model())
     assert obj.noise_schedule.image_loss == "ddpm"
+
+
+@pytest.mark.parametrize("image_loss", ["ddpm", "flow"])
+def test_clean_estimate_inverts_the_path_and_scales_errors_as_documented(image_loss):
+    """Given the exact target, ``clean_estimate`` returns x_0; an error e in the prediction
+    moves x_0 by -e * sqrt((1 - abar) / abar) (ddpm) or -e * t (flow)."""
+    obj = build_objective(ObjectiveConfig(name="transfusion", image_loss=image_loss), _model())
+    process = obj.noise_schedule
+    x0 = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    t_I = process.grid(5)[:4]  # ddpm: the last grid point (abar 2e-9) only amplifies rounding
+    xt = process.noisy(x0, eps, t_I)
+    target = process.target(x0, eps, t_I)
+    torch.testing.assert_close(process.clean_estimate(xt, target, t_I), x0, atol=1e-4, rtol=0)
+    moved_I = (process.clean_estimate(xt, target + 0.01, t_I) - x0).mean(dim=(1, 2, 3))
+    if image_loss == "flow":
+        scale_I = t_I
+    else:
+        ab_I = process.abar_T[t_I].double()
+        scale_I = ((1 - ab_I) / ab_I).sqrt().float()
+    torch.testing.assert_close(moved_I, -0.01 * scale_I, rtol=1e-3, atol=1e-5)

@@ -92,6 +92,13 @@ class NoiseSchedule:
         """What the model regresses: the noise eps."""
         return eps_IZhw
 
+    def clean_estimate(self, xt_IZhw: torch.Tensor, pred_IZhw: torch.Tensor, t_I: torch.Tensor):
+        """x_0 = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t): an error in eps_hat grows by
+        sqrt((1 - abar_t) / abar_t) in x_0 (about 34x at t = 980 of 1000 on the cosine schedule)."""
+        ab_I = self.abar_T.to(xt_IZhw.device)[t_I.to(xt_IZhw.device)].to(xt_IZhw.dtype)
+        ab = ab_I.view((-1,) + (1,) * (xt_IZhw.dim() - 1))
+        return (xt_IZhw - (1 - ab).sqrt() * pred_IZhw) / ab.sqrt()
+
     def model_timestep(self, t_I: torch.Tensor) -> torch.Tensor:
         """The model's timestep input: the integer step t itself."""
         return t_I

@@ -58,6 +58,11 @@ class DiffusionSchedule(Protocol):
         """What the model regresses at x_t (its ``noise_PC`` prediction)."""
         ...
 
+    def clean_estimate(self, xt_IZhw: torch.Tensor, pred_IZhw: torch.Tensor, t_I: torch.Tensor):
+        """The clean latent x_0 a prediction of the target at x_t implies (the exact x_0 when
+        the prediction is the target)."""
+        ...
+
     def model_timestep(self, t_I: torch.Tensor) -> torch.Tensor:
         """The model's timestep input at times t."""
         ...

@@ -68,6 +68,11 @@ class FlowSchedule:
         """What the model regresses: the velocity v = eps - x_0 (the same at every t)."""
         return eps_IZhw - x0_IZhw
 
+    def clean_estimate(self, xt_IZhw: torch.Tensor, pred_IZhw: torch.Tensor, t_I: torch.Tensor):
+        """x_0 = x_t - t v_hat: an error in v_hat reaches x_0 scaled by t (at most 1)."""
+        t = t_I.to(xt_IZhw).view((-1,) + (1,) * (xt_IZhw.dim() - 1))
+        return xt_IZhw - t * pred_IZhw
+
     def model_timestep(self, t_I: torch.Tensor) -> torch.Tensor:
         """The model's timestep input: t * T (float)."""
         return t_I.float() * self.num_train_timesteps
