@@ -88,3 +88,17 @@ def test_every_shipped_config_loads():
         resolve_config(str(path), [])
     for name in PRESETS:
         resolve_config(name, [])
+
+
+def test_transfusion_presets_image_loss():
+    """The CPU demo presets train flow matching (DDPM's noise prediction ignores the caption at
+    that size); the debug twins and the paper-size presets keep the paper's DDPM."""
+    from sparsefusion.runs.presets import PRESETS, resolve_config
+
+    demo = {"tf-dense", "tf-mot", "tf-moe"}
+    tf = [n for n in PRESETS if n.startswith("tf-")]
+    assert demo < set(tf) and any(n.endswith("-163m") for n in tf)
+    for name in tf:
+        want = "flow" if name in demo else "ddpm"
+        assert resolve_config(name, []).objective.image_loss == want, name
+    assert resolve_config("tf-mot", ["objective.image_loss=ddpm"]).objective.image_loss == "ddpm"

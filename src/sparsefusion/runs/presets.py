@@ -26,6 +26,13 @@ expert choice, capacity 1) is the MoT paper's third Transfusion row at the demo 
 1.4b, 7b; spec section 5.5) with the Transfusion optimizer (lr 3e-4, 4000 warm-up steps, cosine
 to 1.5e-5) and a 256-pixel, 8x-downsampling, 8-channel VAE (a 32x32x8 latent: 256 patches of
 2x2), and need a GPU.
+
+Image loss: the paper-size presets train the paper's DDPM noise prediction; the CPU demo presets
+(``tf-dense``, ``tf-mot``, ``tf-moe``) train flow matching (``objective.image_loss=flow``),
+because at the demo size noise prediction does not learn to use the caption where an image's
+layout is decided (at high noise its loss hardly depends on the caption; measured with
+``benchmarks/caption_use.py``, docs/results/transfusion_cpu/README.md) and its samples ignore
+their captions. ``objective.image_loss=ddpm`` gives the paper's loss at the demo size.
 """
 
 from __future__ import annotations
@@ -164,6 +171,13 @@ def _transfusion(
     return out
 
 
+def _tf_demo(arch: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """A CPU demo Transfusion preset: flow matching (see the module doc for why not DDPM)."""
+    out = _transfusion(_DEMO, arch, extra)
+    out["objective"] = {**out["objective"], "image_loss": "flow"}
+    return out
+
+
 def _tf_registry() -> dict[str, dict[str, Any]]:
     reg: dict[str, dict[str, Any]] = {}
     for name, (arch, extra) in _TF_ARCHS.items():
@@ -172,9 +186,9 @@ def _tf_registry() -> dict[str, dict[str, Any]]:
         debug["data"] = {**debug["data"], "seq_len": 64}
         reg[f"tf-{name}-debug"] = debug
         if name == "moe":  # the MoT paper's third Transfusion row (MoE-4x), demo size only
-            reg["tf-moe"] = _transfusion(_DEMO, arch, extra)
+            reg["tf-moe"] = _tf_demo(arch, extra)
         if name in ("dense", "mot"):
-            reg[f"tf-{name}"] = _transfusion(_DEMO, arch, extra)
+            reg[f"tf-{name}"] = _tf_demo(arch, extra)
             for size, (dim, layers, heads) in TF_SIZES.items():
                 gpu = _transfusion(_GPU, arch, extra, size="small")
                 gpu["model"].update(dim=dim, num_layers=layers, num_heads=heads, multiple_of=256)
