@@ -13,7 +13,8 @@ for a in dense moma-4t4i moma-4t4i-mod; do
   sparsefusion bench-generate --arch "$a" --prompt-len 256 --new-tokens 256 --batch 1 8 \
     --modes eager static compiled --threads 1 --out "$out/$a.json"
 done
-sparsefusion bench-generate --arch tf-mot --images objective.image_loss=ddpm --batch 1 8 32 \
+sparsefusion bench-generate --arch tf-mot --images objective.image_loss=ddpm model.patch_size=2 "tokenizer.vae.channels=[16,32,32]" --batch 1 8 32 \
   --diffusion-steps 50 --threads 1 --out "$out/tf-mot-images.json"
-sparsefusion bench-generate --arch tf-mot --images model.patch_layers=unet objective.image_loss=ddpm --batch 1 8 32 \
+sparsefusion bench-generate --arch tf-mot --images model.patch_layers=unet objective.image_loss=ddpm model.patch_size=2 "tokenizer.vae.channels=[16,32,32]" \
+  --batch 1 8 32 \
   --diffusion-steps 50 --threads 1 --out "$out/tf-mot-unet-images.json"

@@ -101,4 +101,7 @@ def test_transfusion_presets_image_loss():
     for name in tf:
         want = "flow" if name in demo else "ddpm"
         assert resolve_config(name, []).objective.image_loss == want, name
+    for name in demo:  # 16 positions per image: a 16x16 latent (two VAE blocks) in 4x4 patches
+        cfg = resolve_config(name, [])
+        assert cfg.tokenizer.vae.channels == [16, 32] and cfg.model.patch_size == 4, name
     assert resolve_config("tf-mot", ["objective.image_loss=ddpm"]).objective.image_loss == "ddpm"

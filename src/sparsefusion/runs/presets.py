@@ -19,7 +19,10 @@ text next-token prediction plus image diffusion on continuous latents of a VAE t
 (``objective.name=transfusion``, which sets ``tokenizer.image_kind=vae``; diffusers needed), with
 the Transfusion paper's Llama-style block: pre-norm and no QK-norm (both switchable:
 ``model.norm_placement=post model.qk_norm=true``) and no z-loss. At the demo size the 32-pixel
-images become 8x8x4 latents and 2x2 patches: 16 positions per image. ``tf-<arch>-debug`` twins
+images become 16x16x4 latents in 4x4 patches (a two-block VAE, ``tokenizer.vae.channels=[16,32]``,
+``model.patch_size=4``): 16 positions per image. The three-block VAE's 8x8x4 latent (2x2
+patches, the debug twins' shape) turned every shape into a blob (round trip fid_sf 224 /
+clip_sf 57 against 104 / 88; docs/results/transfusion_cpu/README.md). ``tf-<arch>-debug`` twins
 exist for every architecture (dense, mot, moe, moma, mod, hybrid); ``tf-moe`` (4 experts,
 expert choice, capacity 1) is the MoT paper's third Transfusion row at the demo size;
 ``tf-dense-<size>`` and ``tf-mot-<size>`` use the MoT paper's Transfusion shapes (163m, 760m,
@@ -172,9 +175,13 @@ def _transfusion(
 
 
 def _tf_demo(arch: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """A CPU demo Transfusion preset: flow matching (see the module doc for why not DDPM)."""
+    """A CPU demo Transfusion preset: flow matching (see the module doc for why not DDPM) on a
+    16x16x4 latent in 4x4 patches (16 positions per image, as 8x8x4 in 2x2 patches, but a VAE
+    round trip that keeps the shapes)."""
     out = _transfusion(_DEMO, arch, extra)
     out["objective"] = {**out["objective"], "image_loss": "flow"}
+    out["tokenizer"] = {**out.get("tokenizer", {}), "vae": {"channels": [16, 32]}}
+    out["model"] = {**out["model"], "patch_size": 4}
     return out
 
 
