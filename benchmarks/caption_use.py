@@ -71,8 +71,10 @@ def per_image_errors(model, objective, batch, t_I, noise_IZhw) -> tuple[torch.Te
     target_InC = step.inputs.target_PC.view_as(pred_InC)
     xt_InC = step.inputs.patches_PC.float().view_as(pred_InC)
     t = objective.noise_schedule.fixed(t_I)
-    x0_err = objective.noise_schedule.clean_estimate(xt_InC, pred_InC - target_InC, t)
-    x0_err = x0_err - objective.noise_schedule.clean_estimate(xt_InC, torch.zeros_like(xt_InC), t)
+    process = objective.noise_schedule  # the exact target implies the true x_0
+    x0_err = process.clean_estimate(xt_InC, pred_InC, t) - process.clean_estimate(
+        xt_InC, target_InC, t
+    )
     return (pred_InC - target_InC).pow(2).mean(dim=(1, 2)), x0_err.pow(2).mean(dim=(1, 2))
 
 
