@@ -105,3 +105,16 @@ def test_transfusion_presets_image_loss():
         cfg = resolve_config(name, [])
         assert cfg.tokenizer.vae.channels == [16, 32] and cfg.model.patch_size == 4, name
     assert resolve_config("tf-mot", ["objective.image_loss=ddpm"]).objective.image_loss == "ddpm"
+
+
+def test_every_preset_round_trips_through_its_resolved_yaml(tmp_path: Path):
+    """`sparsefusion sweep` starts each run from its config as resolved and dumped at sweep
+    start (sweep_config.yaml); that file must give back exactly the same config."""
+    from sparsefusion.config import dump_yaml
+    from sparsefusion.runs.presets import PRESETS, resolve_config
+
+    for name in PRESETS:
+        cfg = resolve_config(name, ["seed=3", "train.steps=7", f"run.dir={tmp_path / name}"])
+        path = tmp_path / f"{name}.yaml"
+        dump_yaml(cfg, path)
+        assert resolve_config(str(path), []) == cfg, name

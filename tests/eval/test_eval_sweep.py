@@ -49,7 +49,13 @@ def test_sweep_end_to_end_skips_finished_and_reports_unknown(tmp_path, tokenizer
     assert {"loss", "loss/text", "loss/image"} <= set(data["runs"][0]["splits"]["val"])
     assert (out / "compare" / "step_matching_train.png").is_file()
     for name in ("dense-debug", "mot"):  # same seed and data for every run
-        assert yaml.safe_load((out / name / "config.yaml").read_text())["seed"] == 0
+        trained = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert trained["seed"] == 0
+        pinned = yaml.safe_load((out / name / "sweep_config.yaml").read_text())
+        for section in ("model", "objective", "train", "optim"):  # trained from the pinned file
+            trained[section].pop("vocab_size", None)  # 0 (from the tokenizer) until it trains
+            pinned[section].pop("vocab_size", None)
+            assert trained[section] == pinned[section], (name, section)
     assert "mot" not in (out / "dense-debug" / "train.log").read_text()  # one log per run
     # a second invocation trains nothing
     before = (out / "mot" / "metrics.jsonl").read_text()
@@ -178,3 +184,33 @@ def test_sigterm_stops_the_sweep_like_its_budget_and_leaves_no_trainer(tmp_path,
         except OSError:
             pass
     assert left == [], f"trainers left running: {left}"
+
+
+def test_a_damaged_state_json_counts_as_unfinished(tmp_path: Path):
+    from sparsefusion.compare.sweep import _finished
+
+    step = tmp_path / "checkpoints" / "step_00000006"
+    step.mkdir(parents=True)
+    for text, done in (('{"step": 6}', True), ('{"step": 5}', False), ("{tru", False),
+                       ("[6]", False), ('{"step": "6"}', False)):  # fmt: skip
+        (step / "state.json").write_text(text)
+        assert _finished(tmp_path, 6) is done, text
+
+
+def test_a_run_stopped_while_starting_is_unfinished_not_failed(tmp_path: Path):
+    """The budget can end while a trainer is still importing (a loaded machine): SIGTERM's
+    default action kills it before it trained a step; nothing is lost, the next sweep starts it."""
+    import signal
+    import subprocess
+
+    from sparsefusion.compare.sweep import SweepOutcome, _Job, _Scheduler, load_sweep
+
+    cfg = load_sweep(_recipe(tmp_path, runs=["dense-debug"], baseline="dense-debug"))
+    outcome = SweepOutcome()
+    job = _Job("dense-debug", tmp_path / "run", [], steps=10)
+    job.proc = subprocess.Popen(["sleep", "60"])  # no SIGTERM handler, like a starting trainer
+    _Scheduler(cfg, outcome)._stop([job])
+    assert job.proc.wait(timeout=10) == -signal.SIGTERM
+    _Scheduler(cfg, outcome)._finish(job)
+    assert outcome.status["dense-debug"] == "unfinished"
+    assert "step 0 of 10" in outcome.reason["dense-debug"]

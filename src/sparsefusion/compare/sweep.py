@@ -20,6 +20,12 @@ invocation continues them, so a long study runs in chunks. A run whose config ca
 reported and the sweep goes on. The report compares the baseline with every run that has
 validation rows, finished or not, and its status table marks the unfinished ones with the step
 they reached. While runs train, one line shows the whole sweep's progress.
+
+Each invocation resolves every queued run's config once, when it starts, and writes it to
+``<out>/<run>/sweep_config.yaml``; the run's trainer starts from that file. A run that waits in
+the queue for hours therefore trains with the presets and recipe of the moment the sweep was
+invoked, even if the source changes meanwhile (the trainer refuses a resume whose model, data
+or objective changed).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from sparsefusion.compare.savings import CompareConfig
 from sparsefusion.config import ConfigError, from_dict, load_yaml
 
 log = logging.getLogger(__name__)
+
+PINNED_CONFIG = "sweep_config.yaml"  # per run: the config resolved when the sweep started
 
 
 @dataclass(kw_only=True)
@@ -157,7 +165,8 @@ def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") ->
             _record(outcome, run.name, "skipped", f"already finished in {run_dir}")
             continue
         outcome.status[run.name] = "queued"
-        todo.append(_Job(run.name, run_dir, [run.config, *overrides], train_cfg.train.steps))
+        pinned = _pin_config(run_dir, train_cfg)
+        todo.append(_Job(run.name, run_dir, [str(pinned)], train_cfg.train.steps))
     _Scheduler(cfg, outcome).run(todo)
     _write_status(root, outcome, recipe)
     comparable = [n for n in outcome.status if _has_val_rows(root / n)]
@@ -179,6 +188,19 @@ def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") ->
     return outcome
 
 
+def _pin_config(run_dir: Path, train_cfg) -> Path:
+    """Write a run's config as resolved now to ``<run_dir>/sweep_config.yaml``, the file its
+    trainer is started from: a run that waits in the queue trains with the presets and recipe
+    of the moment the sweep started, not with whatever the source says when its turn comes."""
+    from sparsefusion.checkpoint.store import write_atomic
+    from sparsefusion.config import dump_yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / PINNED_CONFIG
+    write_atomic(path, lambda tmp: dump_yaml(train_cfg, tmp))
+    return path
+
+
 def _threads(cfg: SweepConfig) -> list[str]:
     """``train.threads`` of every run (before the recipe's overrides, which may set it)."""
     if cfg.threads:
@@ -193,7 +215,7 @@ def _threads(cfg: SweepConfig) -> list[str]:
 class _Job:
     name: str
     run_dir: Path
-    args: list[str]  # CONFIG and overrides of `sparsefusion train`
+    args: list[str]  # `sparsefusion train`'s arguments: the pinned config file
     steps: int
     proc: subprocess.Popen | None = None
     stopped: bool = False  # sent SIGTERM by the time budget
@@ -266,7 +288,8 @@ class _Scheduler:
         code, step = job.proc.returncode, _last_step(job.run_dir)
         if code == 0 and _finished(job.run_dir, job.steps):
             self._done(job, "finished", f"trained in {job.run_dir}")
-        elif job.stopped and code in (0, 128 + signal.SIGTERM):
+        elif job.stopped and code in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
+            # (-SIGTERM: stopped while still starting, before its handler was installed)
             self._done(job, "unfinished", f"stopped by the time budget (or SIGTERM) at step "
                        f"{step} of {job.steps}; run the sweep again to continue")  # fmt: skip
         elif code == 0:  # train.stop_at ended this invocation early
@@ -327,7 +350,11 @@ def _finished(run_dir: Path, steps: int) -> bool:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return False
-    return json.loads((ckpt / "state.json").read_text()).get("step", 0) >= steps
+    try:  # a damaged newest checkpoint: the trainer resumes from an older one, or says why
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= steps
 
 
 def _status_lines(outcome: SweepOutcome, recipe: str) -> list[str]:
