@@ -4,6 +4,8 @@ For each run, each split (training, validation, and ``eval``: the rows of ``eval
 each key the baseline logs (``loss``, ``loss/<modality>``; ``fid_sf``, ``clip_sf``, ``cider``,
 ``loss/causal*``): the FLOPs savings factor, the step-matching slope, the same two
 against wall-clock time (``elapsed_s``, MoT's Figure 19), and per split the "x% checkpoint".
+With ``at_steps``, the values at those steps and when each run gets ahead for good
+(:mod:`sparsefusion.compare.milestones`).
 ``clip_sf`` and ``cider`` are higher-is-better: a run "reaches" a level when it is at or above it.
 Non-finite rows (a diverged run) are reported with the step where they start. The math and its
 documented choices are in :mod:`sparsefusion.compare.savings`.
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sparsefusion.compare.curves import SPLITS, RunCurves, SplitCurves, higher_is_better, load_run
+from sparsefusion.compare.milestones import markdown_lines, milestones
 from sparsefusion.compare.savings import (
     CompareConfig,
     Estimate,
@@ -246,7 +249,12 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
         },
         "config": to_dict(comp.cfg),
         "runs": runs,
+        "milestones": _milestones(comp) if comp.cfg.at_steps else {},
     }
+
+
+def _milestones(comp: Comparison) -> dict[str, Any]:
+    return milestones(comp.baseline, [r.run for r in comp.runs], comp.cfg.at_steps)
 
 
 def _nonfinite_dict(run: RunCurves) -> dict[str, Any]:
@@ -326,6 +334,8 @@ def markdown(comp: Comparison) -> str:
             cells.append(_checkpoint_text(r, split) + _diverged(r.run, split))
             lines.append(_row(cells))
         lines.append("")
+    if comp.cfg.at_steps:
+        lines += markdown_lines(_milestones(comp), base.name)
     notes = [f"- `{base.name}` (baseline): {nf.text(s)}" for s, nf in base.nonfinite.items()]
     notes += [f"- `{r.run.name}`: {w}" for r in comp.runs for w in r.warnings]
     notes += [

@@ -31,7 +31,7 @@ Legend: N = logged points of the baseline curve, M = logged points of the run cu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -52,6 +52,9 @@ class CompareConfig:
         plots: write PNG plots.
         eval_size: which ``eval.jsonl`` rows form the ``eval`` split: ``small`` (the in-training
             evaluation), ``full`` (``sparsefusion eval``) or ``auto`` (small if any, else full).
+        at_steps: steps at which the report also tabulates every run's validation and eval
+            values beside the baseline's, with the step from which each run stays ahead
+            (:mod:`sparsefusion.compare.milestones`; empty: no such tables).
     """
 
     smoothing: float = 0.6
@@ -60,8 +63,14 @@ class CompareConfig:
     flops_tolerance: float = 0.03
     plots: bool = True
     eval_size: str = "auto"
+    at_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if any(step <= 0 for step in self.at_steps) or len(set(self.at_steps)) != len(
+            self.at_steps
+        ):
+            raise ValueError(f"compare.at_steps must be distinct steps > 0, got {self.at_steps}")
+        self.at_steps = sorted(self.at_steps)
         if self.eval_size not in ("auto", "small", "full"):
             raise ValueError(f"compare.eval_size must be auto, small or full, got {self.eval_size}")
         for name in ("smoothing", "val_smoothing"):
