@@ -11,6 +11,7 @@ import yaml
 from sparsefusion.cli.main import main
 from sparsefusion.compare.sweep import load_sweep
 from sparsefusion.config import ConfigError
+from sparsefusion.runs.presets import resolve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,6 +88,9 @@ def test_shipped_sweep_recipes_load():
     for path in files:
         cfg = load_sweep(path)
         assert cfg.baseline in [r.name for r in cfg.runs]
+        for run in cfg.runs:  # every run resolves (a typo in an override names its key here)
+            config = str(ROOT / run.config) if run.config.endswith(".yaml") else run.config
+            resolve_config(config, [*cfg.overrides, *run.overrides])
     names = [r.name for r in load_sweep(ROOT / "configs/sweeps/replication_cpu.yaml").runs]
     assert names == ["dense", "mot", "moe-8x", "moma-1t1i", "moma-4t4i", "moma-4t4i-mod"]
 
