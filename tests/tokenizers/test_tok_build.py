@@ -76,7 +76,7 @@ def test_tok_build_train_then_reuse(tmp_path):
     tok = load_or_train_tokenizer(cfg, src, progress=False, log=logs.append)
     assert any("recon_mse" in m and "codebook_usage" in m for m in logs)
     assert tok.vocab.modality_sizes == {"text": tok.text.vocab_size, "image": 16}
-    dirs = [p for p in (tmp_path / "cache").iterdir()]
+    dirs = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert [p.name for p in dirs] == [f"fake-{cache_key(cfg, src)}"]  # no temp dirs left behind
     logs.clear()
     again = load_or_train_tokenizer(cfg, src, progress=False, log=logs.append)
@@ -95,7 +95,7 @@ def test_tok_build_corrupt_cache_retrains(tmp_path):
         tok = load_or_train_tokenizer(cfg, src, progress=False, log=logs.append)
     assert any("training BPE" in m for m in logs)
     assert tok.text.decode(tok.text.encode("a red square")) == "a red square"
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [final.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [final.name]
     logs.clear()
     load_or_train_tokenizer(cfg, src, progress=False, log=logs.append)  # repaired copy loads
     assert any("loaded" in m for m in logs)
@@ -128,3 +128,40 @@ def test_tok_build_text_only_source(tmp_path):
             cfg, FakeSource(images=False), progress=False, log=lambda m: None
         )
     assert tok.vocab.modalities == ["text", "image"]
+
+
+def test_tok_build_concurrent_starts_train_once(tmp_path, monkeypatch):
+    """Two runs started together (a sweep): one trains, the other waits and loads its copy."""
+    import threading
+    import time
+
+    import sparsefusion.tokenizers.build as build
+
+    cfg, trained, real = tiny_cfg(tmp_path), [], build.train_tokenizer
+    started = threading.Event()
+
+    def slow_train(*args, **kwargs):
+        trained.append(threading.current_thread().name)
+        started.set()
+        tok = real(*args, **kwargs)
+        time.sleep(1.0)  # long enough for "b" to find the lock held
+        return tok
+
+    monkeypatch.setattr(build, "train_tokenizer", slow_train)
+    results, logs = {}, {"a": [], "b": []}
+
+    def start(name):
+        results[name] = load_or_train_tokenizer(cfg, FakeSource(), progress=False,
+                                                log=logs[name].append)  # fmt: skip
+
+    first = threading.Thread(target=start, args=("a",), name="a")
+    first.start()
+    assert started.wait(60)  # "a" holds the lock and is training
+    second = threading.Thread(target=start, args=("b",), name="b")
+    second.start()
+    first.join(120)
+    second.join(120)
+    assert trained == ["a"]
+    assert any("waiting" in m for m in logs["b"]) and any("loaded" in m for m in logs["b"])
+    doc = FakeSource().document(5)
+    assert results["a"].encode_document(doc) == results["b"].encode_document(doc)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document
@@ -175,18 +176,46 @@ def load_or_train_tokenizer(
         return tok
     root = Path(cfg.cache_dir)
     final = root / f"{source.name}-{cache_key(cfg, source)}"
-    if final.exists():
-        try:
-            tok = load_tokenizer(final)
-            log(f"tokenizer: loaded {final}")
-            return tok
-        except TokenizerCacheError as e:
-            msg = f"tokenizer cache {final} is corrupt ({e}); retraining"
-            warnings.warn(msg, stacklevel=2)
-            log(msg)
-    tok = train_tokenizer(cfg, source, progress=progress, log=log)
-    _write_atomically(tok, root, final)
-    log(f"tokenizer: saved {final}")
+    tok = _load_cached(final, log)
+    if tok is not None:
+        return tok
+    # One process trains, the others wait for its copy (runs of a sweep start together).
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / f".{final.name}.lock")
+    if not _try_acquire(lock):
+        log(f"tokenizer: another process is training {final.name}; waiting for it")
+        lock.acquire()
+    try:
+        tok = _load_cached(final, log)  # the process that held the lock may have written it
+        if tok is None:
+            tok = train_tokenizer(cfg, source, progress=progress, log=log)
+            _write_atomically(tok, root, final)
+            log(f"tokenizer: saved {final}")
+    finally:
+        lock.release()
+    return tok
+
+
+def _try_acquire(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
+
+
+def _load_cached(final: Path, log: Callable[[str], None]):
+    """The cached tokenizer at ``final``, or None (absent, or corrupt: then retrained)."""
+    if not final.exists():
+        return None
+    try:
+        tok = load_tokenizer(final)
+    except TokenizerCacheError as e:
+        msg = f"tokenizer cache {final} is corrupt ({e}); retraining"
+        warnings.warn(msg, stacklevel=2)
+        log(msg)
+        return None
+    log(f"tokenizer: loaded {final}")
     return tok
 
 
