@@ -10,11 +10,17 @@ shuffled one, most at high noise (where the image is least determined by its noi
 Equal losses mean the image part ignores the text. Each row also gives the error of the clean
 latent the prediction implies (``*_x0``): the sampler's first, noisiest steps decide an image's
 layout from that estimate. Prints one row per timestep and the mean.
+
+With U-Net patch layers a fourth column, ``skips_only``, is the true caption with the
+transformer's output into the up half replaced by zeros: the up half then predicts from its
+skip connections alone (the noisy latent itself). A loss there close to ``true`` means the
+prediction barely needs the transformer, hence the caption.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from sparsefusion.data.documents import IMAGE, TEXT, Document, Segment
 from sparsefusion.data.packing import PackBuffer
 from sparsefusion.data.sources import build_source
 from sparsefusion.eval.pairs import read_pairs
+from sparsefusion.nn.unet_patch import UNetUp
 from sparsefusion.objectives.base import build_objective
 from sparsefusion.objectives.forward import forward_loss
 from sparsefusion.runs.folder import load_model, run_config
@@ -78,6 +85,16 @@ def per_image_errors(model, objective, batch, t_I, noise_IZhw) -> tuple[torch.Te
     return (pred_InC - target_InC).pow(2).mean(dim=(1, 2)), x0_err.pow(2).mean(dim=(1, 2))
 
 
+@contextlib.contextmanager
+def _skips_only(head: UNetUp):
+    """While inside, the U-Net's up half gets zeros instead of the transformer's output."""
+    hook = head.register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]), *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run")
@@ -105,9 +122,14 @@ def main() -> None:
         for k in PREFIXES:
             loss_I, x0_I = per_image_errors(model, objective, batches[k], t_I, noise_IZhw)
             row[k], row[f"{k}_x0"] = float(loss_I.mean()), float(x0_I.mean())
+        if isinstance(model.patch_head, UNetUp):
+            with _skips_only(model.patch_head):
+                loss_I, x0_I = per_image_errors(model, objective, batches["true"], t_I, noise_IZhw)
+            row["skips_only"], row["skips_only_x0"] = float(loss_I.mean()), float(x0_I.mean())
         rows.append(row)
         print(" ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in PREFIXES}  # x_0 errors: per t only
+    keys = [k for k in (*PREFIXES, "skips_only") if k in rows[0]]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}  # x_0 errors: per t only
     # The x_0 error of always predicting the held-out images' mean latent (no information).
     blind = float(x0.float().var(dim=0, unbiased=False).mean())
     report = {"run": str(args.run), "checkpoint": ckpt.name, "pairs": len(pairs),

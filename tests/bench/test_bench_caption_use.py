@@ -1,6 +1,7 @@
 """``benchmarks/caption_use.py``: the three prefixes hold the same images (so the same noise and
 timesteps meet the same latents), the shuffled prefix is another pair's caption, and the report
-of a tiny Transfusion run is complete and finite for both image losses."""
+of a tiny Transfusion run is complete and finite for both image losses (with U-Net patch layers,
+also the column without the transformer's output)."""
 
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ def _script():
     return module
 
 
-@pytest.mark.parametrize("image_loss", ["ddpm", "flow"])
-def test_caption_use_report(tmp_path, tokenizer_cache, image_loss):
+@pytest.mark.parametrize("image_loss, patch_layers", [("ddpm", "linear"), ("flow", "unet")])
+def test_caption_use_report(tmp_path, tokenizer_cache, image_loss, patch_layers):
     run = tmp_path / "run"
     cfg = resolve_config("tf-dense-debug", [
         f"run.dir={run}", f"tokenizer.cache_dir={tokenizer_cache}", "run.progress=log",
         "run.eval_every=0", "data.val_batches=1", "train.steps=2",
-        f"objective.image_loss={image_loss}",
+        f"objective.image_loss={image_loss}", f"model.patch_layers={patch_layers}",
+        "model.unet_width=8",
     ])  # fmt: skip
     train(cfg)
     cu = _script()
@@ -64,3 +66,7 @@ def test_caption_use_report(tmp_path, tokenizer_cache, image_loss):
         for k in cu.PREFIXES:
             assert math.isfinite(row[k]) and math.isfinite(row[f"{k}_x0"]), row
         assert row["true"] != row["shuffled"]  # the caption reaches the image positions
+        if patch_layers == "unet":  # without the transformer's output the prediction changes
+            assert math.isfinite(row["skips_only"]) and row["skips_only"] != row["true"]
+        else:
+            assert "skips_only" not in row
