@@ -136,19 +136,19 @@ def markdown_lines(data: dict[str, Any], baseline: str) -> list[str]:
     lines: list[str] = []
     for split, part in data.items():
         keys, title = part["keys"], "Validation" if split == "val" else "Evaluation"
-        names = ["overall" if k == "loss" else k.removeprefix("loss/") for k in keys]
+        names = [short_key(k) for k in keys]
         for step, rows in part["at"].items():
-            lines += [f"## {title} at step {step}", "", _row(["run", *names]),
-                      _row(["---"] * (len(keys) + 1))]  # fmt: skip
+            lines += [f"## {title} at step {step}", "", md_row(["run", *names]),
+                      md_row(["---"] * (len(keys) + 1))]  # fmt: skip
             base = rows[baseline]
             for name, row in rows.items():
                 cells = [_cell(row[k], base[k], step, name == baseline) for k in keys]
-                lines.append(_row([f"{name} (baseline)" if name == baseline else name, *cells]))
+                lines.append(md_row([f"{name} (baseline)" if name == baseline else name, *cells]))
             lines.append("")
         lines += [f"## {title}: the step from which each run stays ahead of `{baseline}`", "",
-                  _row(["run", *names]), _row(["---"] * (len(keys) + 1))]  # fmt: skip
+                  md_row(["run", *names]), md_row(["---"] * (len(keys) + 1))]  # fmt: skip
         for name, row in part["overtakes"].items():
-            lines.append(_row([name, *[row[k]["text"] for k in keys]]))
+            lines.append(md_row([name, *[row[k]["text"] for k in keys]]))
         lines.append("")
     return lines
 
@@ -169,5 +169,11 @@ def _num(value: float, sign: bool = False) -> str:
     return f"{value:{'+' if sign else ''}.{4 if abs(value) < 10 else 1}f}"
 
 
-def _row(cells: list[str]) -> str:
+def short_key(key: str) -> str:
+    """A column name: ``overall`` for ``loss``, the modality for ``loss/<modality>``."""
+    return "overall" if key == "loss" else key.removeprefix("loss/")
+
+
+def md_row(cells: list[str]) -> str:
+    """One Markdown table row."""
     return "| " + " | ".join(cells) + " |"

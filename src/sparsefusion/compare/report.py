@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sparsefusion.compare.curves import SPLITS, RunCurves, SplitCurves, higher_is_better, load_run
-from sparsefusion.compare.milestones import markdown_lines, milestones
+from sparsefusion.compare.milestones import markdown_lines, md_row, milestones, short_key
 from sparsefusion.compare.savings import (
     CompareConfig,
     Estimate,
@@ -300,7 +300,7 @@ def markdown(comp: Comparison) -> str:
         keys = list(comp.smoothed[base.name].get(split, {}))
         if not keys:
             continue
-        names = [_short(k) for k in keys]
+        names = [short_key(k) for k in keys]
         timed = any(
             kr.time_match is not None for r in comp.runs for kr in r.keys.get(split, {}).values()
         )
@@ -311,10 +311,10 @@ def markdown(comp: Comparison) -> str:
             + ([f"time savings {n}" for n in names] if timed else [])
             + ["x% checkpoint"]
         )
-        lines += [f"## {SPLIT_TITLES[split]}", "", _row(head), _row(["---"] * len(head))]
+        lines += [f"## {SPLIT_TITLES[split]}", "", md_row(head), md_row(["---"] * len(head))]
         finals = comp.smoothed[base.name][split]
         lines.append(
-            _row(
+            md_row(
                 [f"{base.name} (baseline)", "1.00x"]
                 + [f"final {finals[k][2][-1]:.4f}{_diverged(base, split)}" for k in keys]
                 + ["1.00"] * len(keys)
@@ -332,7 +332,7 @@ def markdown(comp: Comparison) -> str:
             if timed:
                 cells += [res[k].time_savings.text(2, "x") for k in keys]
             cells.append(_checkpoint_text(r, split) + _diverged(r.run, split))
-            lines.append(_row(cells))
+            lines.append(md_row(cells))
         lines.append("")
     if comp.cfg.at_steps:
         lines += markdown_lines(_milestones(comp), base.name)
@@ -358,14 +358,6 @@ def _diverged(run: RunCurves, split: str) -> str:
 def _checkpoint_text(r: RunResult, split: str) -> str:
     est, step = r.checkpoint[split], r.checkpoint_step[split]
     return f"{est.text(1, '%')} (step {step})" if step is not None else est.text(1, "%")
-
-
-def _short(key: str) -> str:
-    return "overall" if key == "loss" else key.removeprefix("loss/")
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def write_report(comp: Comparison, out: Path) -> list[Path]:
