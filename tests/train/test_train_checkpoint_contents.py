@@ -52,10 +52,12 @@ def _edit_tensors(file: Path, edit) -> None:
     save_file(tensors, str(file))
 
 
-def _edit_state(folder: Path, edit) -> None:
+def _edit_state(folder: Path, edit, *, reseal: bool = True) -> None:
+    """Edit ``state.json``; ``reseal`` records the new contents' own digest, so the schema check
+    (what older checkpoints, which have no such digest, rely on) is what must catch the edit."""
     state = json.loads((folder / "state.json").read_text())
     edit(state)
-    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "state.json").write_text(ck.state_json(state) if reseal else json.dumps(state))
 
 
 def _first_matrix(tensors: dict) -> str:
@@ -101,13 +103,20 @@ CONTENT_DAMAGE = {
     "extra-state-key": ("state", lambda s: s.update(surprise=1), "surprise"),
     "param-group-index": ("state", lambda s: s["param_groups"][0]["params"].append(99), "param"),
     "buffer-lengths": ("state", lambda s: _shard(s)["buffer"]["ids"].append(3), "buffer"),
+    # well-formed but not what was saved: an out-of-range token id (CI's fuzz found a flipped
+    # digit reaching the embedding); only the state's own digest can tell
+    "buffer-token-id": (
+        "state-unsealed",
+        lambda s: _shard(s)["buffer"]["ids"].__setitem__(0, 10**6),
+        "SHA-256",
+    ),
 }
 
 
 def _damage(folder: Path, kind: str) -> str:
     where, edit, word = CONTENT_DAMAGE[kind]
-    if where == "state":
-        _edit_state(folder, edit)
+    if where.startswith("state"):
+        _edit_state(folder, edit, reseal=where == "state")
     else:
         _edit_tensors(folder / f"{where}.safetensors", edit)
     return word

@@ -101,7 +101,7 @@ def test_checkpoint_of_another_architecture_is_an_error(tmp_path, tokenizer_cach
     save_file(weights, str(file))
     state = json.loads((file.parent / "state.json").read_text())  # saved so: digest matches
     state["digests"]["model.safetensors"] = ck.file_digest(file)
-    (file.parent / "state.json").write_text(json.dumps(state))
+    (file.parent / "state.json").write_text(ck.state_json(state))
     before = (run_dir / "metrics.jsonl").read_text()
     with pytest.raises(ck.CheckpointError, match=f"does not match the model.*{name}"):
         train(_cfg(run_dir, tokenizer_cache))

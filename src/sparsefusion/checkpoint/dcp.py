@@ -41,6 +41,7 @@ from sparsefusion.checkpoint.store import (
     prune_checkpoints,
     restore_rng,
     rng_tensors,
+    state_json,
 )
 from sparsefusion.distributed.mesh import DistEnv, all_reduce_sum, barrier
 from sparsefusion.runtime import faults
@@ -120,7 +121,7 @@ def save_dcp_checkpoint(
                 num_data_shards=data_state["num_shards"],
                 param_groups=osd["param_groups"],
             )
-            (tmp / "state.json").write_text(json.dumps(payload))
+            (tmp / "state.json").write_text(state_json(payload))
             fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)

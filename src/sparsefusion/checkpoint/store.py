@@ -4,8 +4,8 @@ Layout of one checkpoint (``<run_dir>/checkpoints/step_00000100/``)::
 
     model.safetensors      model weights
     optim.safetensors      optimizer tensors (moments, step counts) and RNG states
-    state.json             step, tokens, FLOPs, data-loader state, optimizer param groups and
-                           the SHA-256 of the two tensor files
+    state.json             step, tokens, FLOPs, data-loader state, optimizer param groups,
+                           the SHA-256 of the two tensor files and of its own other contents
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash during a save
 leaves the previous checkpoint intact; nothing is ever unpickled on load.
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")  # a checkpoint folder (complete or not)
 DIGESTED = ("model.safetensors", "optim.safetensors")  # files whose SHA-256 state.json records
+SELF_DIGEST = "state_digest"  # state.json's key for the SHA-256 of its other contents
 
 
 class CheckpointError(RuntimeError):
@@ -82,6 +83,18 @@ def file_digest(file: Path) -> str:
     changed after the save (a flipped bit, a partial copy) is found before the file is used."""
     with open(file, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def state_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of ``payload`` (less its own digest) in canonical JSON: any later change to
+    ``state.json`` that still parses (a flipped digit in the loader's token buffer) shows."""
+    rest = {k: v for k, v in payload.items() if k != SELF_DIGEST}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def state_json(payload: dict[str, Any]) -> str:
+    """The text of ``state.json`` for ``payload``, its own digest added."""
+    return json.dumps({**payload, SELF_DIGEST: state_digest(payload)})
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -143,7 +156,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "optim.safetensors"))
         digests = {name: file_digest(tmp / name) for name in DIGESTED}
         payload = dict(state, step=step, param_groups=groups, digests=digests)
-        (tmp / "state.json").write_text(json.dumps(payload))
+        (tmp / "state.json").write_text(state_json(payload))
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

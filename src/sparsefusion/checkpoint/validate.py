@@ -14,7 +14,9 @@ contents make sense, not merely when its files parse:
   state of this torch's size.
 - Both tensor files byte for byte as saved: ``state.json`` records their SHA-256 (checked last,
   so a readable but wrong tensor is reported by what is wrong with it; absent in older
-  checkpoints).
+  checkpoints). ``state.json`` also records the SHA-256 of its own other contents, so an edit
+  that leaves valid JSON of the right shape (a digit of the loader's token buffer changed, which
+  would feed an out-of-range token id to the embedding) is caught too (absent in older ones).
 - DCP checkpoints: ``.metadata`` names and shapes (and dtypes) of the model, shard files long
   enough, one valid loader state per data stream. Their tensors are not read here (that would
   need the whole DCP load); their values are not checked for finiteness.
@@ -43,12 +45,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from sparsefusion.checkpoint.store import DIGESTED, file_digest
+from sparsefusion.checkpoint.store import DIGESTED, SELF_DIGEST, file_digest, state_digest
 
 # The keys a save writes into state.json (single-process, then DCP's additions); older
 # checkpoints may lack the optional ones.
 _REQUIRED = {"step": "int", "tokens": "int", "flops": "number", "param_groups": "list"}
-_OPTIONAL = {"skipped_steps": "int", "elapsed_s": "number", "digests": "dict"}
+_OPTIONAL = {"skipped_steps": "int", "elapsed_s": "number", "digests": "dict", SELF_DIGEST: "str"}
 _SINGLE = {"loader": "dict"}
 _DCP = {"format": "str", "world_size": "int", "num_data_shards": "int"}
 _ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
@@ -156,6 +158,8 @@ def read_state(path: Path, *, dcp: bool) -> dict[str, Any]:
     state = read_json(path / "state.json")
     if not isinstance(state, dict):
         raise Damaged("state.json is not a JSON object")
+    if SELF_DIGEST in state and state[SELF_DIGEST] != state_digest(state):
+        raise Damaged("state.json is not the file that was saved (its own SHA-256 differs)")
     keys = {**_REQUIRED, **(_DCP if dcp else _SINGLE)}
     unknown = sorted(set(state) - set(keys) - set(_OPTIONAL))
     if unknown:
