@@ -211,10 +211,67 @@ def test_a_run_stopped_while_starting_is_unfinished_not_failed(tmp_path: Path):
 
     cfg = load_sweep(_recipe(tmp_path, runs=["dense-debug"], baseline="dense-debug"))
     outcome = SweepOutcome()
-    job = _Job("dense-debug", tmp_path / "run", [], steps=10)
+    job = _Job("dense-debug", tmp_path / "run", "train", [], steps=10)
     job.proc = subprocess.Popen(["sleep", "60"])  # no SIGTERM handler, like a starting trainer
     _Scheduler(cfg, outcome)._stop([job])
     assert job.proc.wait(timeout=10) == -signal.SIGTERM
     _Scheduler(cfg, outcome)._finish(job)
     assert outcome.status["dense-debug"] == "unfinished"
     assert "step 0 of 10" in outcome.reason["dense-debug"]
+
+
+def test_follow_up_stages_run_once_on_finished_runs(tmp_path, tokenizer_cache, tiny_evaluator):
+    """train-aux on the batch-routed run only, then eval on both at their final step; a second
+    invocation finds both stages done and runs nothing."""
+    out = tmp_path / "sweep"
+    evaluator = [f"eval.evaluator.{k}={v}" for k, v in tiny_evaluator.items()]
+    recipe = _recipe(
+        tmp_path, out=str(out), baseline="dense-debug", threads=1, parallel=2,
+        overrides=[f"tokenizer.cache_dir={tokenizer_cache}", "train.steps=4", "run.log_every=1",
+                   "run.eval_every=2", "run.progress=log", "data.val_batches=1"],
+        runs=["dense-debug", {"name": "moe", "config": "moe-8x-debug"}],
+        train_aux=["aux.steps=2", "aux.log_every=1"],
+        evaluate=["eval.generate=false", "eval.val_batches=1", *evaluator],
+        compare={"smoothing": 0.0},
+    )  # fmt: skip
+    assert main(["sweep", str(recipe)]) == 0
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert status["stages"] == {"moe train-aux": "finished", "moe eval": "finished",
+                                "dense-debug eval": "finished"}  # fmt: skip
+    assert not (out / "dense-debug" / "aux_routers").exists()  # dense has no routers
+    aux = [json.loads(x) for x in (out / "moe/aux_routers/metrics.jsonl").read_text().splitlines()]
+    assert [r["main_step"] for r in aux] == [4]
+    for run in ("dense-debug", "moe"):
+        rows = [json.loads(x) for x in (out / run / "eval.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["size"]) for r in rows] == [(4, "full")], run
+    moe_eval = json.loads((out / "moe" / "eval.jsonl").read_text())
+    assert "ppl/causal" not in moe_eval.get("skipped", {})  # eval found the aux routers
+    assert "| moe eval | finished |" in (out / "compare" / "compare.md").read_text()
+    before = {r: (out / r / "eval.jsonl").read_text() for r in ("dense-debug", "moe")}
+    assert main(["sweep", str(recipe)]) == 0
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert set(status["stages"].values()) == {"skipped"}
+    assert {r: (out / r / "eval.jsonl").read_text() for r in before} == before
+
+
+def test_a_failed_or_stopped_stage_is_reported_and_its_follow_up_waits(tmp_path: Path):
+    import subprocess
+
+    from sparsefusion.compare.sweep import SweepOutcome, _Job, _Scheduler, load_sweep
+
+    cfg = load_sweep(_recipe(tmp_path, runs=["dense-debug"], baseline="dense-debug"))
+    for stopped, command, word in (
+        (False, ["false"], "failed"),
+        (True, ["sleep", "60"], "unfinished"),
+    ):
+        outcome = SweepOutcome()
+        ev = _Job("run", tmp_path, "eval", [], steps=4)
+        aux = _Job("run", tmp_path, "train-aux", [], steps=4, then=[ev])
+        aux.proc = subprocess.Popen(command)
+        if stopped:
+            _Scheduler(cfg, outcome)._stop([aux])
+        aux.proc.wait(timeout=10)
+        assert _Scheduler(cfg, outcome)._finish(aux) == []  # eval is not queued
+        assert outcome.stages == {"run train-aux": word, "run eval": "unfinished"}
+        assert "did not finish" in outcome.stage_reason["run eval"]
+        assert outcome.status == {}  # the run's own status is its training's

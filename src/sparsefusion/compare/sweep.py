@@ -21,6 +21,18 @@ reported and the sweep goes on. The report compares the baseline with every run 
 validation rows, finished or not, and its status table marks the unfinished ones with the step
 they reached. While runs train, one line shows the whole sweep's progress.
 
+After a run has finished, the recipe's follow-up stages run on it in the same slots, each in a
+process of its own: ``train_aux`` (``sparsefusion train-aux RUN aux.*``; only runs with
+batch-routed sites, expert-choice or MoD) and then ``evaluate`` (``sparsefusion eval RUN
+--checkpoint STEPS eval.*``). A stage already done for the run's final step (an
+``aux_routers/metrics.jsonl`` row of that ``main_step``, an ``eval.jsonl`` row of that step
+and size ``full``) is skipped, so re-running a finished sweep does nothing; a stage stopped by
+the budget runs again next time (neither writes a partial result). A failed stage is reported
+and the sweep goes on::
+
+    train_aux: [aux.steps=400]       # omit (or null) for no stage; [] for the defaults
+    evaluate: [eval.num_samples=256]
+
 Each invocation resolves every queued run's config once, when it starts, and writes it to
 ``<out>/<run>/sweep_config.yaml``; the run's trainer starts from that file. A run that waits in
 the queue for hours therefore trains with the presets and recipe of the moment the sweep was
@@ -37,7 +49,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sparsefusion.compare.savings import CompareConfig
@@ -84,6 +96,10 @@ class SweepConfig:
         time_budget_s: stop the runs still training after this many seconds, at a checkpoint,
             and start no more (0: no budget); the next invocation continues them.
         progress_every_s: seconds between progress lines while runs train.
+        train_aux: ``aux.*`` overrides of ``sparsefusion train-aux``, run on each finished run
+            with batch-routed sites (None: no such stage).
+        evaluate: ``eval.*`` overrides of ``sparsefusion eval``, run on each finished run at
+            its final step, after ``train_aux`` (None: no such stage).
     """
 
     out: str = "runs/sweep"
@@ -96,6 +112,8 @@ class SweepConfig:
     threads: int = 0
     time_budget_s: float = 0.0
     progress_every_s: float = 30.0
+    train_aux: list[str] | None = None
+    evaluate: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.parallel < 1:
@@ -133,10 +151,13 @@ class SweepOutcome:
     Statuses: ``finished``, ``skipped`` (already done), ``unfinished`` (stopped by the time
     budget, or not started before it ran out; the next invocation continues it), ``unresolved``
     (its config could not be built, e.g. an unknown preset), ``failed`` (an error while training).
+    ``stages`` holds the follow-up stages' statuses (the same words), keyed ``"RUN STAGE"``.
     """
 
     status: dict[str, str] = field(default_factory=dict)
     reason: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, str] = field(default_factory=dict)
+    stage_reason: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
 
     @property
@@ -161,12 +182,15 @@ def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") ->
         except (ConfigError, ValueError) as e:
             _record(outcome, run.name, "unresolved", str(e))
             continue
+        stages = _stages(cfg, run.name, run_dir, train_cfg, outcome)
         if _finished(run_dir, train_cfg.train.steps):
             _record(outcome, run.name, "skipped", f"already finished in {run_dir}")
+            todo += stages[:1]
             continue
         outcome.status[run.name] = "queued"
         pinned = _pin_config(run_dir, train_cfg)
-        todo.append(_Job(run.name, run_dir, [str(pinned)], train_cfg.train.steps))
+        todo.append(_Job(run.name, run_dir, "train", [str(pinned)], train_cfg.train.steps,
+                         then=stages[:1]))  # fmt: skip
     _Scheduler(cfg, outcome).run(todo)
     _write_status(root, outcome, recipe)
     comparable = [n for n in outcome.status if _has_val_rows(root / n)]
@@ -201,24 +225,77 @@ def _pin_config(run_dir: Path, train_cfg) -> Path:
     return path
 
 
-def _threads(cfg: SweepConfig) -> list[str]:
-    """``train.threads`` of every run (before the recipe's overrides, which may set it)."""
+def _threads(cfg: SweepConfig, section: str = "train") -> list[str]:
+    """``<section>.threads`` of every run's processes (before the recipe's overrides, which
+    may set it): ``train``, ``aux`` (train-aux) or ``eval``."""
     if cfg.threads:
-        return [f"train.threads={cfg.threads}"]
+        return [f"{section}.threads={cfg.threads}"]
     if cfg.parallel == 1:
         return []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [f"train.threads={max(1, (cores or 1) // cfg.parallel)}"]
+    return [f"{section}.threads={max(1, (cores or 1) // cfg.parallel)}"]
 
 
 @dataclass
 class _Job:
     name: str
     run_dir: Path
-    args: list[str]  # `sparsefusion train`'s arguments: the pinned config file
-    steps: int
+    stage: str  # "train", "train-aux" or "eval": the `sparsefusion` command it runs
+    args: list[str]  # the command's arguments (train: the pinned config file)
+    steps: int  # the run's final step
+    then: list[_Job] = field(default_factory=list)  # queued first once this one has finished
     proc: subprocess.Popen | None = None
     stopped: bool = False  # sent SIGTERM by the time budget
+
+
+def _stages(cfg: SweepConfig, name: str, run_dir: Path, train_cfg, outcome: SweepOutcome):
+    """The follow-up jobs a run still needs once trained, chained (each one's ``then`` holds
+    the next); those already done for its final step are recorded as skipped."""
+    steps, jobs = train_cfg.train.steps, []
+    if cfg.train_aux is not None and _routed(train_cfg):
+        if _aux_done(run_dir, steps):
+            _record_stage(outcome, name, "train-aux", "skipped", f"routers for step {steps} exist")
+        else:
+            args = [str(run_dir), *_threads(cfg, "aux"), *cfg.train_aux]
+            jobs.append(_Job(name, run_dir, "train-aux", args, steps))
+    if cfg.evaluate is not None:
+        if _eval_done(run_dir, steps) and not jobs:
+            _record_stage(outcome, name, "eval", "skipped", f"eval.jsonl has step {steps}")
+        else:
+            args = [str(run_dir), "--checkpoint", str(steps), *_threads(cfg, "eval"),
+                    *cfg.evaluate]  # fmt: skip
+            jobs.append(_Job(name, run_dir, "eval", args, steps))
+    for job, nxt in zip(jobs, jobs[1:], strict=False):
+        job.then = [nxt]
+    for job in jobs:
+        outcome.stages[f"{name} {job.stage}"] = "queued"
+    return jobs
+
+
+def _routed(train_cfg) -> bool:
+    """True when the run's model has batch-routed sites (causal generation needs aux routers)."""
+    import torch
+
+    from sparsefusion.models.transformer import Transformer
+
+    model = train_cfg.model  # the vocabulary comes from the tokenizers: any size will do here
+    with torch.device("meta"):
+        return bool(Transformer(replace(model, vocab_size=model.vocab_size or 8)).router_sites())
+
+
+def _rows(path: Path) -> list[dict]:
+    from sparsefusion.runs.folder import read_metrics
+
+    return read_metrics(path) if path.is_file() else []
+
+
+def _aux_done(run_dir: Path, steps: int) -> bool:
+    return any(r.get("main_step") == steps for r in _rows(run_dir / "aux_routers/metrics.jsonl"))
+
+
+def _eval_done(run_dir: Path, steps: int) -> bool:
+    rows = _rows(run_dir / "eval.jsonl")
+    return any(r.get("step") == steps and r.get("size") == "full" for r in rows)
 
 
 class _Scheduler:
@@ -253,13 +330,13 @@ class _Scheduler:
                     running.append(self._start(queue.pop(0)))
                 if expired:
                     self._stop(running)
-                    for job in queue:
+                    for job in _with_followups(queue):
                         self._done(job, "unfinished", "not started: the time budget ran out "
                                    "(or the sweep was stopped)")  # fmt: skip
                     queue = []
                 for job in [j for j in running if j.proc.poll() is not None]:
                     running.remove(job)
-                    self._finish(job)
+                    queue[:0] = self._finish(job)
                 if time.monotonic() - last_line >= self.cfg.progress_every_s:
                     log.info("sweep: %s", self.progress(running, queue))
                     last_line = time.monotonic()
@@ -271,11 +348,14 @@ class _Scheduler:
 
     def _start(self, job: _Job) -> _Job:
         job.run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "sparsefusion", "train", *job.args]
-        with open(job.run_dir / "sweep_train.log", "ab") as out:
+        cmd = [sys.executable, "-m", "sparsefusion", job.stage, *job.args]
+        with open(job.run_dir / f"sweep_{job.stage.replace('-', '_')}.log", "ab") as out:
             job.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        self.outcome.status[job.name] = "running"
-        log.info("sweep: training %s in %s (pid %d)", job.name, job.run_dir, job.proc.pid)
+        if job.stage == "train":
+            self.outcome.status[job.name] = "running"
+        else:
+            self.outcome.stages[f"{job.name} {job.stage}"] = "running"
+        log.info("sweep: %s %s in %s (pid %d)", job.stage, job.name, job.run_dir, job.proc.pid)
         return job
 
     def _stop(self, running: list[_Job]) -> None:
@@ -284,10 +364,14 @@ class _Scheduler:
                 job.proc.send_signal(signal.SIGTERM)  # the step finishes, a checkpoint is saved
                 job.stopped = True
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: _Job) -> list[_Job]:
+        """Record how ``job`` ended; returns the jobs to queue first (its follow-ups)."""
+        if job.stage != "train":
+            return self._finish_stage(job)
         code, step = job.proc.returncode, _last_step(job.run_dir)
         if code == 0 and _finished(job.run_dir, job.steps):
             self._done(job, "finished", f"trained in {job.run_dir}")
+            return job.then
         elif job.stopped and code in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
             # (-SIGTERM: stopped while still starting, before its handler was installed)
             self._done(job, "unfinished", f"stopped by the time budget (or SIGTERM) at step "
@@ -298,18 +382,52 @@ class _Scheduler:
         else:
             tail = _tail(job.run_dir / "sweep_train.log")
             self._done(job, "failed", f"exit code {code} at step {step}: {tail}")
+        for nxt in _with_followups(job.then):
+            self._done(nxt, "unfinished", "not started: the run has not finished training")
+        return []
+
+    def _finish_stage(self, job: _Job) -> list[_Job]:
+        code = job.proc.returncode
+        if code == 0:
+            self._done(job, "finished", f"{job.stage} at step {job.steps}")
+            return job.then
+        if job.stopped:  # neither stage writes a partial result: it runs again next time
+            self._done(job, "unfinished", "stopped by the time budget (or SIGTERM); run the "
+                       "sweep again to run it")  # fmt: skip
+        else:
+            log_file = job.run_dir / f"sweep_{job.stage.replace('-', '_')}.log"
+            self._done(job, "failed", f"exit code {code}: {_tail(log_file)}")
+        for nxt in _with_followups(job.then):  # eval waits for the aux routers it measures
+            self._done(nxt, "unfinished", f"not started: {job.stage} did not finish")
+        return []
 
     def _done(self, job: _Job, status: str, reason: str) -> None:
-        _record(self.outcome, job.name, status, reason)
+        if job.stage == "train":
+            _record(self.outcome, job.name, status, reason)
+        else:
+            _record_stage(self.outcome, job.name, job.stage, status, reason)
 
     def progress(self, running: list[_Job], queue: list[_Job]) -> str:
-        """One line: how many runs are done, each running run's step, how many wait."""
+        """One line: how many runs are done, each running run's step (or stage), how many wait."""
         done = sum(s in ("finished", "skipped") for s in self.outcome.status.values())
         parts = [f"{done}/{len(self.cfg.runs)} done"]
-        parts += [f"{j.name} step {_last_step(j.run_dir)}/{j.steps}" for j in running]
+        parts += [
+            f"{j.name} step {_last_step(j.run_dir)}/{j.steps}"
+            if j.stage == "train"
+            else f"{j.name} {j.stage}"
+            for j in running
+        ]
         if queue:
             parts.append(f"{len(queue)} queued")
         return " | ".join(parts)
+
+
+def _with_followups(jobs: list[_Job]) -> list[_Job]:
+    """``jobs`` and, after each, the follow-up stages chained to it."""
+    out: list[_Job] = []
+    for job in jobs:
+        out += [job, *_with_followups(job.then)]
+    return out
 
 
 def _on_sigterm(handler):
@@ -344,6 +462,13 @@ def _record(outcome: SweepOutcome, name: str, status: str, reason: str) -> None:
     log.log(level, "sweep: %s %s: %s", name, status, reason)
 
 
+def _record_stage(outcome: SweepOutcome, name: str, stage: str, status: str, reason: str) -> None:
+    key = f"{name} {stage}"
+    outcome.stages[key], outcome.stage_reason[key] = status, reason
+    level = logging.WARNING if status == "failed" else logging.INFO
+    log.log(level, "sweep: %s %s: %s", key, status, reason)
+
+
 def _finished(run_dir: Path, steps: int) -> bool:
     from sparsefusion.checkpoint.store import latest_checkpoint
 
@@ -360,8 +485,10 @@ def _finished(run_dir: Path, steps: int) -> bool:
 def _status_lines(outcome: SweepOutcome, recipe: str) -> list[str]:
     head = f"## Sweep runs ({recipe})" if recipe else "## Sweep runs"
     lines = [head, "", "| run | status | detail |", "| --- | --- | --- |"]
-    for name, status in outcome.status.items():
-        detail = outcome.reason[name].replace("|", "/").replace("\n", " ")
+    rows = [*outcome.status.items(), *outcome.stages.items()]
+    reasons = {**outcome.reason, **outcome.stage_reason}
+    for name, status in rows:
+        detail = reasons.get(name, "").replace("|", "/").replace("\n", " ")
         lines.append(f"| {name} | {status} | {detail} |")
     return lines + [""]
 
@@ -369,7 +496,16 @@ def _status_lines(outcome: SweepOutcome, recipe: str) -> list[str]:
 def _write_status(root: Path, outcome: SweepOutcome, recipe: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep_status.json").write_text(
-        json.dumps({"recipe": recipe, "status": outcome.status, "reason": outcome.reason}, indent=2)
+        json.dumps(
+            {
+                "recipe": recipe,
+                "status": outcome.status,
+                "reason": outcome.reason,
+                "stages": outcome.stages,
+                "stage_reason": outcome.stage_reason,
+            },
+            indent=2,
+        )  # fmt: skip
     )
 
 
