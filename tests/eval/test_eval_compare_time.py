@@ -19,7 +19,15 @@ def _loss(x):
 
 
 def _write(
-    root: Path, name: str, *, speed=1.0, sec_per_step=1.0, start=5, nan_from=None, eval_rows=None
+    root: Path,
+    name: str,
+    *,
+    speed=1.0,
+    sec_per_step=1.0,
+    start=5,
+    nan_from=None,
+    eval_rows=None,
+    load=None,
 ) -> Path:
     run = root / name
     run.mkdir(parents=True)
@@ -36,6 +44,7 @@ def _write(
                 "loss/text": loss,
                 "elapsed_s": step * sec_per_step,
             }
+            | ({} if load is None else {"load": load})
         )
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if eval_rows:
@@ -175,3 +184,24 @@ def test_higher_is_better_notes_name_the_metric_value():
     assert "at or above 20.0000" in est.note
     never = savings_factor(base_x, base_y, run_x, -np.array([1.0, 2.0]), negated=True)
     assert "final value 20.0000" in never.note
+
+
+@pytest.mark.parametrize(
+    "loads, warned", [((1.0, 1.1), False), ((1.0, 1.6), True), ((1.8, 1.0), True)]
+)
+def test_time_savings_under_different_machine_loads_are_flagged(tmp_path, loads, warned):
+    base = load_run(_write(tmp_path, "dense", load=loads[0]))
+    run = load_run(_write(tmp_path, "mot", speed=2.0, load=loads[1]))
+    assert (base.load, run.load) == pytest.approx(loads)
+    comp = compare_runs(base, [run], _cfg())
+    assert ("machine's load" in markdown(comp)) is warned
+    js = as_dict(comp)
+    assert js["runs"][0]["machine_load_per_core"] == pytest.approx(loads[1])
+    assert js["baseline"]["machine_load_per_core"] == pytest.approx(loads[0])
+
+
+def test_runs_without_load_rows_are_not_flagged(tmp_path):
+    comp = compare_runs(
+        load_run(_write(tmp_path, "a")), [load_run(_write(tmp_path, "b", load=3.0))], _cfg()
+    )
+    assert comp.baseline.load is None and "machine's load" not in markdown(comp)

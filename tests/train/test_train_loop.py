@@ -61,7 +61,17 @@ def test_cli_train_writes_the_run_folder(tmp_path: Path, tokenizer_cache: str):
     train_rows = [r for r in rows if "split" not in r]
     val_rows = [r for r in rows if r.get("split") == "val"]
     assert train_rows and val_rows
-    for key in ("step", "tokens", "flops", "loss", "loss/text", "loss/image", "lr", "tokens_per_s"):
+    for key in (
+        "step",
+        "tokens",
+        "flops",
+        "loss",
+        "loss/text",
+        "loss/image",
+        "lr",
+        "tokens_per_s",
+        "load",
+    ):
         assert key in train_rows[-1], key
     assert {"loss", "loss/text", "loss/image"} <= set(val_rows[-1])
     assert train_rows[-1]["flops"] > train_rows[0]["flops"] > 0

@@ -99,12 +99,14 @@ class NonFinite:
 
 @dataclass
 class RunCurves:
-    """A run's curves per split (a split without rows is absent), and its non-finite rows."""
+    """A run's curves per split (a split without rows is absent), its non-finite rows, and the
+    mean machine load per core while it trained (training rows' ``load``; None if unlogged)."""
 
     name: str
     path: Path
     splits: dict[str, SplitCurves]
     nonfinite: dict[str, NonFinite] = field(default_factory=dict)
+    load: float | None = None
 
 
 def metrics_path(run: str | Path) -> Path:
@@ -153,7 +155,18 @@ def load_run(run: str | Path, name: str | None = None, *, eval_size: str = "auto
         if no_flops or np.any(np.diff(curves.flops) < 0) or curves.flops[0] < 0:
             raise ValueError(f"{path}: {split} 'flops' must be positive and cumulative")
     nonfinite = {s: nf for s, rows in by_split.items() if rows and (nf := _nonfinite(s, rows))}
-    return RunCurves(name=name or _run_name(path), path=path, splits=splits, nonfinite=nonfinite)
+    return RunCurves(
+        name=name or _run_name(path),
+        path=path,
+        splits=splits,
+        nonfinite=nonfinite,
+        load=_mean_load(by_split["train"].values()),
+    )
+
+
+def _mean_load(rows) -> float | None:
+    loads = [v for r in rows if _is_num(v := r.get("load")) and math.isfinite(v) and v >= 0]
+    return sum(loads) / len(loads) if loads else None
 
 
 def _check_numeric(row: dict, path: Path, i: int) -> None:

@@ -43,6 +43,9 @@ SPLIT_TITLES = {"train": "Training loss", "val": "Validation loss", "eval": "Eva
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # step, flops, value, elapsed_s
 
 
+LOAD_RATIO = 1.25  # mean loads further apart than this make wall-clock comparisons unsound
+
+
 @dataclass
 class KeyResult:
     """One key of one split of one run: savings factor and step matching, on FLOPs/steps and on
@@ -134,6 +137,11 @@ def _check_comparable(base: RunCurves, run: RunCurves, result: RunResult, cfg: C
         )
     for split, nf in run.nonfinite.items():
         result.warnings.append(nf.text(split))
+    if base.load and run.load and max(base.load, run.load) > LOAD_RATIO * min(base.load, run.load):
+        result.warnings.append(
+            f"trained under a machine load of {run.load:.2f} per core, the baseline under "
+            f"{base.load:.2f}: its time savings measure the machine's load as much as the model"
+        )
     base_last, run_last = _last_step(base), _last_step(run)
     if run_last < base_last:
         result.warnings.append(
@@ -232,6 +240,7 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
                 "last_step": _last_step(r.run),
                 "flops_per_step": r.flops_per_step,
                 "flops_ratio_to_baseline": r.flops_ratio,
+                "machine_load_per_core": r.run.load,
                 "warnings": r.warnings,
                 "splits": splits,
                 "checkpoint": checkpoint,
@@ -245,6 +254,7 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
             "last_step": _last_step(base),
             "flops_per_step": _flops_per_step(base),
             "final_loss_smoothed": finals,
+            "machine_load_per_core": base.load,
             "nonfinite": _nonfinite_dict(base),
         },
         "config": to_dict(comp.cfg),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,23 @@ class LogWindow:
         row["lr"] = lr
         row["grad_norm"] = grad_norm
         row["tokens_per_s"] = (row["tokens"] - self.tokens0) / elapsed if elapsed > 0 else 0.0
+        load = load_per_core()
+        if load is not None:
+            row["load"] = load
         self.reset(row["tokens"])
         return row
+
+
+def load_per_core() -> float | None:
+    """The machine's 1-minute load average per core this process may use (1.0: every core
+    busy; above 1: runnable work waits), or None where the OS has none. Logged with each row so
+    that ``compare`` can tell when wall-clock time was measured under different loads."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return load / max(1, cores or 1)
 
 
 def _world_size() -> int:
