@@ -42,7 +42,8 @@ def test_overtakes_compares_only_shared_steps():
     base = np.array([4.0, 3.0, 2.5, 2.0])
     # the run logged 100, 250, 300: only 100 and 300 are shared (behind at 100, ahead at 300)
     run_steps, run = np.array([100, 250, 300]), np.array([4.5, 1.0, 2.4])
-    assert overtakes(STEPS, base, run_steps, run) == Overtake(300, "from", 300)
+    assert overtakes(STEPS, base, run_steps, run) == Overtake(300, "from", 300, partial=True)
+    assert Overtake(300, "from", 300, partial=True).text() == "from 300 (so far: to 300)"
     assert overtakes(STEPS, base, np.array([150]), np.array([1.0])).kind == "none"
 
 
@@ -87,3 +88,23 @@ def test_report_tables_at_steps_and_when_each_run_gets_ahead(tmp_path: Path):
 def test_bad_at_steps_name_the_key(steps):
     with pytest.raises((ConfigError, ValueError), match="at_steps"):
         from_dict(CompareConfig, {"at_steps": steps}, where="compare")
+
+
+def test_a_step_a_run_has_not_reached_shows_no_value(tmp_path: Path):
+    """An unfinished run (stopped at 600 of 1000): its last value is not its value at 1000."""
+    base = _run(tmp_path, "dense", lambda s: 0.0)
+    short = _run(tmp_path, "short", lambda s: -0.01)
+    path = short / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 600))
+    cfg = CompareConfig(smoothing=0.0, plots=False, at_steps=[600, 1000])
+    _, files = run_compare(base, [short], tmp_path / "out", cfg)
+    md = files[0].read_text()
+    at_1000 = md.split("## Validation at step 1000")[1].split("##")[0]
+    assert "| short | not reached (last 600) |" in at_1000
+    assert "(step 600)" not in at_1000
+    data = json.loads(files[1].read_text())["milestones"]["val"]
+    assert data["at"]["1000"]["short"]["loss"] == {"step": None, "value": None, "last_step": 600}
+    assert data["at"]["600"]["short"]["loss"]["value"] == pytest.approx(
+        data["at"]["600"]["dense"]["loss"]["value"] - 0.005
+    )

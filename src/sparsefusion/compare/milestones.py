@@ -7,8 +7,11 @@ difference from the baseline) and one "overtakes" table: per run and key, the fi
 which the run is ahead of the baseline at every later step both logged.
 
 Values are the logged rows themselves (never smoothed): the last row at or before each step,
-whose step is shown when it is not the step asked for. "Ahead" is strictly lower, or strictly
-higher for a higher-is-better key (``clip_sf``, ``cider``).
+whose step is shown when it is not the step asked for. A curve whose last row comes before the
+step (a run still training, or stopped early) has not reached it: its cell says so, with the
+last step it logged, and holds no value (its last value would read as the value there).
+"Ahead" is strictly lower, or strictly higher for a higher-is-better key (``clip_sf``,
+``cider``).
 
 Legend: N = logged points of the baseline curve, M = logged points of a run curve.
 """
@@ -44,18 +47,22 @@ class Overtake:
             step); ``not_yet`` (behind or tied at the last shared step); ``none`` (no step
             logged by both).
         last_shared: the last step both curves logged (None with ``none``).
+        partial: the shared steps end before the baseline's last step (a run still training):
+            the finding holds only up to ``last_shared``.
     """
 
     step: int | None
     kind: Literal["from", "from_start", "not_yet", "none"]
     last_shared: int | None
+    partial: bool = False
 
     def text(self) -> str:
         if self.kind == "none":
             return "n/a"
         if self.kind == "not_yet":
             return f"not by {self.last_shared}"
-        return f"from {self.step}" + (" (always)" if self.kind == "from_start" else "")
+        text = f"from {self.step}" + (" (always)" if self.kind == "from_start" else "")
+        return text + (f" (so far: to {self.last_shared})" if self.partial else "")
 
 
 def value_at(step_M: np.ndarray, y_M: np.ndarray, step: int) -> Reading:
@@ -84,10 +91,11 @@ def overtakes(
     last = int(shared_S[-1])
     if not ahead_S[-1]:
         return Overtake(None, "not_yet", last)
+    partial = last < int(np.asarray(base_step_N)[-1])
     behind = np.flatnonzero(~ahead_S)
     if behind.size == 0:
-        return Overtake(int(shared_S[0]), "from_start", last)
-    return Overtake(int(shared_S[behind[-1] + 1]), "from", last)
+        return Overtake(int(shared_S[0]), "from_start", last, partial)
+    return Overtake(int(shared_S[behind[-1] + 1]), "from", last, partial)
 
 
 def _curve(run: RunCurves, split: str, key: str):
@@ -113,6 +121,9 @@ def milestones(baseline: RunCurves, runs: list[RunCurves], at_steps: list[int]) 
                 row = {}
                 for key in keys:
                     curve = _curve(run, split, key)
+                    if curve is not None and step > curve[0][-1]:  # not there yet
+                        row[key] = {"step": None, "value": None, "last_step": int(curve[0][-1])}
+                        continue
                     reading = value_at(*curve, step) if curve else Reading(None, None)
                     row[key] = {"step": reading.step, "value": reading.value}
                 at[step][run.name] = row
@@ -154,6 +165,8 @@ def markdown_lines(data: dict[str, Any], baseline: str) -> list[str]:
 
 
 def _cell(reading: dict[str, Any], base: dict[str, Any], step: int, is_base: bool) -> str:
+    if reading.get("last_step") is not None:
+        return f"not reached (last {reading['last_step']})"
     if reading["value"] is None:
         return "n/a"
     text = _num(reading["value"])
