@@ -108,3 +108,12 @@ def test_a_step_a_run_has_not_reached_shows_no_value(tmp_path: Path):
     assert data["at"]["600"]["short"]["loss"]["value"] == pytest.approx(
         data["at"]["600"]["dense"]["loss"]["value"] - 0.005
     )
+
+
+def test_a_step_where_nothing_was_logged_gets_no_table(tmp_path: Path):
+    base = _run(tmp_path, "dense", lambda s: 0.0)
+    other = _run(tmp_path, "other", lambda s: -0.01)
+    cfg = CompareConfig(smoothing=0.0, plots=False, at_steps=[50, 500])
+    _, files = run_compare(base, [other], tmp_path / "out", cfg)
+    md = files[0].read_text()
+    assert "## Validation at step 500" in md and "## Validation at step 50\n" not in md

@@ -149,6 +149,8 @@ def markdown_lines(data: dict[str, Any], baseline: str) -> list[str]:
         keys, title = part["keys"], "Validation" if split == "val" else "Evaluation"
         names = [short_key(k) for k in keys]
         for step, rows in part["at"].items():
+            if all(r[k]["value"] is None for r in rows.values() for k in keys):
+                continue  # nothing logged by then (a study evaluated only at its end)
             lines += [f"## {title} at step {step}", "", md_row(["run", *names]),
                       md_row(["---"] * (len(keys) + 1))]  # fmt: skip
             base = rows[baseline]
