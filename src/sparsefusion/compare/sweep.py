@@ -247,6 +247,11 @@ class _Job:
     proc: subprocess.Popen | None = None
     stopped: bool = False  # sent SIGTERM by the time budget
 
+    @property
+    def log_file(self) -> Path:
+        """Its output file: ``sweep_train.log``, ``sweep_train_aux.log``, ``sweep_eval.log``."""
+        return self.run_dir / f"sweep_{self.stage.replace('-', '_')}.log"
+
 
 def _stages(cfg: SweepConfig, name: str, run_dir: Path, train_cfg, outcome: SweepOutcome):
     """The follow-up jobs a run still needs once trained, chained (each one's ``then`` holds
@@ -349,7 +354,7 @@ class _Scheduler:
     def _start(self, job: _Job) -> _Job:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "sparsefusion", job.stage, *job.args]
-        with open(job.run_dir / f"sweep_{job.stage.replace('-', '_')}.log", "ab") as out:
+        with open(job.log_file, "ab") as out:
             job.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         if job.stage == "train":
             self.outcome.status[job.name] = "running"
@@ -380,7 +385,7 @@ class _Scheduler:
             self._done(job, "unfinished", f"stopped at step {step} of {job.steps} "
                        "(train.stop_at); run the sweep again to continue")  # fmt: skip
         else:
-            tail = _tail(job.run_dir / "sweep_train.log")
+            tail = _tail(job.log_file)
             self._done(job, "failed", f"exit code {code} at step {step}: {tail}")
         for nxt in _with_followups(job.then):
             self._done(nxt, "unfinished", "not started: the run has not finished training")
@@ -395,8 +400,7 @@ class _Scheduler:
             self._done(job, "unfinished", "stopped by the time budget (or SIGTERM); run the "
                        "sweep again to run it")  # fmt: skip
         else:
-            log_file = job.run_dir / f"sweep_{job.stage.replace('-', '_')}.log"
-            self._done(job, "failed", f"exit code {code}: {_tail(log_file)}")
+            self._done(job, "failed", f"exit code {code}: {_tail(job.log_file)}")
         for nxt in _with_followups(job.then):  # eval waits for the aux routers it measures
             self._done(nxt, "unfinished", f"not started: {job.stage} did not finish")
         return []
