@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsefusion.checkpoint.store import latest_checkpoint
+from sparsefusion.nn.routing_context import RouterRecord
 from sparsefusion.runs.folder import read_metrics
 from sparsefusion.runs.presets import resolve_config
+from sparsefusion.train.aux_train import aux_bce
 from sparsefusion.train.trainer import train
 
 SPARSE = ["moe-8x", "moma-1t1i", "moma-4t4i", "mod", "moma-4t4i-mod", "mot-text-moe4"]
@@ -98,6 +101,7 @@ def test_train_aux_command_writes_routers_and_metrics(tmp_path, tokenizer_cache)
     for key in ("batch/loss", "causal/loss", "gap/loss", "acc/layer0_mod", "acc/layer1_ffn_text"):
         assert key in row, key
     assert 0 <= row["acc/mean"] <= 1
+    assert "selected/mean=" in proc.stdout and row["selected/layer0_mod"] >= 0
     bad = subprocess.run(
         [sys.executable, "-m", "sparsefusion", "train-aux", str(run), "aux.stpes=3"],
         capture_output=True,
@@ -108,3 +112,22 @@ def test_train_aux_command_writes_routers_and_metrics(tmp_path, tokenizer_cache)
     shutil.rmtree(run / "checkpoints")
     none = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert none.returncode == 2 and "no finished run" in none.stderr
+
+
+class _FixedAux:
+    """Aux routers whose logits are given (site -> (n, E) tensor)."""
+
+    def __init__(self, logits):
+        self._logits = logits
+
+    def logits(self, site, x_nD):
+        return self._logits[site]
+
+
+def test_aux_bce_counts_correct_decisions_and_selections_of_each_mode():
+    target_nE = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # batch top-k: 2 selections
+    logits_nE = torch.tensor([[3.0, 2.0], [-1.0, 1.0], [4.0, -2.0]])  # causal: 4 selections
+    record = RouterRecord("layer0_ffn_text", torch.zeros(3, 4), target_nE)
+    _, hits = aux_bce(_FixedAux({"layer0_ffn_text": logits_nE}), [record])
+    correct, total, causal, batch = (float(v) for v in hits["layer0_ffn_text"])
+    assert (correct, total, causal, batch) == (4.0, 6.0, 4.0, 2.0)

@@ -71,7 +71,7 @@ def cmd_train_aux(args: argparse.Namespace) -> int:
     cfg = merge(AuxTrainConfig(), data.get("aux", {}), where="aux")
     row = train_aux(args.run_dir, cfg)
     for key in sorted(row):
-        if key.startswith(("batch/", "causal/", "gap/", "acc/mean")):
+        if key.startswith(("batch/", "causal/", "gap/", "acc/mean", "selected/mean")):
             print(f"{key}={row[key]:.4f}")
     print(f"aux routers: {Path(args.run_dir) / 'aux_routers'}")
     return 0

@@ -68,13 +68,16 @@ class AuxTrainConfig:
 
 
 def aux_bce(aux: AuxRouters, records: list[RouterRecord]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean BCE over sites, and per-site (correct, total) decision counts."""
+    """Mean BCE over sites, and per-site decision counts (correct, total, causal, batch): the
+    decisions the aux routers get right, all decisions, and the (token, expert) selections each
+    mode makes (causal routing is not capacity-bound, so it may select more or fewer)."""
     losses, hits = [], {}
     for r in records:
         logits_nE = aux.logits(r.site, r.x_nD)
         losses.append(F.binary_cross_entropy_with_logits(logits_nE, r.target_nE))
-        correct = ((logits_nE > 0).float() == r.target_nE).sum().detach()
-        hits[r.site] = (correct, r.target_nE.numel())
+        chosen_nE = (logits_nE > 0).float().detach()
+        correct = (chosen_nE == r.target_nE).sum()
+        hits[r.site] = (correct, r.target_nE.numel(), chosen_nE.sum(), r.target_nE.sum())
     return torch.stack(losses).mean(), hits
 
 
@@ -153,7 +156,9 @@ def _trace(model: Transformer, batch, objective: Objective, device) -> list[Rout
 def validate_aux(
     model: Transformer, aux: AuxRouters, run_cfg: TrainConfig, val: list, device: torch.device
 ) -> dict[str, Any]:
-    """Validation loss in batch and causal routing modes, and each aux router's accuracy."""
+    """Validation loss in batch and causal routing modes, each aux router's accuracy, and
+    ``selected/<site>``: the (token, expert) selections causal routing makes per batch-routed one
+    (above 1: causal inference spends more expert compute than training's capacity allowed)."""
     objective = build_objective(run_cfg.objective, run_cfg.model)
     amp = autocast_context(run_cfg.train.precision, device)
     row: dict[str, Any] = {}
@@ -163,13 +168,16 @@ def validate_aux(
         row.update({f"{mode}/{k}": v for k, v in res.items() if k.startswith("loss")})
     for k in [k for k in row if k.startswith("batch/")]:
         row[f"gap/{k[6:]}"] = row[f"causal/{k[6:]}"] - row[k]
-    correct: dict[str, float] = {}
-    total: dict[str, int] = {}
+    sums: dict[str, list[float]] = {}  # site -> [correct, total, causal, batch]
     for batch in val:
-        for site, (c, n) in aux_bce(aux, _trace(model, batch, objective, device))[1].items():
-            correct[site] = correct.get(site, 0.0) + float(c)
-            total[site] = total.get(site, 0) + n
-    for site in correct:
-        row[f"acc/{site}"] = correct[site] / max(1, total[site])
-    row["acc/mean"] = sum(correct.values()) / max(1, sum(total.values()))
+        for site, counts in aux_bce(aux, _trace(model, batch, objective, device))[1].items():
+            acc = sums.setdefault(site, [0.0, 0.0, 0.0, 0.0])
+            for i, value in enumerate(counts):
+                acc[i] += float(value)
+    for site, (correct, total, causal, batch_sel) in sums.items():
+        row[f"acc/{site}"] = correct / max(1.0, total)
+        row[f"selected/{site}"] = causal / max(1.0, batch_sel)
+    totals = [sum(v[i] for v in sums.values()) for i in range(4)]
+    row["acc/mean"] = totals[0] / max(1.0, totals[1])
+    row["selected/mean"] = totals[2] / max(1.0, totals[3])
     return row
