@@ -275,3 +275,67 @@ def test_a_failed_or_stopped_stage_is_reported_and_its_follow_up_waits(tmp_path:
         assert outcome.stages == {"run train-aux": word, "run eval": "unfinished"}
         assert "did not finish" in outcome.stage_reason["run eval"]
         assert outcome.status == {}  # the run's own status is its training's
+
+
+def test_a_freed_slot_restarts_the_last_run_with_the_freed_threads(tmp_path: Path):
+    """With the cores shared out (threads 0), a slot that comes free with nothing queued gives
+    its threads to a run still training: it is stopped at a checkpoint and queued again with
+    ``train.threads`` of its new share; a run near its end, or given its threads, is left alone."""
+    import subprocess
+
+    from sparsefusion.compare import sweep
+    from sparsefusion.compare.sweep import SweepOutcome, _Job, _Scheduler, load_sweep
+
+    cfg = load_sweep(_recipe(tmp_path, runs=["dense-debug"], baseline="dense-debug", parallel=2))
+    scheduler = _Scheduler(cfg, SweepOutcome())
+    args = ["pinned.yaml", "train.threads=1"]
+    jobs = [_Job(n, tmp_path / n, "train", args, steps=100, threads=1, shared=shared)
+            for n, shared in (("b", True), ("c", False))]  # fmt: skip
+    for job in jobs:
+        job.proc = subprocess.Popen(["sleep", "60"])
+    real = sweep._cores
+    try:
+        sweep._cores = lambda: 8
+        scheduler._regrow(jobs)  # two running: a share of 4 each
+        assert [j.regrow for j in jobs] == [4, 0]  # c's threads were given: not touched
+        jobs[0].proc.wait(timeout=10)
+        (again,) = scheduler._finish(jobs[0])
+        assert again.args == ["pinned.yaml", "train.threads=4"] and again.threads == 4
+        assert (again.proc, again.stopped, again.regrow) == (None, False, 0)
+        assert scheduler.outcome.status == {}  # neither finished nor unfinished: queued again
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "metrics.jsonl").write_text('{"step": 97, "loss": 1.0}\n')
+        near = _Job("d", tmp_path / "d", "train", [], steps=100, threads=1, shared=True)
+        near.proc = subprocess.Popen(["sleep", "60"])
+        scheduler._regrow([near])  # 3 steps of 100 left: not worth a restart
+        assert near.regrow == 0 and not near.stopped
+    finally:
+        sweep._cores = real
+        for job in [*jobs, near]:
+            job.proc.kill()
+
+
+def test_a_regrown_run_resumes_where_it_stopped_with_more_threads(
+    tmp_path, tokenizer_cache, monkeypatch
+):
+    from sparsefusion.compare import sweep
+
+    monkeypatch.setattr(sweep, "_cores", lambda: 4)  # two runs of 2 threads; the last gets 4
+    out = tmp_path / "sweep"
+    recipe = _recipe(
+        tmp_path, out=str(out), baseline="dense-debug", parallel=2, time_budget_s=30,
+        overrides=[f"tokenizer.cache_dir={tokenizer_cache}", "run.log_every=1",
+                   "run.eval_every=0", "run.progress=log"],
+        runs=[{"name": "dense-debug", "config": "dense-debug", "overrides": ["train.steps=2"]},
+              {"name": "mot", "config": "mot-debug",
+               "overrides": ["train.steps=100000", "run.save_every=100000"]}],
+    )  # fmt: skip
+    assert main(["sweep", str(recipe)]) == 0
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert status["status"] == {"dense-debug": "finished", "mot": "unfinished"}
+    log = (out / "mot" / "sweep_train.log").read_text()
+    assert log.count("model mot") == 2, log  # started, then restarted
+    assert resolve_config(str(out / "mot" / "config.yaml"), []).train.threads == 4
+    assert resolve_config(str(out / "mot" / "sweep_config.yaml"), []).train.threads == 2
+    steps = [r["step"] for r in _rows(out / "mot")]
+    assert steps == list(range(1, len(steps) + 1))  # resumed where it stopped: no step twice

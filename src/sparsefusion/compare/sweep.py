@@ -15,7 +15,11 @@ each with ``threads`` torch threads (default: the cores shared out). Finished ru
 their last step) are skipped; unfinished ones resume where they stopped. With a time budget
 (``time_budget_s`` or ``sweep --time-budget``) the runs still training when it ends are stopped
 as a preemption stops them (SIGTERM: the step finishes, a checkpoint is written) and the next
-invocation continues them, so a long study runs in chunks. A run whose config cannot be resolved
+invocation continues them, so a long study runs in chunks. When the cores are shared out
+(``threads`` 0) and a slot comes free with nothing left to queue, a run still training with fewer
+threads than its new share is stopped at a checkpoint and restarted with that share (only while
+at least ``REPLAN_MIN_LEFT`` of its steps remain), so the last run of a sweep does not train on
+one core of many. A run whose config cannot be resolved
 (for example a preset this version does not have) is reported and skipped; a run that fails is
 reported and the sweep goes on. The report compares the baseline with every run that has
 validation rows, finished or not, and its status table marks the unfinished ones with the step
@@ -58,6 +62,7 @@ from sparsefusion.config import ConfigError, from_dict, load_yaml
 log = logging.getLogger(__name__)
 
 PINNED_CONFIG = "sweep_config.yaml"  # per run: the config resolved when the sweep started
+REPLAN_MIN_LEFT = 0.05  # a run is restarted with more threads only with this share of steps left
 
 
 @dataclass(kw_only=True)
@@ -92,7 +97,8 @@ class SweepConfig:
         compare: how the runs are compared.
         parallel: runs trained at once, each in its own process.
         threads: torch threads per run (0: the cores this process may use, shared out among
-            ``parallel`` runs; with ``parallel`` 1, torch's default).
+            the runs training at once, re-shared when a slot comes free at the end of the
+            queue; with ``parallel`` 1, torch's default).
         time_budget_s: stop the runs still training after this many seconds, at a checkpoint,
             and start no more (0: no budget); the next invocation continues them.
         progress_every_s: seconds between progress lines while runs train.
@@ -190,7 +196,8 @@ def run_sweep(cfg: SweepConfig, *, out: Path | None = None, recipe: str = "") ->
         outcome.status[run.name] = "queued"
         pinned = _pin_config(run_dir, train_cfg)
         todo.append(_Job(run.name, run_dir, "train", [str(pinned)], train_cfg.train.steps,
-                         then=stages[:1]))  # fmt: skip
+                         then=stages[:1], threads=train_cfg.train.threads,
+                         shared=_shares_cores(cfg, run)))  # fmt: skip
     _Scheduler(cfg, outcome).run(todo)
     _write_status(root, outcome, recipe)
     comparable = [n for n in outcome.status if _has_val_rows(root / n)]
@@ -232,8 +239,20 @@ def _threads(cfg: SweepConfig, section: str = "train") -> list[str]:
         return [f"{section}.threads={cfg.threads}"]
     if cfg.parallel == 1:
         return []
+    return [f"{section}.threads={max(1, _cores() // cfg.parallel)}"]
+
+
+def _cores() -> int:
+    """The cores this process may use."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [f"{section}.threads={max(1, (cores or 1) // cfg.parallel)}"]
+    return cores or 1
+
+
+def _shares_cores(cfg: SweepConfig, run: SweepRunConfig) -> bool:
+    """True when the sweep shares the cores out among this run's trainers (no threads given
+    by the recipe, the command line or an override), so it may restart them with more."""
+    given = any(o.startswith("train.threads=") for o in (*cfg.overrides, *run.overrides))
+    return not cfg.threads and cfg.parallel > 1 and not given
 
 
 @dataclass
@@ -246,6 +265,9 @@ class _Job:
     then: list[_Job] = field(default_factory=list)  # queued first once this one has finished
     proc: subprocess.Popen | None = None
     stopped: bool = False  # sent SIGTERM by the time budget
+    threads: int = 0  # train: the torch threads it trains with (0: torch's default)
+    shared: bool = False  # train: its threads are the sweep's share of the cores (re-plannable)
+    regrow: int = 0  # train: stopped to be restarted with this many threads
 
     @property
     def log_file(self) -> Path:
@@ -342,6 +364,8 @@ class _Scheduler:
                 for job in [j for j in running if j.proc.poll() is not None]:
                     running.remove(job)
                     queue[:0] = self._finish(job)
+                if not queue and not expired:
+                    self._regrow(running)
                 if time.monotonic() - last_line >= self.cfg.progress_every_s:
                     log.info("sweep: %s", self.progress(running, queue))
                     last_line = time.monotonic()
@@ -350,6 +374,21 @@ class _Scheduler:
             self._stop(running)
             for job in running:
                 job.proc.wait()
+
+    def _regrow(self, running: list[_Job]) -> None:
+        """With nothing left to queue, stop each run that trains on fewer threads than its share
+        of the cores now (at a checkpoint: SIGTERM); ``_finish`` restarts it with the share."""
+        share = _cores() // max(1, len(running))
+        for job in running:
+            if job.stage != "train" or not job.shared or job.stopped or job.threads >= share:
+                continue
+            left = job.steps - _last_step(job.run_dir)
+            if left < REPLAN_MIN_LEFT * job.steps:
+                continue
+            log.info("sweep: a slot came free: restarting %s with %d threads (from %d) at its "
+                     "next checkpoint", job.name, share, job.threads)  # fmt: skip
+            job.regrow = share
+            self._stop([job])
 
     def _start(self, job: _Job) -> _Job:
         job.run_dir.mkdir(parents=True, exist_ok=True)
@@ -377,6 +416,8 @@ class _Scheduler:
         if code == 0 and _finished(job.run_dir, job.steps):
             self._done(job, "finished", f"trained in {job.run_dir}")
             return job.then
+        elif job.regrow and code in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
+            return [_regrown(job)]
         elif job.stopped and code in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
             # (-SIGTERM: stopped while still starting, before its handler was installed)
             self._done(job, "unfinished", f"stopped by the time budget (or SIGTERM) at step "
@@ -424,6 +465,13 @@ class _Scheduler:
         if queue:
             parts.append(f"{len(queue)} queued")
         return " | ".join(parts)
+
+
+def _regrown(job: _Job) -> _Job:
+    """``job`` again, to resume with ``job.regrow`` threads (the pinned config, overridden)."""
+    args = [a for a in job.args if not a.startswith("train.threads=")]
+    return replace(job, args=[*args, f"train.threads={job.regrow}"], threads=job.regrow,
+                   proc=None, stopped=False, regrow=0)  # fmt: skip
 
 
 def _with_followups(jobs: list[_Job]) -> list[_Job]:
