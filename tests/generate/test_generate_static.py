@@ -178,6 +178,23 @@ def test_generator_reuses_its_static_decoders(tok):
     assert [s.token_ids for s in first] == [s.token_ids for s in again]
 
 
+def test_the_generator_keeps_at_most_max_decoders_least_recently_used_first(tok):
+    """A server that sees many shapes keeps a bounded set of decoders (each holds a KV cache);
+    a dropped shape is rebuilt on demand and samples the same."""
+    model, aux = tiny_generator_model(tok, "mot")
+    gen = Generator(model, tok, aux, step="static", max_decoders=2)
+    req = GenerationRequest(prompt="The red", temperature=0, max_new_tokens=5)
+    first = {n: [s.token_ids for s in gen.generate([req] * n)] for n in (1, 2)}
+    gen.generate([req] * 3)  # a third bucket: batch 1's decoder (least recently used) goes
+    assert [k[1] for k in gen._decoders] == [2, 4]
+    gen.generate([req] * 2)  # used again: now the most recent
+    gen.generate([req])
+    assert [k[1] for k in gen._decoders] == [2, 1]
+    assert [s.token_ids for s in gen.generate([req])] == first[1]
+    with pytest.raises(ValueError, match="max_decoders"):
+        Generator(model, tok, aux, max_decoders=0)
+
+
 def test_the_cli_offers_exactly_the_decode_steps():
     import argparse
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 COMPILE_FROM_TOKENS = 4096  # "auto" compiles a batch that decodes at least this many tokens
 MIN_CAPACITY = 64
+MAX_DECODERS = 8  # static decoders kept (least recently used dropped): their caches hold memory
 
 
 def bucket(n: int) -> int:
@@ -79,6 +81,9 @@ class Generator:
         step: the decode step (``DECODE_STEPS``): "eager", "static", "compiled" (the static
             step compiled once per batch and length bucket, then reused) or "auto" (compiled
             for a batch of at least ``COMPILE_FROM_TOKENS`` new tokens, else static).
+        max_decoders: static decoders kept for reuse, one per (step, batch bucket, length
+            bucket); beyond it the least recently used one, with its KV cache, is dropped (a
+            server that sees every shape would otherwise hold a cache per shape).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class Generator:
         max_speech_units: int = 256,
         span_sampler: SpanSampler | None = None,
         step: str = "auto",
+        max_decoders: int = MAX_DECODERS,
     ):
         if step not in DECODE_STEPS:
             raise ValueError(f"step must be one of {DECODE_STEPS}, got {step!r}")
@@ -103,7 +109,10 @@ class Generator:
         self.spans = span_sampler
         self.run_dir = run_dir
         self.step = step
-        self._decoders: dict[tuple[str, int, int], Decoder] = {}  # reused: compiled once
+        if max_decoders < 1:
+            raise ValueError(f"max_decoders must be >= 1, got {max_decoders}")
+        self.max_decoders = max_decoders
+        self._decoders: OrderedDict[tuple[str, int, int], Decoder] = OrderedDict()  # LRU order
         self.run_config: Any = None  # the run's TrainConfig (set by from_run)
         self.checkpoint: Path | None = None
         has_image = IMAGE in model.cfg.modalities
@@ -287,14 +296,24 @@ class Generator:
         # (with its compiled step) is kept for the next batch of the same buckets.
         B = bucket(len(rows))
         capacity = min(self.max_len, max(bucket(capacity_for(rows)), MIN_CAPACITY))
-        decoder = self._decoders.get((step, B, capacity))
-        if decoder is None:
-            decoder = self._decoders[(step, B, capacity)] = self._decoder(step, B, capacity)
+        decoder = self._static_decoder(step, B, capacity)
         decoder.reset()
         padding = [self._idle_row() for _ in range(B - len(rows))]
         result = decode(decoder, [*rows, *padding], self.spans)
         n = len(rows)
         return DecodeResult(result.new_ids[:n], result.images[:n], result.seconds[:n])
+
+    def _static_decoder(self, step: str, batch: int, capacity: int) -> Decoder:
+        """The kept decoder of these buckets (made on first use; the least recently used one
+        is dropped beyond ``max_decoders``)."""
+        key = (step, batch, capacity)
+        if key in self._decoders:
+            self._decoders.move_to_end(key)
+            return self._decoders[key]
+        while len(self._decoders) >= self.max_decoders:
+            self._decoders.popitem(last=False)
+        self._decoders[key] = decoder = self._decoder(step, batch, capacity)
+        return decoder
 
     def _decoder(self, step: str, batch: int, capacity: int) -> Decoder:
         return Decoder(
