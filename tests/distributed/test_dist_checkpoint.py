@@ -99,3 +99,25 @@ def test_dcp_full_disk_names_the_path_and_keeps_previous(tmp_path: Path, monkeyp
     assert "step_00000002" in str(e.value)
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert not list(checkpoint_dir(tmp_path).glob(".tmp*"))
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_a_dcp_checkpoint_with_non_finite_values_is_refused_by_name(tmp_path, with_optimizer):
+    """Validation reads no DCP tensor; the load checks every value it reads, so NaN weights or
+    moments never reach a resumed run (weights only: eval, export, generate)."""
+    model, opt = _model_opt()
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    path = save_dcp_checkpoint(tmp_path, 3, model, opt, {}, DATA, DistEnv())
+    model2, opt2 = _model_opt()
+    with pytest.raises(CheckpointError, match=r"model\.1\.bias holds non-finite") as e:
+        load_dcp_checkpoint(path, model2, opt2 if with_optimizer else None, DistEnv())
+    assert f"damaged_{path.name}" in str(e.value)
+    model, opt = _model_opt()
+    opt.state[model[0].weight]["exp_avg"][0, 0] = float("inf")
+    path = save_dcp_checkpoint(tmp_path, 4, model, opt, {}, DATA, DistEnv())
+    if with_optimizer:
+        with pytest.raises(CheckpointError, match=r"optim\..*exp_avg holds non-finite"):
+            load_dcp_checkpoint(path, model2, opt2, DistEnv())
+    else:  # the weights are whole: eval and generate may use them
+        load_dcp_checkpoint(path, model2, None, DistEnv())

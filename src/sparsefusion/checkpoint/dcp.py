@@ -26,6 +26,7 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,13 @@ def load_dcp_checkpoint(
     if optimizer is None:
         msd = get_model_state_dict(model)
         _load(dcp_load, {"model": msd}, reader, path)
+        _check_finite({"model": msd}, path)
         set_model_state_dict(model, msd)
     else:
         msd, osd = get_state_dict(model, optimizer)
         sd = {"model": msd, "optim": osd["state"]}
         _load(dcp_load, sd, reader, path)
+        _check_finite(sd, path)
         groups = state["param_groups"]
         set_state_dict(
             model,
@@ -203,6 +206,32 @@ def _load(dcp_load, sd: dict, reader, path: Path) -> None:
             f"checkpoint {path} does not match the model ({type(e).__name__}: {e}); "
             "was it trained with another model config?"
         ) from e
+
+
+def _check_finite(sd: dict, path: Path) -> None:
+    """Every loaded floating-point tensor (this rank's shard) finite, on every rank; the check
+    that validation before the load cannot make without reading the shards."""
+    bad = next((key for key, t in _tensors(sd) if not _finite(t)), "")
+    if _failed_anywhere(bad):
+        where = f"{bad} holds" if bad else "another rank's shard holds"
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {where} non-finite values (NaN or inf); move it "
+            f"aside (mv {path} {path.with_name('damaged_' + path.name)}) to resume from the "
+            "newest older checkpoint"
+        )
+
+
+def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) of a nested state dict; DTensors as their local shard."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{prefix}{key}.")
+    elif isinstance(tree, torch.Tensor):
+        yield prefix[:-1], getattr(tree, "to_local", lambda: tree)()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t).all())
 
 
 def read_data_states(path: Path, num_shards: int) -> dict[str, Any]:

@@ -19,7 +19,8 @@ contents make sense, not merely when its files parse:
   would feed an out-of-range token id to the embedding) is caught too (absent in older ones).
 - DCP checkpoints: ``.metadata`` names and shapes (and dtypes) of the model, shard files long
   enough, one valid loader state per data stream. Their tensors are not read here (that would
-  need the whole DCP load); their values are not checked for finiteness.
+  need the whole DCP load); ``checkpoint/dcp.py`` checks their values are finite as it loads
+  them, and refuses the checkpoint (naming the tensor) otherwise.
 
 Cost: a single-process checkpoint's tensors are read once (memory-mapped) for the finite check
 and its files once more for the SHA-256 (about 1 GB/s): roughly twice the time of loading it,
