@@ -149,3 +149,27 @@ def test_duplicate_steps_keep_the_later_row(tmp_path: Path):
     curves = load_run(run).splits["train"]
     assert list(curves.step) == [5, 10, 15, 20]
     assert curves.losses["loss"][1] == 0.5 and np.isnan(curves.losses["loss/text"][1])
+
+
+def test_compare_json_is_the_same_json_with_short_structures_on_one_line():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sparsefusion.compare.report import compact_json
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+    keys = st.text(max_size=8) | st.integers()
+    tree = st.recursive(scalars, lambda c: st.lists(c, max_size=30) | st.dictionaries(keys, c),
+                        max_leaves=60)  # fmt: skip
+
+    @settings(max_examples=200, deadline=None)
+    @given(tree)
+    def same(value):
+        assert json.loads(compact_json(value)) == json.loads(json.dumps(value))
+
+    same()
+    points = {"matched_steps": [{"baseline_step": 20.0, "run_step": 14.1, "kind": "exact"}] * 3,
+              "steps": list(range(100))}  # fmt: skip
+    lines = compact_json(points).splitlines()
+    assert lines[2] == '    {"baseline_step": 20.0, "run_step": 14.1, "kind": "exact"},'
+    assert len(lines) == 14 and max(map(len, lines)) <= 100  # 100 steps on 4 lines, not 100

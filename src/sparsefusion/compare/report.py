@@ -370,12 +370,35 @@ def _checkpoint_text(r: RunResult, split: str) -> str:
     return f"{est.text(1, '%')} (step {step})" if step is not None else est.text(1, "%")
 
 
+def compact_json(value: Any, indent: int = 0, width: int = 100) -> str:
+    """JSON indented by two spaces, but any object or list that fits on one line of ``width``
+    is written on it: a long study's matched-step lists take a line per point, not five."""
+    flat = json.dumps(value)
+    if not isinstance(value, dict | list) or not value or indent + len(flat) <= width:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, list) and not any(isinstance(v, dict | list) for v in value):
+        lines = [pad]  # scalars: as many to a line as fit
+        for v in map(json.dumps, value):
+            if len(lines[-1]) > len(pad) and len(lines[-1]) + len(v) + 2 > width:
+                lines.append(pad)
+            lines[-1] += v + ", "
+        return "[\n" + "\n".join(x.rstrip() for x in lines)[:-1] + "\n" + " " * indent + "]"
+    if isinstance(value, list):
+        items = [pad + compact_json(v, indent + 2, width) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+    keys = json.loads(json.dumps(dict.fromkeys(value)))  # JSON's own key strings (1 -> "1")
+    items = [f"{pad}{json.dumps(k)}: {compact_json(v, indent + 2, width)}"
+             for k, v in zip(keys, value.values(), strict=True)]  # fmt: skip
+    return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+
+
 def write_report(comp: Comparison, out: Path) -> list[Path]:
     """Write ``compare.md``, ``compare.json`` and (when enabled) the PNG plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / "compare.md", out / "compare.json"
     md.write_text(markdown(comp))
-    js.write_text(json.dumps(as_dict(comp), indent=2) + "\n")
+    js.write_text(compact_json(as_dict(comp)) + "\n")
     written = [md, js]
     if comp.cfg.plots:
         from sparsefusion.compare.plots import plot_loss_vs_flops, plot_step_matching
