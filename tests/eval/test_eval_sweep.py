@@ -252,6 +252,14 @@ def test_follow_up_stages_run_once_on_finished_runs(tmp_path, tokenizer_cache, t
     status = json.loads((out / "sweep_status.json").read_text())
     assert set(status["stages"].values()) == {"skipped"}
     assert {r: (out / r / "eval.jsonl").read_text() for r in before} == before
+    # routers retrained by hand: the eval row measured the old ones, so moe's eval runs again
+    assert main(["train-aux", str(out / "moe"), "aux.steps=3", "aux.log_every=1"]) == 0
+    assert main(["sweep", str(recipe)]) == 0
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert status["stages"] == {"moe train-aux": "skipped", "moe eval": "finished",
+                                "dense-debug eval": "skipped"}  # fmt: skip
+    rows = [json.loads(x) for x in (out / "moe" / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["aux_routers"] != rows[1]["aux_routers"]
 
 
 def test_a_failed_or_stopped_stage_is_reported_and_its_follow_up_waits(tmp_path: Path):

@@ -30,9 +30,10 @@ process of its own: ``train_aux`` (``sparsefusion train-aux RUN aux.*``; only ru
 batch-routed sites, expert-choice or MoD) and then ``evaluate`` (``sparsefusion eval RUN
 --checkpoint STEPS eval.*``). A stage already done for the run's final step (an
 ``aux_routers/metrics.jsonl`` row of that ``main_step``, an ``eval.jsonl`` row of that step
-and size ``full``) is skipped, so re-running a finished sweep does nothing; a stage stopped by
-the budget runs again next time (neither writes a partial result). A failed stage is reported
-and the sweep goes on::
+and size ``full`` that used the run's current aux routers) is skipped, so re-running a
+finished sweep does nothing, and routers retrained since (``train-aux`` by hand) are evaluated
+again; a stage stopped by the budget runs again next time (neither writes a partial result). A
+failed stage is reported and the sweep goes on::
 
     train_aux: [aux.steps=400]       # omit (or null) for no stage; [] for the defaults
     evaluate: [eval.num_samples=256]
@@ -321,8 +322,16 @@ def _aux_done(run_dir: Path, steps: int) -> bool:
 
 
 def _eval_done(run_dir: Path, steps: int) -> bool:
+    """An ``eval.jsonl`` row of ``steps`` and size ``full`` that measured the run's current aux
+    routers (retrained since: the row is stale; rows older than the key count as current)."""
+    from sparsefusion.checkpoint.store import file_digest
+    from sparsefusion.runs.folder import aux_routers_path
+
+    aux = aux_routers_path(run_dir)
+    digest = file_digest(aux) if aux.is_file() else None
     rows = _rows(run_dir / "eval.jsonl")
-    return any(r.get("step") == steps and r.get("size") == "full" for r in rows)
+    return any(r.get("step") == steps and r.get("size") == "full"
+               and r.get("aux_routers", digest) == digest for r in rows)  # fmt: skip
 
 
 class _Scheduler:

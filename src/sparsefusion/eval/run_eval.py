@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sparsefusion.checkpoint.store import file_digest
 from sparsefusion.data.documents import IMAGE
 from sparsefusion.data.sources import build_source
 from sparsefusion.eval.evaluators import EvaluatorConfig, EvaluatorError, load_or_train
@@ -37,7 +38,7 @@ from sparsefusion.eval.pairs import read_pairs
 from sparsefusion.eval.perplexity import routing_perplexity
 from sparsefusion.runs.config import TrainConfig
 from sparsefusion.runs.data import data_for
-from sparsefusion.runs.folder import load_model, run_config
+from sparsefusion.runs.folder import aux_routers_path, load_model, run_config
 from sparsefusion.runs.tokenizer import run_tokenizer
 
 log = logging.getLogger("sparsefusion")
@@ -151,6 +152,8 @@ def evaluate_run(
         "sampler": cfg.sampler,
     }
     row.update(_counters(run_dir, state, step))
+    if aux_routers_path(run_dir).is_file():  # the routers its causal numbers and samples used
+        row["aux_routers"] = file_digest(aux_routers_path(run_dir))
     skipped: dict[str, str] = {}
     if cfg.perplexity:
         val = data_for(run_cfg, "val", run_tokenizer(run_dir, run_cfg), num_batches=cfg.val_batches)
