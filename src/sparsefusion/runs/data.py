@@ -37,19 +37,9 @@ def data_for(
     (``num_batches``, 0: the run's ``data.val_batches``; continuous image spans get a fixed
     timestep grid and noise seed per batch). ``tokenizer`` must be bound to ``cfg.model``.
     """
-    source = build_source(cfg.data, seed=cfg.seed, split=split)
-    common = {
-        "seq_len": cfg.data.seq_len,
-        "batch_size": cfg.data.batch_size,
-        "strict": cfg.data.strict,
-        "max_doc_tokens": cfg.data.max_doc_tokens,
-        "caption_order": caption_order(cfg.objective, cfg.seed),
-    }
     if split == "val":
-        return validation_batches(
-            source, tokenizer, num_batches=num_batches or cfg.data.val_batches,
-            noise_seed=cfg.objective.val_noise_seed, **common,
-        )  # fmt: skip
+        return fixed_batches(cfg, "val", tokenizer, num_batches=num_batches)
+    source = build_source(cfg.data, seed=cfg.seed, split="train")
     device = device if device is not None else torch.device("cpu")
     workers = resolve_workers(cfg.data.workers, device)
     if cfg.data.workers == "auto":
@@ -57,7 +47,7 @@ def data_for(
                  "loading in the training thread (torch's threads use every core)")  # fmt: skip
     loaders = ShardedLoaders(
         source, tokenizer, rank=rank, world_size=world_size, grad_accum=cfg.train.grad_accum,
-        **common,
+        **_packing(cfg),
     )  # fmt: skip
     return BatchStream(
         loaders,
@@ -67,3 +57,27 @@ def data_for(
         kind=cfg.data.worker_kind,
         nice=cfg.data.worker_nice,
     )
+
+
+def fixed_batches(
+    cfg: TrainConfig, split: Literal["train", "val"], tokenizer: Any, *, num_batches: int = 0
+) -> list:
+    """The first ``num_batches`` (0: ``data.val_batches``) batches of ``split``'s documents,
+    packed as training packs them, with the validation noise (continuous image spans): the
+    validation set, or the same measurement on training documents (how much a model memorised).
+    """
+    return validation_batches(
+        build_source(cfg.data, seed=cfg.seed, split=split), tokenizer,
+        num_batches=num_batches or cfg.data.val_batches, noise_seed=cfg.objective.val_noise_seed,
+        **_packing(cfg),
+    )  # fmt: skip
+
+
+def _packing(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "seq_len": cfg.data.seq_len,
+        "batch_size": cfg.data.batch_size,
+        "strict": cfg.data.strict,
+        "max_doc_tokens": cfg.data.max_doc_tokens,
+        "caption_order": caption_order(cfg.objective, cfg.seed),
+    }
