@@ -173,3 +173,34 @@ def test_compare_json_is_the_same_json_with_short_structures_on_one_line():
     lines = compact_json(points).splitlines()
     assert lines[2] == '    {"baseline_step": 20.0, "run_step": 14.1, "kind": "exact"},'
     assert len(lines) == 14 and max(map(len, lines)) <= 100  # 100 steps on 4 lines, not 100
+
+
+def test_a_baseline_validation_loss_that_rose_is_flagged_not_read_as_savings(tmp_path: Path):
+    """Overfitting: the baseline's validation image loss falls, then rises by 10%. A run that
+    passes that final value on its way down gets a large 'savings factor' which means nothing;
+    the report marks the baseline's cell and says why in the notes; a flat curve is not marked."""
+    base = _write_run(tmp_path, "dense")
+    run = _write_run(tmp_path, "mot", speed=1.2)
+    path = base / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in rows:
+        if r.get("split") == "val" and r["step"] > 200:  # rises linearly after step 200
+            r["loss/image"] *= 1.0 + 0.10 * (r["step"] - 200) / 200
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    comp = compare_runs(load_run(base), [load_run(run)], _cfg())
+    md = markdown(comp)
+    val_image = [x for x in md.splitlines() if "image: its value rose from" in x]
+    assert len(val_image) == 1 and "validation loss image" in val_image[0], md
+    assert "(step 200)" in val_image[0]
+    assert md.count("its value rose") == 1  # the overall and text curves, and training: not
+    rising = json.loads(compact_json_of(comp))["baseline"]["rising"]
+    assert list(rising) == ["val"] and list(rising["val"]) == ["loss/image"]
+    assert rising["val"]["loss/image"]["best_step"] == 200
+    calm = compare_runs(load_run(base), [load_run(run)], _cfg(rise_tolerance=0.2))
+    assert "its value rose" not in markdown(calm)
+
+
+def compact_json_of(comp) -> str:
+    from sparsefusion.compare.report import as_dict, compact_json
+
+    return compact_json(as_dict(comp))

@@ -254,6 +254,10 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
             "last_step": _last_step(base),
             "flops_per_step": _flops_per_step(base),
             "final_loss_smoothed": finals,
+            "rising": {
+                split: {k: {"best": b, "best_step": st} for k, (b, st) in keys.items()}
+                for split, keys in rising_keys(comp).items()
+            },
             "machine_load_per_core": base.load,
             "nonfinite": _nonfinite_dict(base),
         },
@@ -323,10 +327,12 @@ def markdown(comp: Comparison) -> str:
         )
         lines += [f"## {SPLIT_TITLES[split]}", "", md_row(head), md_row(["---"] * len(head))]
         finals = comp.smoothed[base.name][split]
+        rising = rising_keys(comp).get(split, {})
         lines.append(
             md_row(
                 [f"{base.name} (baseline)", "1.00x"]
-                + [f"final {finals[k][2][-1]:.4f}{_diverged(base, split)}" for k in keys]
+                + [f"final {finals[k][2][-1]:.4f}{_rose(rising.get(k))}{_diverged(base, split)}"
+                   for k in keys]  # fmt: skip
                 + ["1.00"] * len(keys)
                 + (["1.00x"] * len(keys) if timed else [])
                 + ["100%"]
@@ -349,6 +355,14 @@ def markdown(comp: Comparison) -> str:
     notes = [f"- `{base.name}` (baseline): {nf.text(s)}" for s, nf in base.nonfinite.items()]
     notes += [f"- `{r.run.name}`: {w}" for r in comp.runs for w in r.warnings]
     notes += [
+        f"- `{base.name}` (baseline) {SPLIT_TITLES[split].lower()} {short_key(k)}: its value rose "
+        f"from {best:.4f} (step {step}) to {comp.smoothed[base.name][split][k][2][-1]:.4f} at the "
+        "end (overfitting?). A run reaches that final value on its way down, so this key's "
+        "savings and slope measure the rise, not a saving: compare it at fixed steps instead."
+        for split, keys in rising_keys(comp).items()
+        for k, (best, step) in keys.items()
+    ]
+    notes += [
         f"- `{r.run.name}` {split} {k}: {kr.savings.note or kr.match.slope.note}"
         for r in comp.runs
         for split, keys in r.keys.items()
@@ -358,6 +372,29 @@ def markdown(comp: Comparison) -> str:
     if notes:
         lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)
+
+
+def rising_keys(comp: Comparison) -> dict[str, dict[str, tuple[float, int]]]:
+    """split -> key -> (best value, its step) for the baseline's held-out curves (validation,
+    eval; a training loss is as noisy as its batches) whose final value is worse than their
+    best by more than ``rise_tolerance`` (relative)."""
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for split, keys in comp.smoothed[comp.baseline.name].items():
+        if split == "train":
+            continue
+        for key, (step_M, _, y_M, _) in keys.items():
+            sign = _sign(key)
+            if not np.isfinite(y_M).all():  # a diverged curve is flagged as such
+                continue
+            i = int(np.argmin(sign * y_M))
+            best, final = float(y_M[i]), float(y_M[-1])
+            if sign * (final - best) > comp.cfg.rise_tolerance * abs(best):
+                out.setdefault(split, {})[key] = (best, int(round(float(step_M[i]))))
+    return out
+
+
+def _rose(rise: tuple[float, int] | None) -> str:
+    return f" (best {rise[0]:.4f} at step {rise[1]})" if rise else ""
 
 
 def _diverged(run: RunCurves, split: str) -> str:

@@ -55,6 +55,10 @@ class CompareConfig:
         at_steps: steps at which the report also tabulates every run's validation and eval
             values beside the baseline's, with the step from which each run stays ahead
             (:mod:`sparsefusion.compare.milestones`; empty: no such tables).
+        rise_tolerance: flag a baseline validation or eval curve whose final value is worse
+            than its best by more than this relative amount (a loss that rose: overfitting).
+            A run then "reaches" the final value on its way down, so that key's savings and
+            slope measure the rise, not a saving; the report says so beside them.
     """
 
     smoothing: float = 0.6
@@ -64,6 +68,7 @@ class CompareConfig:
     plots: bool = True
     eval_size: str = "auto"
     at_steps: list[int] = field(default_factory=list)
+    rise_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if any(step <= 0 for step in self.at_steps) or len(set(self.at_steps)) != len(
@@ -80,6 +85,8 @@ class CompareConfig:
             raise ValueError(f"compare.fit_from must be in [0, 1), got {self.fit_from}")
         if self.flops_tolerance < 0:
             raise ValueError(f"compare.flops_tolerance must be >= 0, got {self.flops_tolerance}")
+        if self.rise_tolerance < 0:
+            raise ValueError(f"compare.rise_tolerance must be >= 0, got {self.rise_tolerance}")
 
 
 @dataclass(frozen=True)
