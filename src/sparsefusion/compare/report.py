@@ -331,8 +331,10 @@ def markdown(comp: Comparison) -> str:
         lines.append(
             md_row(
                 [f"{base.name} (baseline)", "1.00x"]
-                + [f"final {finals[k][2][-1]:.4f}{_rose(rising.get(k))}{_diverged(base, split)}"
-                   for k in keys]  # fmt: skip
+                + [
+                    f"final {finals[k][2][-1]:.4f}{_rose(rising.get(k))}{_diverged(base, split)}"
+                    for k in keys
+                ]  # fmt: skip
                 + ["1.00"] * len(keys)
                 + (["1.00x"] * len(keys) if timed else [])
                 + ["100%"]
