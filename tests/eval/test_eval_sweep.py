@@ -316,7 +316,7 @@ def test_a_freed_slot_restarts_the_last_run_with_the_freed_threads(tmp_path: Pat
         near = _Job("d", tmp_path / "d", "train", [], steps=100, threads=1, shared=True)
         near.proc = subprocess.Popen(["sleep", "60"])
         scheduler._regrow([near])  # 3 steps of 100 left: not worth a restart
-        assert near.regrow == 0 and not near.stopped
+        assert near.regrow == 0 and not near.stopped and not near.shared  # never looked at again
     finally:
         sweep._cores = real
         for job in [*jobs, near]:

@@ -393,6 +393,7 @@ class _Scheduler:
                 continue
             left = job.steps - _last_step(job.run_dir)
             if left < REPLAN_MIN_LEFT * job.steps:
+                job.shared = False  # too near its end now and later: not read again
                 continue
             log.info("sweep: a slot came free: restarting %s with %d threads (from %d) at its "
                      "next checkpoint", job.name, share, job.threads)  # fmt: skip
