@@ -295,6 +295,7 @@ def _pairs(match: StepMatch | None) -> list[dict[str, Any]]:
 def markdown(comp: Comparison) -> str:
     """Markdown tables: per split, one row per run, savings factor and slope per loss key."""
     base = comp.baseline
+    rising_all = rising_keys(comp)
     lines = [
         f"# Comparison against `{base.name}`",
         "",
@@ -327,7 +328,7 @@ def markdown(comp: Comparison) -> str:
         )
         lines += [f"## {SPLIT_TITLES[split]}", "", md_row(head), md_row(["---"] * len(head))]
         finals = comp.smoothed[base.name][split]
-        rising = rising_keys(comp).get(split, {})
+        rising = rising_all.get(split, {})
         lines.append(
             md_row(
                 [f"{base.name} (baseline)", "1.00x"]
@@ -361,7 +362,7 @@ def markdown(comp: Comparison) -> str:
         f"from {best:.4f} (step {step}) to {comp.smoothed[base.name][split][k][2][-1]:.4f} at the "
         "end (overfitting?). A run reaches that final value on its way down, so this key's "
         "savings and slope measure the rise, not a saving: compare it at fixed steps instead."
-        for split, keys in rising_keys(comp).items()
+        for split, keys in rising_all.items()
         for k, (best, step) in keys.items()
     ]
     notes += [
