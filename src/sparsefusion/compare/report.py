@@ -79,6 +79,8 @@ class Comparison:
     runs: list[RunResult]
     cfg: CompareConfig
     smoothed: dict[str, dict[str, dict[str, Curve]]]
+    rising: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
+    milestones: dict[str, Any] = field(default_factory=dict)
 
 
 def smoothed_curves(run: RunCurves, cfg: CompareConfig) -> dict[str, dict[str, Curve]]:
@@ -119,7 +121,14 @@ def compare_runs(baseline: RunCurves, runs: list[RunCurves], cfg: CompareConfig)
             est, step = _checkpoint(baseline.splits[split], base_keys, run.splits[split], run_keys)
             result.checkpoint[split], result.checkpoint_step[split] = est, step
         results.append(result)
-    return Comparison(baseline=baseline, runs=results, cfg=cfg, smoothed=smoothed)
+    return Comparison(
+        baseline=baseline,
+        runs=results,
+        cfg=cfg,
+        smoothed=smoothed,
+        rising=rising_keys(base_curves, cfg.rise_tolerance),
+        milestones=milestones(baseline, runs, cfg.at_steps) if cfg.at_steps else {},
+    )
 
 
 def _flops_per_step(run: RunCurves) -> float:
@@ -256,19 +265,15 @@ def as_dict(comp: Comparison) -> dict[str, Any]:
             "final_loss_smoothed": finals,
             "rising": {
                 split: {k: {"best": b, "best_step": st} for k, (b, st) in keys.items()}
-                for split, keys in rising_keys(comp).items()
+                for split, keys in comp.rising.items()
             },
             "machine_load_per_core": base.load,
             "nonfinite": _nonfinite_dict(base),
         },
         "config": to_dict(comp.cfg),
         "runs": runs,
-        "milestones": _milestones(comp) if comp.cfg.at_steps else {},
+        "milestones": comp.milestones,
     }
-
-
-def _milestones(comp: Comparison) -> dict[str, Any]:
-    return milestones(comp.baseline, [r.run for r in comp.runs], comp.cfg.at_steps)
 
 
 def _nonfinite_dict(run: RunCurves) -> dict[str, Any]:
@@ -295,7 +300,7 @@ def _pairs(match: StepMatch | None) -> list[dict[str, Any]]:
 def markdown(comp: Comparison) -> str:
     """Markdown tables: per split, one row per run, savings factor and slope per loss key."""
     base = comp.baseline
-    rising_all = rising_keys(comp)
+    rising_all = comp.rising
     lines = [
         f"# Comparison against `{base.name}`",
         "",
@@ -353,8 +358,8 @@ def markdown(comp: Comparison) -> str:
             cells.append(_checkpoint_text(r, split) + _diverged(r.run, split))
             lines.append(md_row(cells))
         lines.append("")
-    if comp.cfg.at_steps:
-        lines += markdown_lines(_milestones(comp), base.name)
+    if comp.milestones:
+        lines += markdown_lines(comp.milestones, base.name)
     notes = [f"- `{base.name}` (baseline): {nf.text(s)}" for s, nf in base.nonfinite.items()]
     notes += [f"- `{r.run.name}`: {w}" for r in comp.runs for w in r.warnings]
     notes += [
@@ -377,12 +382,14 @@ def markdown(comp: Comparison) -> str:
     return "\n".join(lines)
 
 
-def rising_keys(comp: Comparison) -> dict[str, dict[str, tuple[float, int]]]:
+def rising_keys(
+    base_curves: dict[str, dict[str, Curve]], tolerance: float
+) -> dict[str, dict[str, tuple[float, int]]]:
     """split -> key -> (best value, its step) for the baseline's held-out curves (validation,
     eval; a training loss is as noisy as its batches) whose final value is worse than their
-    best by more than ``rise_tolerance`` (relative)."""
+    best by more than ``tolerance`` (relative; ``compare.rise_tolerance``)."""
     out: dict[str, dict[str, tuple[float, int]]] = {}
-    for split, keys in comp.smoothed[comp.baseline.name].items():
+    for split, keys in base_curves.items():
         if split == "train":
             continue
         for key, (step_M, _, y_M, _) in keys.items():
@@ -391,7 +398,7 @@ def rising_keys(comp: Comparison) -> dict[str, dict[str, tuple[float, int]]]:
                 continue
             i = int(np.argmin(sign * y_M))
             best, final = float(y_M[i]), float(y_M[-1])
-            if sign * (final - best) > comp.cfg.rise_tolerance * abs(best):
+            if sign * (final - best) > tolerance * abs(best):
                 out.setdefault(split, {})[key] = (best, int(round(float(step_M[i]))))
     return out
 
