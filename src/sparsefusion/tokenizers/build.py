@@ -31,6 +31,7 @@ from sparsefusion.data.mixture import vocab_modalities
 from sparsefusion.data.text import read_document
 from sparsefusion.tokenizers.image_vae import ImageVAEConfig, train_vae
 from sparsefusion.tokenizers.image_vq import ImageVQConfig, VQImageTokenizer, train_vq
+from sparsefusion.tokenizers.manifest import sha256_file
 from sparsefusion.tokenizers.multimodal import (
     FORMAT_VERSION,
     MultimodalTokenizer,
@@ -135,7 +136,7 @@ def cache_key(cfg: TokenizerConfig, source: DocumentSource) -> str:
         for key in ("text_vocab_size", "text_train_docs"):
             settings.pop(key)
         try:
-            settings["text_sha256"] = hashlib.sha256(Path(text_path).read_bytes()).hexdigest()
+            settings["text_sha256"] = sha256_file(Path(text_path))
         except OSError as e:
             raise ValueError(f"tokenizer.text_path={text_path}: cannot read it ({e})") from e
     blob = json.dumps(

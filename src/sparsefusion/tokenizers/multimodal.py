@@ -12,7 +12,6 @@ Shape legend: N = images, L = codes per image, F = speech units of a clip.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,11 +22,11 @@ from PIL import Image
 from sparsefusion.data.documents import IMAGE, SPEECH, TEXT, Document, Segment
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.tokenizers.image_vq import VQImageTokenizer
+from sparsefusion.tokenizers.manifest import read_manifest, verify_files, write_manifest
 from sparsefusion.tokenizers.speech_units import SpeechUnitTokenizer
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
-MANIFEST = "manifest.json"
 FILES = ("text.json", "image_vq.safetensors", "image_vq.json", "vocab.json")
 SPEECH_FILES = ("speech_units.safetensors", "speech_units.json")
 FORMAT_VERSION = 1
@@ -237,8 +236,7 @@ class MultimodalTokenizer:
         if self.speech is not None:
             self.speech.save(d / SPEECH_FILES[0])
             files = FILES + SPEECH_FILES
-        manifest = {"format_version": FORMAT_VERSION, "files": {f: _sha256(d / f) for f in files}}
-        (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        write_manifest(d, files, format_version=FORMAT_VERSION)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> MultimodalTokenizer:
@@ -262,30 +260,13 @@ class MultimodalTokenizer:
             raise TokenizerCacheError(f"{d}: cannot load tokenizer ({e})") from e
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify_manifest(d: Path) -> list[str]:
-    try:
-        manifest = json.loads((d / MANIFEST).read_text("utf-8"))
-        files = manifest["files"]
-        version = manifest["format_version"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TokenizerCacheError(f"{d}: missing or unreadable {MANIFEST} ({e})") from e
+    manifest = read_manifest(d, TokenizerCacheError)
+    files, version = manifest["files"], manifest["format_version"]
     if version != FORMAT_VERSION:
         raise TokenizerCacheError(f"{d}: format_version {version}, expected {FORMAT_VERSION}")
     allowed = (set(FILES), set(FILES + SPEECH_FILES))
     if not isinstance(files, dict) or set(files) not in allowed:
         raise TokenizerCacheError(f"{d}: manifest lists {files}, expected {list(FILES)}")
-    for name in files:
-        path = d / name
-        if not path.is_file():
-            raise TokenizerCacheError(f"{d}: missing {name}")
-        if _sha256(path) != files[name]:
-            raise TokenizerCacheError(f"{d}: {name} does not match its manifest hash")
+    verify_files(d, files, TokenizerCacheError)
     return list(files)

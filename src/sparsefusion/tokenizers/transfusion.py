@@ -18,7 +18,6 @@ Shape legend: Z = latent channels, h/w = latent side, k = patch side.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -31,11 +30,11 @@ from sparsefusion.data.documents import IMAGE, TEXT, Document
 from sparsefusion.data.encoded import Encoded, Part
 from sparsefusion.models.transformer import ModelConfig
 from sparsefusion.tokenizers.image_vae import VAEImageTokenizer
+from sparsefusion.tokenizers.manifest import MANIFEST, read_manifest, verify_files, write_manifest
 from sparsefusion.tokenizers.multimodal import TokenizerCacheError
 from sparsefusion.tokenizers.text_bpe import BPETextTokenizer
 from sparsefusion.tokenizers.vocab import UnifiedVocab
 
-MANIFEST = "manifest.json"
 FILES = ("text.json", "image_vae.safetensors", "image_vae.json", "vocab.json")
 FORMAT_VERSION = 1
 KIND = "latent"
@@ -223,14 +222,8 @@ class TransfusionTokenizer:
         self.text.save(d / "text.json")
         self.vae.save(d / "image_vae.safetensors")
         (d / "vocab.json").write_text(json.dumps(self.vocab.to_dict(), indent=2), encoding="utf-8")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": KIND,
-            "files": {f: _sha256(d / f) for f in FILES},
-        }
-        if self.patch_size is not None:
-            manifest["patch_size"] = self.patch_size
-        (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        extra = {} if self.patch_size is None else {"patch_size": self.patch_size}
+        write_manifest(d, FILES, format_version=FORMAT_VERSION, kind=KIND, **extra)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> TransfusionTokenizer:
@@ -262,27 +255,16 @@ def manifest_kind(directory: str | os.PathLike[str]) -> str:
     return str(manifest.get("kind", "discrete"))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _verify(d: Path) -> dict:
-    try:
-        manifest = json.loads((d / MANIFEST).read_text("utf-8"))
-        files, version, kind = manifest["files"], manifest["format_version"], manifest.get("kind")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TransfusionTokenizerError(f"{d}: missing or unreadable {MANIFEST} ({e})") from e
+    manifest = read_manifest(d, TransfusionTokenizerError)
+    files, version, kind = manifest["files"], manifest["format_version"], manifest.get("kind")
     if kind != KIND or version != FORMAT_VERSION:
         raise TransfusionTokenizerError(
             f"{d}: not a Transfusion tokenizer (kind={kind}, v{version})"
         )
-    if set(files) != set(FILES):
+    if not isinstance(files, dict) or set(files) != set(FILES):
         raise TransfusionTokenizerError(
             f"{d}: manifest lists {sorted(files)}, expected {list(FILES)}"
         )
-    for name, digest in files.items():
-        if not (d / name).is_file():
-            raise TransfusionTokenizerError(f"{d}: missing {name}")
-        if _sha256(d / name) != digest:
-            raise TransfusionTokenizerError(f"{d}: {name} does not match its manifest hash")
+    verify_files(d, files, TransfusionTokenizerError)
     return manifest
