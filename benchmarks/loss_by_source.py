@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sparsefusion.eval.perplexity import routing_perplexity
-from sparsefusion.runs.data import fixed_batches
+from sparsefusion.runs.data import fixed_batches, source_batches
 from sparsefusion.runs.folder import load_model, run_config
 from sparsefusion.runs.tokenizer import run_tokenizer
 
@@ -35,17 +34,17 @@ def run_rows(run_dir: Path, checkpoint: int | None, batches: int) -> list[dict]:
     cfg = run_config(run_dir)
     tokenizer = run_tokenizer(run_dir, cfg)
     model, ckpt, state = load_model(run_dir, cfg, checkpoint, "cpu")
-    sources = list(cfg.data.mixture) if cfg.data.source == "mixture" else [cfg.data.source]
     rows = []
-    for name in sources:
-        data = replace(cfg.data, mixture={name: 1.0}) if cfg.data.source == "mixture" else cfg.data
-        one = replace(cfg, data=data)
-        for split in SPLITS:
-            fixed = fixed_batches(one, split, tokenizer, num_batches=batches)
-            losses, _ = routing_perplexity(run_dir, model, one, torch.device("cpu"), fixed)
+    for split in SPLITS:
+        by_source = source_batches(cfg, split, tokenizer, num_batches=batches) or {
+            cfg.data.source: fixed_batches(cfg, split, tokenizer, num_batches=batches)
+        }
+        for name, fixed in by_source.items():
+            losses, _ = routing_perplexity(run_dir, model, cfg, torch.device("cpu"), fixed)
             row = {"run": run_dir.name, "step": int(state["step"]), "source": name, "split": split}
             rows.append(row | {k: v for k, v in losses.items() if k.startswith("loss/")})
-    return rows
+    order = list(by_source)
+    return sorted(rows, key=lambda r: order.index(r["source"]))  # stable: val before train
 
 
 def markdown(rows: list[dict]) -> str:

@@ -25,9 +25,15 @@ if TYPE_CHECKING:
 _TITLES = {"train": "training", "val": "validation", "eval": "eval"}
 
 
-def _panels(num: int):
-    fig, axes = plt.subplots(1, num, figsize=(4.2 * num, 3.4), squeeze=False)
-    return fig, list(axes[0])
+def _panels(num: int, per_row: int = 4):
+    """``num`` panels, at most ``per_row`` to a row (per-source keys make a dozen); the unused
+    ones of the last row are hidden."""
+    cols, rows = min(num, per_row), -(-num // per_row)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[num:]:
+        ax.set_visible(False)
+    return fig, flat[:num]
 
 
 def _label(key: str) -> str:

@@ -32,6 +32,10 @@ class DataConfig:
             ``.tar`` shards, or a folder of token shards from ``sparsefusion data tokenize``
             (used when ``source`` is ``path``, or ``scenes`` left at its default).
         mixture: source name -> sampling weight, for ``source=mixture``.
+        val_source_batches: for ``source=mixture``: fixed validation batches of each source of
+            the mix alone, logged beside the mix's as ``loss/source/<name>`` and
+            ``loss/source/<name>/<modality>`` at every evaluation (0: off). It shows which
+            source a mix's validation loss comes from, e.g. a small source memorised.
         val_fraction: fraction of a finite user dataset held out for validation.
         strict: fail on the first bad input item instead of skipping and counting it.
         max_doc_tokens: documents longer than this (in tokens) are skipped as oversize (0: never).
@@ -61,6 +65,7 @@ class DataConfig:
     val_batches: int = 8
     path: str = ""
     mixture: dict[str, float] = field(default_factory=dict)
+    val_source_batches: int = 0
     val_fraction: float = 0.05
     strict: bool = False
     max_doc_tokens: int = 16384
@@ -85,6 +90,12 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.val_batches < 0:
             raise ValueError(f"data.val_batches must be >= 0, got {self.val_batches}")
+        if self.val_source_batches < 0:
+            raise ValueError(f"data.val_source_batches must be >= 0, got {self.val_source_batches}")
+        if self.val_source_batches and self.source != "mixture":
+            raise ValueError(
+                f"data.val_source_batches needs data.source=mixture (source is {self.source!r})"
+            )
         validate_doc_mix(self.doc_mix, field="data.doc_mix")
         if self.source == "path" and not self.path:
             raise ValueError(

@@ -52,3 +52,16 @@ def evaluate(
     if "loss" in names:
         row["val_tokens"] = int(totals[1, names.index("loss")])
     return row
+
+
+def evaluate_sources(
+    model: nn.Module, by_source: dict[str, Sequence[Batch]], objective: Objective, **kwargs: Any
+) -> dict[str, float]:
+    """:func:`evaluate` on each source's batches, its losses renamed ``loss/source/<name>`` (and
+    ``loss/source/<name>/<modality>``) to sit beside the whole mix's in one validation row."""
+    row: dict[str, float] = {}
+    for name, batches in by_source.items():
+        for key, value in evaluate(model, batches, objective, **kwargs).items():
+            if key == "loss" or key.startswith("loss/"):
+                row[f"loss/source/{name}{key.removeprefix('loss')}"] = value
+    return row

@@ -7,6 +7,7 @@ the same bad-input rules (``data.strict``, ``data.max_doc_tokens``) and pack the
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -71,6 +72,25 @@ def fixed_batches(
         num_batches=num_batches or cfg.data.val_batches, noise_seed=cfg.objective.val_noise_seed,
         **_packing(cfg),
     )  # fmt: skip
+
+
+def source_batches(
+    cfg: TrainConfig, split: Literal["train", "val"], tokenizer: Any, *, num_batches: int
+) -> dict[str, list]:
+    """Per source of a ``data.source=mixture`` run, :func:`fixed_batches` of that source alone
+    (its first documents of ``split``, packed as training packs them); ``{}`` for any other
+    source. What ``data.val_source_batches`` logs, and ``benchmarks/loss_by_source.py`` reads."""
+    if cfg.data.source != "mixture":
+        return {}
+    return {
+        name: fixed_batches(
+            replace(cfg, data=replace(cfg.data, mixture={name: 1.0})),
+            split,
+            tokenizer,
+            num_batches=num_batches,
+        )  # fmt: skip
+        for name in cfg.data.mixture
+    }
 
 
 def _packing(cfg: TrainConfig) -> dict[str, Any]:

@@ -36,9 +36,9 @@ from sparsefusion.distributed.parallelize import parallelize_model
 from sparsefusion.interop.init import apply_init, resolve_init
 from sparsefusion.models.transformer import Transformer
 from sparsefusion.objectives.base import build_objective
-from sparsefusion.objectives.validate import evaluate
+from sparsefusion.objectives.validate import evaluate, evaluate_sources
 from sparsefusion.runs.config import TrainConfig
-from sparsefusion.runs.data import data_for
+from sparsefusion.runs.data import data_for, source_batches
 from sparsefusion.runs.folder import check_resume_config, refuse_lost_history, write_config
 from sparsefusion.runs.tokenizer import finalize_config, training_tokenizer
 from sparsefusion.runtime import faults, preempt, run_lock
@@ -119,6 +119,11 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
     loaders = data_for(cfg, "train", tokenizer, rank=env.rank, world_size=env.world_size,
                        device=env.device)  # fmt: skip
     val = data_for(cfg, "val", tokenizer)
+    val_sources = (  # data.val_source_batches: each source of a mix alone, beside the mix
+        source_batches(cfg, "val", tokenizer, num_batches=cfg.data.val_source_batches)
+        if cfg.data.val_source_batches
+        else {}
+    )
 
     state = TrainState()
     if ckpt is not None:
@@ -145,7 +150,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_checkpoint=None) -> dict[str, Any]
         else NullMetrics()
     )
     try:
-        loop = (model, optimizer, loaders, val, state, metrics, env, run_dir)
+        loop = (model, optimizer, loaders, (val, val_sources), state, metrics, env, run_dir)
         return _loop(cfg, *loop, on_checkpoint=_hook(on_checkpoint, cfg, env))
     finally:
         loaders.close()
@@ -211,7 +216,8 @@ def _loop(
             metrics.log(last["train"])
             progress.update(step, last["train"])
         if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.train.steps:
-            row = evaluate(model, val, objective, device=device, amp=amp)
+            row = evaluate(model, val[0], objective, device=device, amp=amp)
+            row |= evaluate_sources(model, val[1], objective, device=device, amp=amp)
             last["val"] = {"step": state.step, "split": "val", **state.position(), **row}
             metrics.log(last["val"])
             progress.write(format_row(last["val"]))
