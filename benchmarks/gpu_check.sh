@@ -37,39 +37,7 @@ BUDGET="${SF_GPU_BUDGET:-480}"
 START=$(date +%s)
 echo "[]" > "$OUT/steps.json"
 
-record() {  # record NAME STATUS SECONDS: append one entry to steps.json
-  "$PY" - "$OUT/steps.json" "$@" <<'PYEOF'
-import json, sys
-path, name, status, seconds = sys.argv[1:]
-steps = json.load(open(path))
-steps.append({"step": name, "status": status, "seconds": int(seconds)})
-json.dump(steps, open(path, "w"), indent=2)
-PYEOF
-}
-
-box() {  # box NAME MAX_SECONDS CMD...: CMD for at most MAX_SECONDS and what is left of the budget
-  local name=$1 max=$2 t0 left limit rc status
-  shift 2
-  t0=$(date +%s)
-  left=$(( BUDGET - (t0 - START) ))
-  limit=$(( max < left ? max : left ))
-  if (( limit < 5 )); then
-    echo "== $name: skipped, the budget is spent"
-    record "$name" "skipped: budget spent" 0
-    return 0
-  fi
-  echo "== $name (at most ${limit} s; $(date -u +%H:%M:%S))"
-  set +e
-  timeout --signal=INT --kill-after=15 "$limit" "$@"
-  rc=$?
-  set -e
-  case $rc in
-    0) status=ok ;;
-    124|137) status="timed out after ${limit} s" ;;
-    *) status="failed (exit $rc)" ;;
-  esac
-  record "$name" "$status" $(( $(date +%s) - t0 ))
-}
+source "$ROOT/benchmarks/gpu_box.sh"
 
 if [[ $DRY == 1 ]]; then
   BENCH=(--size debug --seq-len 64 --batch-size 2 --steps 1 --warmup 1 --device cpu
@@ -94,18 +62,7 @@ else
 fi
 
 echo "== environment"
-"$PY" - "$OUT/env.json" <<'PYEOF'
-import json, subprocess, sys, torch
-env = {"torch": torch.__version__, "cuda": torch.version.cuda,
-       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-try:
-    env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                   text=True).stdout.strip()
-except OSError:
-    env["commit"] = None
-json.dump(env, open(sys.argv[1], "w"), indent=2)
-print(env)
-PYEOF
+write_env "$OUT/env.json"
 
 box "bench rows ($FIRST)" "$BOX_BENCH" \
   "${SF[@]}" bench --archs "$FIRST" "${BENCH[@]}" --out "$OUT/bench_545m.json"
