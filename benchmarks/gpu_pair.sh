@@ -44,10 +44,10 @@ echo "[]" > "$OUT/steps.json"
 source "$ROOT/benchmarks/gpu_box.sh"
 
 if [[ $DRY == 1 ]]; then
-  BUDGET="${SF_PAIR_BUDGET:-300}"; SIZE="${PAIR_PRESET:-debug}"; FORCE_STEPS="${PAIR_STEPS:-12}"
+  BUDGET="${SF_PAIR_BUDGET:-900}"; SIZE="${PAIR_PRESET:-debug}"; FORCE_STEPS="${PAIR_STEPS:-12}"
   DOCS="${PAIR_DOCS:-64}"; WORKERS="${PAIR_WORKERS:-2}"; VAL_DOCS=16; PER_SHARD=16
   TRAIN=(train.device=cpu train.threads=1 data.seq_len=64 data.batch_size=2 data.val_batches=2)
-  PROBE_STEPS=4; PROBE_LOG=1; BOX_TOKENIZE=120; BOX_PROBE=120; RESERVE=40
+  PROBE_STEPS=4; PROBE_LOG=1; BOX_TOKENIZE=300; BOX_PROBE=300; RESERVE=120
 else
   BUDGET="${SF_PAIR_BUDGET:-420}"; SIZE="${PAIR_PRESET:-small}"; FORCE_STEPS="${PAIR_STEPS:-0}"
   WORKERS="${PAIR_WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}"
